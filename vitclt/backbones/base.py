@@ -1,0 +1,187 @@
+"""The `Backbone` interface every model family implements, and MLP capture / replacement.
+
+A vision transformer block computes ``h = h + attn(ln1(h)); h = h + mlp(ln2(h))``. A transcoder
+reads ``x_ℓ = ln2(h)`` (the MLP's input) and predicts ``y_ℓ = mlp(x_ℓ)`` (the MLP's output), so one
+forward hook on each block's MLP module sees both and serves capture and replacement alike.
+Adapters only say where the MLPs are and how to embed images and text; the hook logic lives here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+TokenSel = str | Sequence[int]
+"""Which token positions: "cls", "patches", "all", or explicit indices into the sequence."""
+
+ReplaceFn = Callable[[int, Tensor, Tensor], Tensor | None]
+"""``fn(layer, x_BTD, y_BTD) -> y_new_BTD``: x is the MLP input (LN2 output), y the MLP output."""
+
+
+class Replacement(NamedTuple):
+    """What `Backbone.replace` takes: a function, the layers it replaces, and at which tokens."""
+
+    fn: ReplaceFn
+    layers: Sequence[int]
+    tokens: TokenSel = "all"
+
+
+class BackboneError(ValueError):
+    """A backbone could not be loaded or was used wrongly; the message says how to fix it."""
+
+
+def token_index(tokens: TokenSel, n_tokens: int, n_prefix: int) -> slice | Tensor:
+    """Positions of the selected tokens in a sequence of `n_tokens` with `n_prefix` prefix tokens.
+
+    Prefix tokens (CLIP's CLS) come first; "cls" means the first prefix token.
+    """
+    if isinstance(tokens, str):
+        if tokens == "all":
+            return slice(None)
+        if tokens == "cls":
+            return slice(0, 1)
+        if tokens == "patches":
+            return slice(n_prefix, n_tokens)
+        raise BackboneError(f"unknown token selection {tokens!r}: use 'cls', 'patches', 'all' or a list of indices")
+    idx = torch.as_tensor(list(tokens), dtype=torch.long)
+    if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n_tokens:
+        raise BackboneError(f"token indices {list(tokens)} out of range for a sequence of {n_tokens} tokens")
+    return idx
+
+
+@dataclass
+class Capture:
+    """Every layer's MLP input and output from the forward passes run inside `Backbone.capture()`.
+
+    `inputs[ℓ]` is the LN2 output of block ℓ and `outputs[ℓ]` the MLP output, each (B, T, D).
+    Under a replacement, `outputs[ℓ]` is still the true MLP output of that (possibly cascaded) input.
+    """
+
+    inputs: list[Tensor | None] = field(default_factory=list)
+    outputs: list[Tensor | None] = field(default_factory=list)
+
+    def x_BTLD(self) -> Tensor:
+        """All layers' MLP inputs stacked on a layer axis: (B, T, L, D)."""
+        return torch.stack(self.inputs, dim=2)
+
+    def y_BTLD(self) -> Tensor:
+        """All layers' MLP outputs stacked on a layer axis: (B, T, L, D)."""
+        return torch.stack(self.outputs, dim=2)
+
+
+class Backbone(abc.ABC):
+    """A frozen vision transformer whose blocks' MLPs can be captured and replaced.
+
+    Subclasses set `name`, `n_layers`, `d_model`, `n_prefix_tokens`, `image_size`, `patch_size`
+    and implement `mlps`, `preprocess`, `image_embeds` and (for zero-shot) `text_embeds`.
+    """
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_prefix_tokens: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def n_tokens(self) -> int:
+        """Sequence length: prefix tokens plus one token per patch."""
+        return self.n_prefix_tokens + (self.image_size // self.patch_size) ** 2
+
+    @property
+    @abc.abstractmethod
+    def mlps(self) -> Sequence[nn.Module]:
+        """The blocks' MLP modules in forward order; their input is the LN2 output."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+
+    @abc.abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images → pixel tensor (B, 3, H, W), exactly as the model's own processor does."""
+
+    @abc.abstractmethod
+    def image_embeds(self, pixels_BCHW: Tensor) -> Tensor:
+        """The model's projected, L2-normalised image embeddings (B, P)."""
+
+    def text_embeds(self, prompts: Sequence[str]) -> Tensor:
+        """The model's projected, L2-normalised text embeddings (N, P); vision-only models raise."""
+        raise BackboneError(f"{self.name} has no text tower, so it cannot do zero-shot classification")
+
+    def token_index(self, tokens: TokenSel) -> slice | Tensor:
+        """Positions of `tokens` ("cls", "patches", "all" or indices) in this model's sequence."""
+        return token_index(tokens, self.n_tokens, self.n_prefix_tokens)
+
+    @contextmanager
+    def capture(self) -> Iterator[Capture]:
+        """Record every layer's MLP input and output during the forward passes in this block.
+
+        The hooks keep references, not copies, so capture costs almost nothing on top of the
+        forward; a later forward inside the same block overwrites the record.
+        """
+        cap = Capture(inputs=[None] * self.n_layers, outputs=[None] * self.n_layers)
+
+        def make_hook(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                cap.inputs[layer] = args[0].detach()
+                cap.outputs[layer] = output.detach()
+
+            return hook
+
+        # Prepended, so that capture sees the true MLP output even under a replacement.
+        handles = [m.register_forward_hook(make_hook(i), prepend=True) for i, m in enumerate(self.mlps)]
+        try:
+            yield cap
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replace(self, fn: ReplaceFn, layers: Sequence[int], tokens: TokenSel = "all") -> Iterator[None]:
+        """Within this block, the MLP output at `layers` and `tokens` is `fn`'s output instead.
+
+        `fn(layer, x_BTD, y_BTD)` is called at *every* layer up to the last replaced one, in forward
+        order, so a stateful replacement (a cross-layer transcoder, whose output at layer j sums the
+        codes of all layers i ≤ j) sees each MLP input of the current, possibly already replaced,
+        forward pass. Its return value is used only at the replaced layers and tokens, so changes
+        cascade into every later layer's input.
+        """
+        layers = sorted({int(layer) for layer in layers})
+        if not layers:
+            raise BackboneError("replace() needs at least one layer")
+        if layers[0] < 0 or layers[-1] >= self.n_layers:
+            raise BackboneError(f"layers {layers} out of range for a backbone with {self.n_layers} layers")
+        idx = self.token_index(tokens)
+        replaced = set(layers)
+
+        def make_hook(layer: int):
+            def hook(module: nn.Module, args: tuple, y_BTD: Tensor) -> Tensor | None:
+                y_new_BTD = fn(layer, args[0], y_BTD)
+                if layer not in replaced:
+                    return None
+                if y_new_BTD is None or y_new_BTD.shape != y_BTD.shape:
+                    got = None if y_new_BTD is None else tuple(y_new_BTD.shape)
+                    raise BackboneError(f"replacement at layer {layer} returned {got}, expected {tuple(y_BTD.shape)}")
+                if isinstance(idx, slice) and idx == slice(None):
+                    return y_new_BTD.to(y_BTD.dtype)
+                out_BTD = y_BTD.clone()
+                out_BTD[:, idx] = y_new_BTD[:, idx].to(y_BTD.dtype)
+                return out_BTD
+
+            return hook
+
+        handles = [self.mlps[i].register_forward_hook(make_hook(i)) for i in range(layers[-1] + 1)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

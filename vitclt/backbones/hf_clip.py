@@ -1,0 +1,118 @@
+"""HuggingFace `transformers` CLIP (`CLIPModel`), by hub id or local directory.
+
+The paper's backbones are `openai/clip-vit-base-patch32` and `openai/clip-vit-base-patch16`. In
+transformers, block ℓ's MLP is `vision_model.encoder.layers[ℓ].mlp` and its input is the output of
+`.layer_norm2`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from transformers import CLIPModel, CLIPTokenizer, CLIPTokenizerFast, PreTrainedTokenizerBase
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from .base import Backbone, BackboneError
+from .tokenizer import clip_tokenizer
+
+
+def _pooled(out) -> Tensor:
+    """transformers 5 returns a ModelOutput whose pooler_output is the embedding; 4.x a tensor."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def _load_processor(source: str) -> CLIPImageProcessorPil:
+    try:
+        return CLIPImageProcessorPil.from_pretrained(source)
+    except OSError:
+        return None
+
+
+def _load_tokenizer(source: str, max_length: int) -> PreTrainedTokenizerBase:
+    local = Path(source)
+    has_files = any((local / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    if not local.is_dir() or has_files:
+        for cls in (CLIPTokenizerFast, CLIPTokenizer):
+            try:
+                return cls.from_pretrained(source, model_max_length=max_length)
+            except (OSError, ValueError, TypeError):
+                continue
+    # A model saved without tokenizer files: CLIP's own BPE is bundled with vitclt.
+    return clip_tokenizer(max_length)
+
+
+class HFClipBackbone(Backbone):
+    """A `transformers` CLIPModel's vision tower (and text tower, for zero-shot)."""
+
+    n_prefix_tokens = 1
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        processor: CLIPImageProcessorPil | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        name: str = "clip",
+    ):
+        vc = model.config.vision_config
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.n_layers = vc.num_hidden_layers
+        self.d_model = vc.hidden_size
+        self.image_size = vc.image_size
+        self.patch_size = vc.patch_size
+        self.max_text_length = model.config.text_config.max_position_embeddings
+        self.processor = processor or CLIPImageProcessorPil(
+            size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size}
+        )
+        self.tokenizer = tokenizer or clip_tokenizer(self.max_text_length)
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> HFClipBackbone:
+        """Load a CLIPModel (with its image processor and tokenizer) from a hub id or a directory."""
+        source = str(source)
+        is_dir = Path(source).is_dir()
+        if not is_dir and (source.startswith((".", "/", "~")) or Path(source).suffix):
+            raise BackboneError(f"backbone path {source!r} does not exist: pass a directory holding config.json and model.safetensors, or a hub id such as openai/clip-vit-base-patch32")
+        try:
+            model = CLIPModel.from_pretrained(source, dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            where = "directory" if is_dir else "hub id"
+            raise BackboneError(
+                f"could not load a CLIP model from {where} {source!r}: {str(e).splitlines()[0]}\n"
+                "Pass a local directory with config.json + model.safetensors (a CLIPModel saved with "
+                "save_pretrained), or a hub id such as openai/clip-vit-base-patch32 on a machine with internet access."
+            ) from None
+        model.to(device)
+        return cls(model, _load_processor(source), _load_tokenizer(source, model.config.text_config.max_position_embeddings), name=source)
+
+    @property
+    def mlps(self) -> Sequence[nn.Module]:
+        return [layer.mlp for layer in self.model.vision_model.encoder.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual_projection.weight.device
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.model.dtype)
+
+    @torch.inference_mode()
+    def image_embeds(self, pixels_BCHW: Tensor) -> Tensor:
+        pooled = _pooled(self.model.vision_model(pixel_values=pixels_BCHW.to(self.device, self.model.dtype)))
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    @torch.inference_mode()
+    def text_embeds(self, prompts: Sequence[str]) -> Tensor:
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items()}
+        pooled = _pooled(self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)

@@ -1,0 +1,23 @@
+"""Batches of decoded images from any dataset, decoded in worker processes when asked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+
+def _collate(items: list[tuple[Image.Image, int]]) -> tuple[list[Image.Image], torch.Tensor]:
+    images, labels = zip(*items)
+    return list(images), torch.as_tensor(labels, dtype=torch.long)
+
+
+def image_batches(
+    dataset, batch_size: int, indices: Sequence[int] | None = None, workers: int = 0
+) -> Iterator[tuple[list[Image.Image], torch.Tensor]]:
+    """Yield `(images, labels_B)` over `dataset` (or the given `indices` of it), in order."""
+    source = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    yield from loader
