@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot": ("vitclt.eval.zeroshot", "ZeroShotConfig"),
+    "eval": ("vitclt.eval.suite", "EvalConfig"),
+    "reproduce": ("vitclt.eval.reproduce", "ReproduceConfig"),
+    "train": ("vitclt.training", "TrainConfig"),
 }
 """Subcommand → (module, config class); the module's `run(cfg)` executes it."""
 
@@ -32,9 +35,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = next(n for n, c in configs.items() if isinstance(cfg, c))
     try:
         modules[name].run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad input (a missing dataset, a mismatched checkpoint, ...) gets its message, not a traceback.
-        if os.environ.get("VITCLT_DEBUG"):
+    except Exception as e:
+        # Bad input (a missing dataset, a mismatched checkpoint, NaN in training, ...) gets its
+        # message, not a traceback; anything else is a bug and keeps its traceback.
+        ours = isinstance(e, (ValueError, FileNotFoundError, FileExistsError)) or type(e).__module__.startswith("vitclt.")
+        if os.environ.get("VITCLT_DEBUG") or not ours:
             raise
         print(f"vitclt {name}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,200 @@
+"""`train(cfg)`: a whole run, from the backbone and dataset to checkpoints and a per-layer summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vitclt.data.stream import ActivationStream, BackboneSource, NormStats, RowSource, estimate_normalization
+from vitclt.io import write_json
+from vitclt.nn import Transcoder, TranscoderConfig
+from vitclt.runtime import setup
+from vitclt.training import checkpoint as ckpt
+from vitclt.training.config import TrainConfig, TrainingError, transcoder_configs
+from vitclt.training.trainer import Trainer, Window
+
+
+def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def build_source(cfg: TrainConfig, device: torch.device) -> RowSource:
+    """The rows a run trains on: the backbone over the dataset, or the disk cache of them."""
+    from vitclt.backbones import load_backbone
+    from vitclt.data.datasets import load_dataset
+
+    backbone = load_backbone(cfg.backbone, device=device, dtype=_dtype(cfg, device))
+    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=cfg.seed)
+    source = BackboneSource(backbone, dataset, cfg.tokens, cfg.images_per_forward, workers=cfg.workers)
+    if cfg.cache_dir is None:
+        return source
+    from vitclt.data.cache import cache_key, open_or_build_cache
+
+    dataset_id = f"{cfg.dataset}|split={cfg.split}|max_images={cfg.max_images}|seed={cfg.seed if cfg.max_images else None}"
+    key = cache_key(source, cfg.backbone, dataset_id, cfg.cache_dtype)
+    return open_or_build_cache(source, key, cfg.cache_dir, progress=cfg.progress)
+
+
+def _summary_writer():
+    """TensorBoard's SummaryWriter class, imported only when --tensorboard asks for it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install 'vitclt[tensorboard]'), or drop --tensorboard") from None
+    return SummaryWriter
+
+
+class _TensorBoard:
+    """One SummaryWriter per transcoder under OUT/tb/<name>."""
+
+    def __init__(self, out: Path, names: list[str]):
+        writer = _summary_writer()
+        self.writers = {name: writer(str(out / "tb" / name)) for name in names}
+
+    def log(self, step: int, windows: dict[str, Window], lrs: dict[str, float], tokens_per_s: float) -> None:
+        for name, w in windows.items():
+            wr = self.writers[name]
+            for tag, value in (("loss", w.loss), ("fvu", w.fvu), ("l0", w.l0), ("dead_frac", w.dead), ("lr", lrs[name]),
+                               ("tokens_per_s", tokens_per_s)):
+                wr.add_scalar(f"train/{tag}", value, step)
+            for layer, (f, l0, d) in enumerate(zip(w.fvu_L, w.l0_L, w.dead_L)):
+                wr.add_scalar(f"fvu/layer_{layer:02d}", f, step)
+                wr.add_scalar(f"l0/layer_{layer:02d}", l0, step)
+                wr.add_scalar(f"dead_frac/layer_{layer:02d}", d, step)
+
+    def close(self) -> None:
+        for wr in self.writers.values():
+            wr.close()
+
+
+def _make_models(tcfgs: dict[str, TranscoderConfig], stats: NormStats, seed: int, device: torch.device) -> dict[str, Transcoder]:
+    models = {}
+    for name, tcfg in tcfgs.items():
+        # Same seed for each: transcoders of a sweep that share shapes start from the same weights.
+        torch.manual_seed(seed)
+        model = Transcoder(tcfg, device=device)
+        model.set_normalization(*(t.to(device) for t in (stats.x_mean_LD, stats.x_scale_L, stats.y_mean_LD, stats.y_scale_L)))
+        models[name] = model
+    return models
+
+
+def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
+          tcfgs: dict[str, TranscoderConfig], last: dict[str, Window], finished: bool, elapsed: float) -> None:
+    """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file."""
+    for name, model in trainer.models.items():
+        model.save_pretrained(out / name)
+        w = last.get(name)
+        write_json(out / name / ckpt.TRAINING_FILE, {
+            "step": trainer.step, "finished": finished, "tokens": trainer.step * cfg.batch_size,
+            "elapsed_s": elapsed, "train_config": cfg.to_json(),
+            "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
+                                               "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
+        })
+    tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
+    meta = {"step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
+            "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
+    ckpt.save_state(out, tensors, meta)
+
+
+def _check_backbone(meta: dict, tcfgs: dict[str, TranscoderConfig], n_layers: int, d_model: int, out: Path) -> None:
+    for name, saved in meta["transcoders"].items():
+        if (saved["n_layers"], saved["d_model"]) != (n_layers, d_model):
+            raise TrainingError(
+                f"the run in {out} trained {name!r} on a backbone with {saved['n_layers']} layers × width {saved['d_model']}, "
+                f"but {saved['backbone']!r} now has {n_layers} layers × width {d_model}: resume with the original backbone, "
+                "or start a new run (--overwrite or another --out)")
+    if sorted(meta["transcoders"]) != sorted(tcfgs):
+        raise TrainingError(f"the run in {out} trains {sorted(meta['transcoders'])}, this command asks for {sorted(tcfgs)}")
+
+
+def format_summary(name: str, w: Window, path: Path) -> str:
+    """A per-layer table of FVU, L0 and dead % for one transcoder, and where it is saved."""
+    lines = [f"{name}: {path}", "  layer      FVU       L0   dead %"]
+    for layer, (f, l0, d) in enumerate(zip(w.fvu_L, w.l0_L, w.dead_L)):
+        lines.append(f"  {layer:5d} {f:8.4f} {l0:8.1f} {100 * d:8.2f}")
+    lines.append(f"  {'mean':>5} {w.fvu:8.4f} {w.l0:8.1f} {100 * w.dead:8.2f}")
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
+    """Train the transcoders `cfg` describes and return their checkpoint directories.
+
+    `source` replaces the backbone-over-dataset rows (e.g. a `CacheSource` or custom activations;
+    `cfg.backbone` and `cfg.dataset` are then only recorded); by default the rows come from
+    `cfg.backbone` over `cfg.dataset`, through `cfg.cache_dir` if set.
+    """
+    cfg.validate()
+    device = setup(cfg.threads, cfg.seed, cfg.device)
+    out = Path(cfg.out)
+    meta = ckpt.prepare_run_dir(cfg)
+    if meta is not None and meta["finished"] and meta["step"] >= cfg.steps:
+        paths = [out / name for name in meta["transcoders"]]
+        print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
+        return paths
+    if cfg.tensorboard:
+        _summary_writer()  # fail before any work if tensorboard is missing
+    if source is None:
+        source = build_source(cfg, device)
+    tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model)
+    state = None
+    if meta is not None:
+        _check_backbone(meta, tcfgs, source.n_layers, source.d_model, out)
+        state = ckpt.load_state_tensors(out, device)
+        stats = NormStats.from_tensors({k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")})
+    else:
+        stats = estimate_normalization(source, cfg.norm_tokens, cfg.seed, progress=cfg.progress)
+    models = _make_models(tcfgs, stats, cfg.seed, device)
+    trainer = Trainer(cfg, models, device)
+    stream = ActivationStream(source, cfg.batch_size, cfg.buffer_size, cfg.seed, device)
+    elapsed = 0.0
+    if state is not None:
+        trainer.load_state_tensors(state, meta["step"])
+        stream.load_state_dict(meta["stream"])
+        ckpt.restore_rng(state)
+        elapsed = meta["elapsed_s"]
+        del state
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()})
+    tb = _TensorBoard(out, list(models)) if cfg.tensorboard else None
+    last: dict[str, Window] = {}
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="train", unit="step", disable=not cfg.progress)
+    t0, tokens0 = time.perf_counter(), trainer.step * cfg.batch_size
+    try:
+        while trainer.step < cfg.steps:
+            trainer.train_step(stream.next_batch())
+            bar.update(1)
+            step = trainer.step
+            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or at_checkpoint:
+                trainer.check_finite()
+                last = trainer.window()
+                now = time.perf_counter()
+                rate = (step * cfg.batch_size - tokens0) / max(now - t0, 1e-9)
+                bar.set_postfix_str(" | ".join(f"{n} loss {w.loss:.3f} fvu {w.fvu:.3f} l0 {w.l0:.1f} dead {100 * w.dead:.1f}%"
+                                               for n, w in last.items()) + f" | {rate:,.0f} tok/s")
+                if tb is not None:
+                    tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
+            if at_checkpoint:
+                now = time.perf_counter()
+                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == cfg.steps, elapsed + now - t0)
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+    paths = [out / name for name in models]
+    for name, path in zip(models, paths):
+        print(format_summary(name, last[name], path))
+    return paths
+
+
+def run(cfg: TrainConfig) -> list[Path]:
+    """Run `vitclt train`: train, print per-layer FVU, L0 and dead %, and say where the checkpoints are."""
+    return train(cfg)

@@ -1,0 +1,184 @@
+"""The training step: several transcoders stepped on the same batch, each by its own Adam.
+
+The models compute their own losses (`Transcoder.forward` returns FVU + sparsity + AuxK); the
+trainer only schedules the learning rate and JumpReLU's λ, tracks which features have not fired
+(the dead mask AuxK needs), averages metrics for logging, and watches for non-finite values.
+It never waits on the device inside a step: the finiteness flags and metric sums stay on the
+device until `check_finite` / `window` read them at logging and checkpoint time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitclt.data.stream import Batch
+from vitclt.nn import Codes, Transcoder
+from vitclt.training.checkpoint import load_optimizer, optimizer_tensors
+from vitclt.training.config import TrainConfig, TrainingError, default_lr
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Learning-rate multiplier for update `step` (0-based): linear warmup, constant, linear decay to 0."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay_steps = round(decay_fraction * steps)
+    decay_start = steps - decay_steps
+    decay = (steps - step) / decay_steps if decay_steps and step >= decay_start else 1.0
+    return warm * decay
+
+
+def ramp_factor(step: int, steps: int, ramp: float) -> float:
+    """Multiplier of JumpReLU's λ at update `step`: linear from 0 over the first `ramp` of the run, then 1."""
+    ramp_steps = ramp * steps
+    return min(1.0, (step + 1) / ramp_steps) if ramp_steps > 0 else 1.0
+
+
+def fired_counts(codes: Codes, n_layers: int, n_features: int) -> Tensor:
+    """counts_LF: rows in which each feature was nonzero (a scatter-add: no device sync)."""
+    values_NLK, indices_NLK = codes.values_NLK, codes.indices_NLK
+    offset_1L1 = (torch.arange(n_layers, device=indices_NLK.device) * n_features).view(1, -1, 1)
+    counts = torch.zeros(n_layers * n_features, dtype=torch.long, device=indices_NLK.device)
+    counts.index_add_(0, (indices_NLK + offset_1L1).flatten(), (values_NLK != 0).flatten().long())
+    return counts.view(n_layers, n_features)
+
+
+@dataclass
+class Window:
+    """Per-layer training metrics averaged over the steps since the last log."""
+
+    steps: int
+    loss: float
+    fvu_L: list[float]
+    l0_L: list[float]
+    dead_L: list[float]
+
+    @property
+    def fvu(self) -> float:
+        """FVU averaged over layers."""
+        return sum(self.fvu_L) / len(self.fvu_L)
+
+    @property
+    def l0(self) -> float:
+        """L0 averaged over layers."""
+        return sum(self.l0_L) / len(self.l0_L)
+
+    @property
+    def dead(self) -> float:
+        """Dead fraction averaged over layers."""
+        return sum(self.dead_L) / len(self.dead_L)
+
+
+class Trainer:
+    """Steps every transcoder in `models` on each batch; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, models: dict[str, Transcoder], device: torch.device):
+        self.cfg = cfg
+        self.models = models
+        self.device = device
+        self.step = 0
+        self.autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+        self.base_lr = {name: cfg.lr or default_lr(m.n_features) for name, m in models.items()}
+        self.target_lambda = {name: m.sparsity_coefficient for name, m in models.items()}
+        self.optimizers = {
+            name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=device.type == "cuda")
+            for name, m in models.items()
+        }
+        self.since_fired = {name: torch.zeros(m.n_layers, m.n_features, dtype=torch.long, device=device)
+                            for name, m in models.items()}
+        self._flags: list[Tensor] = []
+        self._flag_steps: list[int] = []
+        self._sums: dict[str, Tensor] = {}
+        self._window_steps = 0
+        for m in models.values():
+            m.train()
+
+    def train_step(self, batch: Batch) -> None:
+        """One update of every transcoder on `batch`."""
+        cfg, s = self.cfg, self.step
+        x_NLD, y_NLD = batch.x_NLD, batch.y_NLD
+        n = x_NLD.shape[0]
+        flags = [~torch.isfinite(x_NLD).all(dim=0).all(dim=-1), ~torch.isfinite(y_NLD).all(dim=0).all(dim=-1)]
+        factor = lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.decay_fraction)
+        ramp = ramp_factor(s, cfg.steps, cfg.sparsity_ramp)
+        for name, model in self.models.items():
+            opt = self.optimizers[name]
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr[name] * factor
+            model.sparsity_coefficient = self.target_lambda[name] * ramp
+            dead_LF = self.since_fired[name] >= model.cfg.dead_tokens
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = model(x_NLD, y_NLD, dead_mask_LF=dead_LF)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            fired = fired_counts(out.codes, model.n_layers, model.n_features) > 0
+            self.since_fired[name] = torch.where(fired, 0, self.since_fired[name] + n)
+            flags += [~torch.isfinite(out.fvu_L), (~torch.isfinite(out.loss)).expand_as(out.fvu_L)]
+            terms = torch.stack([out.loss.detach().expand_as(out.fvu_L), out.fvu_L.detach(), out.l0_L.detach()])
+            self._sums[name] = terms if name not in self._sums else self._sums[name] + terms
+        self._flags.append(torch.stack(flags))
+        self._flag_steps.append(s)
+        self._window_steps += 1
+        self.step += 1
+
+    def check_finite(self) -> None:
+        """Raise `TrainingError` naming the first step, layer and transcoder that saw NaN/inf since the last check."""
+        if not self._flags:
+            return
+        flags_SRL = torch.stack(self._flags).cpu()
+        steps = self._flag_steps
+        self._flags, self._flag_steps = [], []
+        if not flags_SRL.any():
+            return
+        i, row, layer = (int(v) for v in torch.nonzero(flags_SRL)[0])
+        if row < 2:
+            what = f"the input batch has NaN/inf {'LN2 outputs' if row == 0 else 'MLP outputs'} at layer {layer}"
+            hint = "check the backbone and --dtype (float16 activations can overflow)"
+        else:
+            name = list(self.models)[(row - 2) // 2]
+            kind = "FVU" if row % 2 == 0 else "loss"
+            what = f"transcoder {name!r} produced a non-finite {kind} at layer {layer}"
+            hint = "lower --lr, or use --dtype float32"
+        raise TrainingError(f"step {steps[i] + 1}: {what}; training stopped, the last checkpoint is untouched ({hint})")
+
+    def window(self) -> dict[str, Window]:
+        """Metrics per transcoder averaged since the last call (resets the averages)."""
+        out = {}
+        for name, model in self.models.items():
+            dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
+            if name not in self._sums or not self._window_steps:
+                out[name] = Window(0, float("nan"), [float("nan")] * model.n_layers, [float("nan")] * model.n_layers, dead_L)
+                continue
+            means = (self._sums[name] / self._window_steps).cpu()
+            out[name] = Window(self._window_steps, float(means[0, 0]), means[1].tolist(), means[2].tolist(), dead_L)
+        self._sums = {}
+        self._window_steps = 0
+        return out
+
+    def lr(self, name: str) -> float:
+        """The learning rate of the last update of transcoder `name`."""
+        return self.optimizers[name].param_groups[0]["lr"]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Unfolded weights, optimiser state and steps-since-fired counters of every transcoder."""
+        out: dict[str, Tensor] = {}
+        for name, model in self.models.items():
+            out.update({f"{name}.model.{k}": v for k, v in model.state_dict().items()})
+            out.update(optimizer_tensors(self.optimizers[name], f"{name}.optim"))
+            out[f"{name}.since_fired_LF"] = self.since_fired[name]
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Restore what `state_tensors` saved, continuing after update `step`."""
+        for name, model in self.models.items():
+            prefix = f"{name}.model."
+            missing = [k for k in model.state_dict() if prefix + k not in tensors]
+            if missing:
+                raise TrainingError(f"the training state has no weights for transcoder {name!r} ({missing[:3]}): "
+                                    "it was written by another run; pass --overwrite or another --out")
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            load_optimizer(self.optimizers[name], tensors, f"{name}.optim")
+            self.since_fired[name] = tensors[f"{name}.since_fired_LF"].to(self.device)
+        self.step = step
