@@ -82,7 +82,7 @@ class Trainer:
         self.base_lr = {name: cfg.lr or default_lr(m.n_features) for name, m in models.items()}
         self.target_lambda = {name: m.sparsity_coefficient for name, m in models.items()}
         self.optimizers = {
-            name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=device.type == "cuda")
+            name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=True)
             for name, m in models.items()
         }
         self.since_fired = {name: torch.zeros(m.n_layers, m.n_features, dtype=torch.long, device=device)

@@ -1,0 +1,259 @@
+"""Sparse codes and the two sparse kernels of a transcoder step.
+
+* ``gathered_linear``: the encoder's pre-activations x·Wᵀ + b read at the selected features,
+  whose backward touches only those features' rows of W (embedding-bag both ways), in the
+  spirit of EleutherAI sparsify's fused encoder.
+* ``sparse_decode``: Σ_k v_k·W[idx_k] for every (source → target) decoder, reading only the
+  active features' rows; its backward computes the decoder gradient per feature with an
+  embedding bag over the rows that used it, and the code gradient as sampled dot products.
+
+Both keep to dense torch ops of moderate size, so they run on CPU and GPU alike; the dense
+reference paths (``dense_decode``, a plain ``F.linear`` + ``gather``) must agree with them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LayerCodes(NamedTuple):
+    """The sparse code of one layer: K (feature index, value) pairs per row; padding has value 0."""
+
+    values_NK: Tensor
+    """Activation values (0 on padding)."""
+    indices_NK: Tensor
+    """Feature indices (long)."""
+
+
+class Codes(NamedTuple):
+    """The sparse codes of all layers, padded to a common K; padding has value 0 (any index)."""
+
+    values_NLK: Tensor
+    """Activation values per row, layer and slot."""
+    indices_NLK: Tensor
+    """Feature indices (long) per row, layer and slot."""
+
+    def layer(self, layer: int) -> LayerCodes:
+        """The codes of one layer."""
+        return LayerCodes(self.values_NLK[:, layer], self.indices_NLK[:, layer])
+
+    def layers(self) -> list[LayerCodes]:
+        """The codes of every layer, in order (what ``decode_layer`` takes)."""
+        return [self.layer(i) for i in range(self.values_NLK.shape[1])]
+
+
+def stack_codes(per_layer: Sequence[LayerCodes]) -> Codes:
+    """Stack per-layer codes into ``Codes``, padding each layer to the widest K with zeros."""
+    width = max(c.values_NK.shape[1] for c in per_layer)
+    values, indices = [], []
+    for c in per_layer:
+        pad = width - c.values_NK.shape[1]
+        values.append(F.pad(c.values_NK, (0, pad)))
+        indices.append(F.pad(c.indices_NK, (0, pad)))
+    return Codes(torch.stack(values, 1), torch.stack(indices, 1))
+
+
+def bag(values_NK: Tensor, indices_NK: Tensor, W_FD: Tensor) -> Tensor:
+    """Σ_k values[n, k]·W[indices[n, k]] for every row n, reading only the indexed rows of W."""
+    if not torch.is_grad_enabled():
+        # embedding_bag takes a 3x slower CPU path whenever the weight requires grad.
+        W_FD = W_FD.detach()
+    return F.embedding_bag(
+        indices_NK, W_FD, per_sample_weights=values_NK.to(W_FD.dtype), mode="sum"
+    )
+
+
+class _ByFeature(NamedTuple):
+    """A code's (feature → rows) view: its entries sorted by feature index."""
+
+    order: Tensor
+    """Position of each sorted entry in the flattened (N·K) code."""
+    rows: Tensor
+    """Row of each sorted entry."""
+    crow: Tensor
+    """(F + 1,) start of each feature's run (a CSR row pointer over features)."""
+
+
+def _by_feature(indices_NK: Tensor, n_features: int) -> _ByFeature:
+    flat = indices_NK.reshape(-1)
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=n_features)
+    crow = torch.zeros(n_features + 1, dtype=torch.long, device=flat.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return _ByFeature(order, order.div(indices_NK.shape[1], rounding_mode="floor"), crow)
+
+
+def scatter_rows(
+    values_NK: Tensor,
+    indices_NK: Tensor,
+    table_ND: Tensor,
+    n_features: int,
+    by_feature: _ByFeature | None = None,
+) -> Tensor:
+    """out[f] = Σ_{(n,k): indices[n,k]=f} values[n,k]·table[n], an (F, D) tensor.
+
+    This is the weight gradient of ``bag`` (and of the encoder), computed as an embedding bag
+    over the table's rows grouped by feature: no (N·K, D) intermediate and no dense matmul.
+    """
+    by = by_feature or _by_feature(indices_NK, n_features)
+    weights = values_NK.reshape(-1)[by.order].to(table_ND.dtype)
+    return F.embedding_bag(by.rows, table_ND, by.crow[:-1], per_sample_weights=weights, mode="sum")
+
+
+def gathered_dots(
+    indices_NK: Tensor,
+    terms: Sequence[tuple[Tensor, Tensor]],
+    by_feature: _ByFeature | None = None,
+) -> Tensor:
+    """Σ over (G_ND, W_FD) in terms of ⟨G[n], W[indices[n, k]]⟩, an (N, K) tensor.
+
+    The code gradient of ``bag``. On CPU a sampled dense-dense product (SDDMM) walked feature
+    by feature, so each decoder row is read once (twice as fast as walking rows); elsewhere a
+    chunked gather and batched matmul.
+    """
+    n, k = indices_NK.shape
+    n_features, d = terms[0][1].shape
+    dtype = terms[0][1].dtype
+    device = indices_NK.device
+    if device.type == "cpu":
+        by = by_feature or _by_feature(indices_NK, n_features)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(
+                by.crow, by.rows, torch.ones(n * k, dtype=dtype, device=device),
+                size=(n_features, n), check_invariants=False,
+            )
+        sorted_dots = torch.zeros(n * k, dtype=dtype, device=device)
+        for G_ND, W_FD in terms:
+            sorted_dots += torch.sparse.sampled_addmm(
+                pattern, W_FD.detach(), G_ND.to(dtype).t(), beta=0
+            ).values()
+        out = torch.empty_like(sorted_dots)
+        out[by.order] = sorted_dots
+        return out.view(n, k)
+    out_NK = torch.zeros(n, k, dtype=dtype, device=device)
+    chunk = max(1, (1 << 24) // max(1, k * d))
+    for start in range(0, n, chunk):
+        idx = indices_NK[start : start + chunk]
+        for G_ND, W_FD in terms:
+            g = G_ND[start : start + chunk].to(dtype)
+            out_NK[start : start + chunk] += torch.bmm(W_FD.detach()[idx], g[:, :, None])[..., 0]
+    return out_NK
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """(x·Wᵀ + b)[n, indices[n, k]] with a backward that touches only the indexed features."""
+
+    @staticmethod
+    def forward(ctx, x_ND, W_FD, b_F, indices_NK, pre_NF):
+        ctx.save_for_backward(x_ND, W_FD, indices_NK)
+        return pre_NF.gather(1, indices_NK)
+
+    @staticmethod
+    def backward(ctx, grad_NK):
+        x_ND, W_FD, indices_NK = ctx.saved_tensors
+        grad_NK = grad_NK.to(W_FD.dtype)
+        grad_x = grad_W = grad_b = None
+        # Grad w.r.t. the input: each row sums its selected encoder rows.
+        if ctx.needs_input_grad[0]:
+            grad_x = bag(grad_NK, indices_NK, W_FD.detach()).to(x_ND.dtype)
+        # Grad w.r.t. the weight: each selected feature sums the input rows that selected it.
+        if ctx.needs_input_grad[1]:
+            grad_W = scatter_rows(grad_NK, indices_NK, x_ND.to(W_FD.dtype), W_FD.shape[0])
+        # Grad w.r.t. the bias: a histogram of the selected features weighted by the gradient.
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_FD.shape[0], dtype=W_FD.dtype, device=W_FD.device)
+            grad_b.index_add_(0, indices_NK.reshape(-1), grad_NK.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+def gathered_linear(
+    x_ND: Tensor, W_FD: Tensor, b_F: Tensor, indices_NK: Tensor, pre_NF: Tensor
+) -> Tensor:
+    """Pre-activations at the selected features, differentiable with a sparse backward.
+
+    ``pre_NF`` must be ``F.linear(x_ND, W_FD, b_F)`` computed without grad (the caller needs
+    it anyway to choose ``indices_NK``); the backward never forms a dense (N, F) gradient.
+    """
+    return _GatheredLinear.apply(x_ND, W_FD, b_F, indices_NK, pre_NF.detach())
+
+
+class _SparseDecode(torch.autograd.Function):
+    """recon[:, j] = Σ over decoders (i → j) of bag(codes of layer i, W^{i→j})."""
+
+    @staticmethod
+    def forward(ctx, pairs, n_targets, values_NLK, indices_NLK, *W_FD):
+        dtype = W_FD[0].dtype
+        ctx.values_dtype = values_NLK.dtype
+        values_NLK = values_NLK.to(dtype)
+        n = values_NLK.shape[0]
+        out_NTD = values_NLK.new_zeros(n, n_targets, W_FD[0].shape[1])
+        sources = sorted({i for i, _ in pairs})
+        codes = {i: (values_NLK[:, i].contiguous(), indices_NLK[:, i].contiguous()) for i in sources}
+        for (i, j), W in zip(pairs, W_FD):
+            out_NTD[:, j] += bag(*codes[i], W)
+        ctx.pairs = pairs
+        ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
+        return out_NTD
+
+    @staticmethod
+    def backward(ctx, grad_NTD):
+        values_NLK, indices_NLK, *W_FD = ctx.saved_tensors
+        pairs = ctx.pairs
+        # Target-major and contiguous: every (N, D) slice below is then a dense table.
+        grad_TND = grad_NTD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
+        need_values = ctx.needs_input_grad[2]
+        grad_values = torch.zeros_like(values_NLK) if need_values else None
+        grad_W = [None] * len(W_FD)
+        for i in sorted({i for i, _ in pairs}):
+            mine = [p for p, (src, _) in enumerate(pairs) if src == i]
+            values_NK = values_NLK[:, i].contiguous()
+            indices_NK = indices_NLK[:, i].contiguous()
+            by = _by_feature(indices_NK, W_FD[mine[0]].shape[0])
+            # Grad w.r.t. each decoder: every feature sums the target gradients of its rows.
+            for p in mine:
+                if ctx.needs_input_grad[4 + p]:
+                    grad_W[p] = scatter_rows(
+                        values_NK, indices_NK, grad_TND[pairs[p][1]], W_FD[p].shape[0], by
+                    )
+            # Grad w.r.t. the code values: dot of each target gradient with the feature's row.
+            if need_values:
+                terms = [(grad_TND[pairs[p][1]], W_FD[p]) for p in mine]
+                grad_values[:, i] = gathered_dots(indices_NK, terms, by)
+        if grad_values is not None:
+            grad_values = grad_values.to(ctx.values_dtype)
+        return (None, None, grad_values, None, *grad_W)
+
+
+def sparse_decode(
+    codes: Codes, weights: Sequence[Tensor], pairs: Sequence[tuple[int, int]], n_targets: int
+) -> Tensor:
+    """Σ_i bag(codes_i, W^{i→j}) into every target j (no bias), reading only active rows.
+
+    ``weights[p]`` is the (F, D) decoder from source ``pairs[p][0]`` to target ``pairs[p][1]``.
+    Returns (N, n_targets, D) in the decoder's dtype.
+    """
+    return _SparseDecode.apply(
+        tuple(pairs), n_targets, codes.values_NLK, codes.indices_NLK, *weights
+    )
+
+
+def dense_decode(
+    codes: Codes, weights: Sequence[Tensor], pairs: Sequence[tuple[int, int]], n_targets: int
+) -> Tensor:
+    """Reference for ``sparse_decode``: scatter the codes to dense (N, L, F) and multiply."""
+    n, n_layers, _ = codes.values_NLK.shape
+    n_features, d_model = weights[0].shape
+    dtype = weights[0].dtype
+    z_NLF = codes.values_NLK.new_zeros(n, n_layers, n_features, dtype=dtype).scatter_add(
+        2, codes.indices_NLK, codes.values_NLK.to(dtype)
+    )
+    out = [codes.values_NLK.new_zeros(n, d_model, dtype=dtype) for _ in range(n_targets)]
+    for (i, j), W in zip(pairs, weights):
+        out[j] = out[j] + z_NLF[:, i] @ W
+    return torch.stack(out, 1)

@@ -1,0 +1,323 @@
+"""Sparsifiers: the nonlinearity that turns a layer's dense pre-activations into a sparse code.
+
+Every sparsifier works in two steps so that the encoder can use a sparse backward:
+
+1. ``select(pre_NF, layer)`` looks at the detached dense pre-activations and returns a
+   ``Selection``: for every row the feature indices worth keeping (padded to a common
+   width K with inactive entries) and which of them are active.
+2. ``activate(pre_NK, selection, layer)`` maps the pre-activations *gathered at those
+   indices* (differentiable) to the code values; inactive entries get value 0.
+
+Because every gradient of the code with respect to the pre-activations lives on the
+selected entries, the encoder never needs the dense (N, F) gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class Selection(NamedTuple):
+    """Which features of each row a sparsifier keeps."""
+
+    indices_NK: Tensor
+    """Feature indices (long), distinct within a row; padding entries are inactive."""
+    active_NK: Tensor
+    """True where the entry is part of the code (False for padding)."""
+
+
+def _pack(score_NF: Tensor, keep_NF: Tensor) -> Selection:
+    """Pack the kept entries of every row into a dense (N, K) index block, K = max kept per row.
+
+    Uses topk on the score so that padding indices are distinct from the kept ones.
+    """
+    n_keep = int(keep_NF.sum(1).max()) if keep_NF.numel() else 0
+    n_keep = max(n_keep, 1)
+    masked_NF = score_NF.masked_fill(~keep_NF, -math.inf)
+    indices_NK = masked_NF.topk(n_keep, dim=1, sorted=False).indices
+    return Selection(indices_NK, keep_NF.gather(1, indices_NK))
+
+
+class Sparsifier(nn.Module):
+    """Base class: per-layer sparsification of pre-activations, see the module docstring."""
+
+    name: str = ""
+
+    def __init__(self, n_layers: int, n_features: int) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.n_features = n_features
+        self.sparsity_coefficient = 0.0
+
+    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+        """Choose the entries of each row that can be nonzero (no gradient; may update running statistics)."""
+        raise NotImplementedError
+
+    def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """Code values from the gathered pre-activations (differentiable; 0 where inactive)."""
+        raise NotImplementedError
+
+    def penalty(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """Sparsity penalty for one layer, already scaled by the sparsity coefficient (0 by default)."""
+        return pre_NK.new_zeros((), dtype=torch.float32)
+
+    def thresholds(self) -> Tensor:
+        """Per-feature JumpReLU thresholds (L, F) equivalent to this sparsifier at eval time."""
+        raise NotImplementedError(f"{self.name} has no JumpReLU equivalent")
+
+    def to_jumprelu(self, bandwidth: float = 0.1) -> "JumpReLU":
+        """A JumpReLU sparsifier with this sparsifier's eval-time thresholds (for circuit-tracer export)."""
+        threshold_LF = self.thresholds().float()
+        jump = JumpReLU(self.n_layers, self.n_features, bandwidth=bandwidth).to(threshold_LF.device)
+        with torch.no_grad():
+            jump.log_threshold_LF.copy_(threshold_LF.clamp_min(1e-12).log())
+        return jump
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """z = pre·H(pre − θ); the threshold gets the rectangle-kernel pseudo-derivative −(θ/ε)·K((pre−θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(grad_out.dtype)
+        grad_pre = grad_out * (pre > threshold)
+        grad_threshold = -(threshold / eps) * in_window * grad_out
+        return grad_pre, grad_threshold, None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(pre − θ) for the L0 count; only the threshold gets a (rectangle-kernel) gradient, −(1/ε)·K."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(grad_out.dtype)
+        return None, -(1.0 / eps) * in_window * grad_out, None
+
+
+class JumpReLU(Sparsifier):
+    """JumpReLU with a learned per-feature threshold θ (Rajamanoharan et al., 2024).
+
+    Train: z = pre·H(pre − θ). The step has no gradient, so the threshold learns through a
+    straight-through estimator whose pseudo-derivative is a rectangle kernel of width
+    ``bandwidth`` (ε) around θ, from both the reconstruction and the L0 penalty
+    ``sparsity_coefficient · Σ_layers mean_rows L0``. Entries within ε/2 below θ are carried in
+    the code with value 0 so that their threshold gradient reaches θ without a dense decode.
+    Eval: the same hard threshold, no window. θ is stored as log θ in float32, always, because a
+    bf16 threshold silently stops learning.
+    """
+
+    name = "jumprelu"
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_features: int,
+        bandwidth: float = 0.1,
+        init_threshold: float = 1.0,
+        sparsity_coefficient: float = 1e-3,
+    ) -> None:
+        super().__init__(n_layers, n_features)
+        self.bandwidth = bandwidth
+        self.sparsity_coefficient = sparsity_coefficient
+        self.log_threshold_LF = nn.Parameter(
+            torch.full((n_layers, n_features), math.log(init_threshold), dtype=torch.float32)
+        )
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model to bf16 must not round the threshold: restore it in float32 afterwards.
+        keep = self.log_threshold_LF.detach().clone()
+        out = super()._apply(fn, recurse)
+        if self.log_threshold_LF.dtype != torch.float32:
+            self.log_threshold_LF.data = keep.to(self.log_threshold_LF.device)
+        return out
+
+    def _threshold_F(self, layer: int) -> Tensor:
+        return self.log_threshold_LF[layer].exp()
+
+    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+        """Train: entries above θ − ε/2 (the kernel window included); eval: entries above θ."""
+        threshold_F = self._threshold_F(layer).detach()
+        margin = self.bandwidth / 2 if self.training else 0.0
+        score_NF = pre_NF.float() - threshold_F
+        return _pack(score_NF, score_NF > -margin)
+
+    def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """pre·H(pre − θ) through the straight-through estimator (float32)."""
+        threshold_NK = self._threshold_F(layer)[selection.indices_NK]
+        z_NK = _JumpReLUFn.apply(pre_NK.float(), threshold_NK, self.bandwidth)
+        return z_NK * selection.active_NK
+
+    def penalty(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """sparsity_coefficient × mean over rows of the layer's L0 (straight-through to θ)."""
+        if self.sparsity_coefficient == 0:
+            return pre_NK.new_zeros((), dtype=torch.float32)
+        threshold_NK = self._threshold_F(layer)[selection.indices_NK]
+        l0_NK = _StepFn.apply(pre_NK.float(), threshold_NK, self.bandwidth) * selection.active_NK
+        return self.sparsity_coefficient * l0_NK.sum(1).mean()
+
+    def thresholds(self) -> Tensor:
+        """θ for every layer and feature."""
+        return self.log_threshold_LF.detach().exp()
+
+    def to_jumprelu(self, bandwidth: float | None = None) -> "JumpReLU":
+        """Already a JumpReLU: itself."""
+        return self
+
+
+class TopKSparsifier(Sparsifier):
+    """Shared state of the TopK sparsifiers: per-layer k and a running per-layer threshold.
+
+    The threshold is an exponential moving average (train mode only) of the smallest kept
+    activation, so that a JumpReLU with that threshold keeps about k features per row; it
+    is what BatchTopK uses at eval and what the circuit-tracer export writes.
+    """
+
+    def __init__(
+        self, n_layers: int, n_features: int, k: int | Sequence[int], threshold_ema: float = 0.99
+    ) -> None:
+        super().__init__(n_layers, n_features)
+        k_L = [k] * n_layers if isinstance(k, int) else list(k)
+        if len(k_L) != n_layers:
+            raise ValueError(f"k has {len(k_L)} entries but the transcoder has {n_layers} layers")
+        if any(not 0 < kk <= n_features for kk in k_L):
+            raise ValueError(f"every k must be in 1..{n_features} (features per layer), got {k_L}")
+        self.k_L = k_L
+        self.threshold_ema = threshold_ema
+        self.register_buffer("threshold_L", torch.zeros(n_layers, dtype=torch.float32))
+        self.register_buffer("threshold_seen_L", torch.zeros(n_layers, dtype=torch.bool))
+
+    def score(self, pre_NF: Tensor) -> Tensor:
+        """What the TopK ranks (relu or magnitude)."""
+        return pre_NF.relu()
+
+    @torch.no_grad()
+    def _update_threshold(self, layer: int, smallest_kept: Tensor) -> None:
+        if not self.training:
+            return
+        value = smallest_kept.float()
+        if bool(self.threshold_seen_L[layer]):
+            m = self.threshold_ema
+            self.threshold_L[layer] = m * self.threshold_L[layer] + (1 - m) * value
+        else:
+            self.threshold_L[layer] = value
+            self.threshold_seen_L[layer] = True
+
+    def select_aux(self, pre_NF: Tensor, dead_F: Tensor, k_aux: int) -> Selection:
+        """AuxK: the top ``k_aux`` dead features of each row by the same score."""
+        k_aux = max(1, min(k_aux, pre_NF.shape[1]))
+        score_NF = self.score(pre_NF).float().masked_fill(~dead_F, -math.inf)
+        top = score_NF.topk(k_aux, dim=1, sorted=False)
+        return Selection(top.indices, dead_F[top.indices])
+
+    def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """relu(pre) on the active entries."""
+        return pre_NK.relu() * selection.active_NK
+
+    def thresholds(self) -> Tensor:
+        """The running per-layer threshold, broadcast over features."""
+        if not bool(self.threshold_seen_L.all()):
+            raise ValueError(
+                f"{self.name}: no threshold statistics yet; run the transcoder in train mode "
+                "over some activations (e.g. model.train(); model.encode(x)) before converting"
+            )
+        return self.threshold_L[:, None].expand(self.n_layers, self.n_features).clone()
+
+
+class ReLUTopK(TopKSparsifier):
+    """ReLU-TopK: keep the k largest pre-activations of each row, then ReLU.
+
+    Train and eval: the same per-row top-k (a row may have fewer than k nonzeros when some of
+    its top-k pre-activations are negative). In train mode it also tracks the mean k-th
+    largest activation, which is the threshold used by ``to_jumprelu``.
+    """
+
+    name = "relu-topk"
+
+    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+        """Per-row top-k of the pre-activations."""
+        top = pre_NF.topk(self.k_L[layer], dim=1, sorted=False)
+        self._update_threshold(layer, top.values.min(1).values.relu().mean())
+        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+
+
+class AbsTopK(TopKSparsifier):
+    """Abs-TopK: keep the k pre-activations of largest magnitude in each row, sign kept.
+
+    Train and eval: the same per-row top-k by |pre|; values are the raw pre-activations, so
+    codes can be negative. It has no JumpReLU equivalent (JumpReLU cannot emit negative values),
+    so it cannot be exported to circuit-tracer.
+    """
+
+    name = "abs-topk"
+
+    def score(self, pre_NF: Tensor) -> Tensor:
+        """Magnitude."""
+        return pre_NF.abs()
+
+    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+        """Per-row top-k of |pre|."""
+        top = pre_NF.abs().topk(self.k_L[layer], dim=1, sorted=False)
+        self._update_threshold(layer, top.values.min(1).values.mean())
+        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+
+    def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
+        """The signed pre-activation on the active entries."""
+        return pre_NK * selection.active_NK
+
+    def thresholds(self) -> Tensor:
+        """Not representable: JumpReLU cannot keep negative activations."""
+        raise ValueError(
+            "abs-topk keeps negative activations, which a JumpReLU threshold cannot express; "
+            "train with relu-topk, batch-topk or jumprelu to export to circuit-tracer"
+        )
+
+
+class BatchTopK(TopKSparsifier):
+    """BatchTopK (Bussmann et al., 2024): top k·N activations over the whole batch, per layer.
+
+    Train: ReLU, then keep the k·N largest activations among all N rows of the batch, so
+    busy rows may use more than k features and quiet rows fewer; the smallest kept activation
+    updates a running per-layer threshold (like BatchNorm's running statistics).
+    Eval: a JumpReLU with that per-layer threshold, so a row's code no longer depends on the
+    other rows of its batch.
+    """
+
+    name = "batch-topk"
+
+    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+        """Train: batch-wide top k·N; eval: relu(pre) above the running threshold."""
+        score_NF = pre_NF.relu()
+        if self.training:
+            n_keep = min(self.k_L[layer] * pre_NF.shape[0], score_NF.numel())
+            smallest = score_NF.flatten().topk(n_keep, sorted=False).values.min()
+            self._update_threshold(layer, smallest)
+            keep_NF = (score_NF >= smallest) & (score_NF > 0)
+        else:
+            keep_NF = score_NF > self.threshold_L[layer]
+        return _pack(score_NF.float(), keep_NF)
+
+
+SPARSIFIERS: dict[str, type[Sparsifier]] = {
+    cls.name: cls for cls in (JumpReLU, ReLUTopK, AbsTopK, BatchTopK)
+}
+"""Sparsifier classes by their config name."""

@@ -1,0 +1,659 @@
+"""The transcoder: cross-layer (CLT), per-layer (PLT) and SAE topologies from one code path.
+
+Layer ℓ's encoder reads x_ℓ (the LN2 output, i.e. the MLP input; the MLP output y_ℓ for an
+SAE) and writes a sparse code z_ℓ. Each decoder W^{i→j} maps source layer i's code into
+target layer j's MLP output:
+
+    ŷ_j = Σ_{i ∈ sources(j)} z_i W^{i→j} + b_dec_j,
+
+with sources(j) = {0..j} for a CLT and {j} for a PLT or SAE. Decoders are stored one (F, D)
+matrix per (i → j) pair, ``W_dec[i][j - first_target(i)]``; ``W_dec_FTD(i)`` stacks them into
+circuit-tracer's per-source (F, L−i, D) layout. (One tensor per pair keeps every gradient a
+small, reusable allocation: with a per-source tensor the step spends more time page-faulting
+fresh gradients than computing them, see bench/train_throughput.py.)
+
+Inputs and targets are normalised per layer (mean per dimension, one scale per layer) inside
+the model; ``fold_normalization`` folds the statistics into the weights, and checkpoints are
+always written folded, so a saved transcoder maps raw activations to raw activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Sequence
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitclt.io import write_json, write_safetensors
+from vitclt.nn.sparse import (
+    Codes,
+    LayerCodes,
+    bag,
+    dense_decode,
+    gathered_linear,
+    sparse_decode,
+    stack_codes,
+)
+from vitclt.nn.sparsifiers import SPARSIFIERS, JumpReLU, Sparsifier, TopKSparsifier
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class TranscoderConfig:
+    """Everything needed to rebuild a transcoder; also its CLI and its config.json."""
+
+    n_layers: int = 12
+    """Transformer blocks covered: one encoder and one target per block."""
+    d_model: int = 768
+    """Width of the MLP input and output (the residual stream)."""
+    n_features: int = 0
+    """Features per layer; 0 means expansion × d_model."""
+    expansion: int = 8
+    """Features per layer as a multiple of d_model, used when n_features is 0."""
+    topology: Literal["clt", "plt", "sae"] = "clt"
+    """clt: layer i writes to every layer j ≥ i; plt: layer i writes only to i; sae: rebuilds the MLP output from itself."""
+    sparsifier: Literal["jumprelu", "relu-topk", "abs-topk", "batch-topk"] = "relu-topk"
+    """Nonlinearity that makes the codes sparse."""
+    k: int = 32
+    """Active features per row and layer for the TopK sparsifiers (the batch average for batch-topk)."""
+    k_per_layer: tuple[int, ...] = ()
+    """Per-layer k overriding k (empty: k for every layer)."""
+    jumprelu_bandwidth: float = 0.1
+    """JumpReLU straight-through kernel width ε, in normalised pre-activation units."""
+    jumprelu_init_threshold: float = 1.0
+    """JumpReLU initial threshold (pre-activations start roughly standard normal)."""
+    sparsity_coefficient: float = 1e-3
+    """JumpReLU L0 penalty λ (loss += λ Σ_layers mean L0); the trainer may schedule it."""
+    threshold_ema: float = 0.99
+    """EMA decay of the TopK running threshold (BatchTopK eval threshold, JumpReLU export)."""
+    auxk_k: int = 0
+    """Dead features per row and layer that AuxK uses to model the residual; 0 means d_model // 2."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A feature that has not fired for this many training rows counts as dead (for AuxK)."""
+    sparse_decode: bool = True
+    """Decode by reading only the active features' decoder rows (False: dense reference)."""
+    sparse_encoder: bool = True
+    """Encoder backward through the selected features only (False: plain autograd)."""
+    backbone: str = ""
+    """Backbone id (hub id or path) whose activations the transcoder was trained on."""
+    tokens: str = "all"
+    """Tokens it was trained on: cls, patches or all."""
+    input_hook: str = "mlp.in"
+    """Where inputs are read: the MLP input, i.e. the LN2 output (mlp.out for an SAE)."""
+    target_hook: str = "mlp.out"
+    """Where targets are read and replacements are written: the MLP output."""
+
+    @property
+    def features(self) -> int:
+        """Features per layer after resolving n_features = 0."""
+        return self.n_features or self.expansion * self.d_model
+
+    @property
+    def k_layers(self) -> list[int]:
+        """k for every layer."""
+        return list(self.k_per_layer) if self.k_per_layer else [self.k] * self.n_layers
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TranscoderConfig":
+        """Build from a config.json dict, refusing unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown transcoder config keys {unknown}; the checkpoint was written by a "
+                "different vitclt version, upgrade vitclt or remove these keys"
+            )
+        raw = dict(raw)
+        if "k_per_layer" in raw:
+            raw["k_per_layer"] = tuple(raw["k_per_layer"])
+        return cls(**raw)
+
+
+class ForwardOutput(NamedTuple):
+    """What one training forward returns; ``loss`` is what to backpropagate."""
+
+    codes: Codes
+    """Sparse codes of every layer (indices also serve dead-feature tracking)."""
+    recon_NLD: Tensor
+    """Reconstruction of the MLP outputs, in raw activation units."""
+    fvu_L: Tensor
+    """Fraction of variance unexplained per target layer."""
+    fvu: Tensor
+    """Sum of fvu_L over layers."""
+    sparsity_loss: Tensor
+    """JumpReLU L0 penalty, already scaled by its coefficient (0 otherwise)."""
+    auxk_loss: Tensor
+    """AuxK loss on dead features, already scaled by auxk_alpha (0 when none are dead)."""
+    l0_L: Tensor
+    """Mean number of nonzero features per row, per layer."""
+    loss: Tensor
+    """fvu + sparsity_loss + auxk_loss."""
+
+
+class Transcoder(nn.Module):
+    """A sparse transcoder over all MLP blocks of a transformer; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: TranscoderConfig,
+        device: torch.device | str | None = None,
+        *,
+        initialize: bool = True,
+    ) -> None:
+        """Build from a config; ``initialize=False`` leaves the weights unset (for loading)."""
+        super().__init__()
+        if cfg.topology not in ("clt", "plt", "sae"):
+            raise ValueError(f"topology must be clt, plt or sae, got {cfg.topology!r}")
+        if cfg.sparsifier not in SPARSIFIERS:
+            raise ValueError(f"sparsifier must be one of {sorted(SPARSIFIERS)}, got {cfg.sparsifier!r}")
+        if cfg.n_layers < 1 or cfg.d_model < 1 or cfg.features < 1:
+            raise ValueError(f"n_layers, d_model and features must be positive, got {cfg}")
+        self.cfg = cfg
+        L, D, n_feat = cfg.n_layers, cfg.d_model, cfg.features
+        self.pairs: list[tuple[int, int]] = [(i, j) for i in range(L) for j in self.targets(i)]
+        self.W_enc = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_feat, D, device=device)) for _ in range(L)]
+        )
+        self.b_enc = nn.Parameter(torch.zeros(L, n_feat, device=device))
+        self.W_dec = nn.ModuleList(
+            nn.ParameterList(
+                [nn.Parameter(torch.empty(n_feat, D, device=device)) for _ in self.targets(i)]
+            )
+            for i in range(L)
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, D, device=device))
+        self.register_buffer("x_mean_LD", torch.zeros(L, D, device=device))
+        self.register_buffer("x_scale_L", torch.ones(L, device=device))
+        self.register_buffer("y_mean_LD", torch.zeros(L, D, device=device))
+        self.register_buffer("y_scale_L", torch.ones(L, device=device))
+        self.sparsifier = self._make_sparsifier().to(device)
+        if initialize:
+            self.reset_parameters()
+
+    def _make_sparsifier(self) -> Sparsifier:
+        cfg = self.cfg
+        if cfg.sparsifier == "jumprelu":
+            return JumpReLU(
+                cfg.n_layers,
+                cfg.features,
+                bandwidth=cfg.jumprelu_bandwidth,
+                init_threshold=cfg.jumprelu_init_threshold,
+                sparsity_coefficient=cfg.sparsity_coefficient,
+            )
+        return SPARSIFIERS[cfg.sparsifier](
+            cfg.n_layers, cfg.features, cfg.k_layers, threshold_ema=cfg.threshold_ema
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Small uniform decoders; each encoder row is its diagonal decoder row at unit norm.
+
+        The decoder scale keeps the initial reconstruction of a CLT target, summed over up to
+        n_layers sources, well below the (unit per dimension) target variance; unit encoder
+        rows make the initial pre-activations about standard normal on normalised inputs.
+        """
+        n_sources = self.cfg.n_layers if self.cfg.topology == "clt" else 1
+        bound = 1.0 / math.sqrt(n_sources * self.cfg.d_model)
+        for decoders in self.W_dec:
+            for W in decoders:
+                W.uniform_(-bound, bound)
+        for i, W in enumerate(self.W_enc):
+            W.copy_(F.normalize(self.W_dec[i][0], dim=1))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # Structure -------------------------------------------------------------------------
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers L."""
+        return self.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        """Activation width D."""
+        return self.cfg.d_model
+
+    @property
+    def n_features(self) -> int:
+        """Features per layer F."""
+        return self.cfg.features
+
+    def targets(self, source: int) -> list[int]:
+        """Layers that source layer ``source`` writes to."""
+        if self.cfg.topology == "clt":
+            return list(range(source, self.cfg.n_layers))
+        return [source]
+
+    def sources(self, target: int) -> list[int]:
+        """Layers that write into target layer ``target``, in order."""
+        if self.cfg.topology == "clt":
+            return list(range(target + 1))
+        return [target]
+
+    def decoder(self, source: int, target: int) -> Tensor:
+        """The (F, D) decoder W^{source→target} in normalised units."""
+        if target not in self.targets(source):
+            raise ValueError(
+                f"a {self.cfg.topology} has no decoder from layer {source} to layer {target}"
+            )
+        return self.W_dec[source][target - source if self.cfg.topology == "clt" else 0]
+
+    def decoder_weights(self) -> list[Tensor]:
+        """All (F, D) decoders in ``self.pairs`` order."""
+        return [W for decoders in self.W_dec for W in decoders]
+
+    def W_dec_FTD(self, source: int) -> Tensor:
+        """Source layer's decoders in circuit-tracer's (F, L−source, D) layout (a copy; zeros where absent)."""
+        out = self.b_dec.new_zeros(self.n_features, self.n_layers - source, self.d_model)
+        for j in self.targets(source):
+            out[:, j - source] = self.decoder(source, j).detach()
+        return out
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        """JumpReLU L0 penalty coefficient λ (the trainer may schedule it; unused by TopK)."""
+        return self.sparsifier.sparsity_coefficient
+
+    @sparsity_coefficient.setter
+    def sparsity_coefficient(self, value: float) -> None:
+        self.sparsifier.sparsity_coefficient = float(value)
+
+    # Normalisation ---------------------------------------------------------------------
+
+    @staticmethod
+    def normalization_stats(a_NLD: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-layer (mean_LD, scale_L) of a sample: scale = RMS per dimension after centring."""
+        a = a_NLD.float()
+        mean_LD = a.mean(0)
+        scale_L = (a - mean_LD).pow(2).mean((0, 2)).sqrt().clamp_min(1e-8)
+        return mean_LD, scale_L
+
+    @torch.no_grad()
+    def set_normalization(
+        self,
+        x_mean_LD: Tensor | None,
+        x_scale_L: Tensor | None,
+        y_mean_LD: Tensor,
+        y_scale_L: Tensor,
+    ) -> None:
+        """Set input and target statistics (an SAE's input is its target: x stats are ignored)."""
+        if self.cfg.topology == "sae":
+            x_mean_LD, x_scale_L = y_mean_LD, y_scale_L
+        if x_mean_LD is None or x_scale_L is None:
+            raise ValueError("input statistics are required for clt and plt transcoders")
+        L, D = self.n_layers, self.d_model
+        for name, t, shape in (
+            ("x_mean_LD", x_mean_LD, (L, D)),
+            ("x_scale_L", x_scale_L, (L,)),
+            ("y_mean_LD", y_mean_LD, (L, D)),
+            ("y_scale_L", y_scale_L, (L,)),
+        ):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+            getattr(self, name).copy_(t)
+
+    def _normalize_input(self, a_NLD: Tensor) -> Tensor:
+        return (a_NLD.float() - self.x_mean_LD) / self.x_scale_L[:, None]
+
+    def _normalize_target(self, y_NLD: Tensor) -> Tensor:
+        return (y_NLD.float() - self.y_mean_LD) / self.y_scale_L[:, None]
+
+    def _folded_tensors(self) -> dict[str, Tensor]:
+        """The state dict with the normalisation folded into the weights (new tensors, no grad)."""
+        with torch.no_grad():
+            state = {k: v.detach() for k, v in self.state_dict().items()}
+            sx, mx = self.x_scale_L, self.x_mean_LD
+            sy, my = self.y_scale_L, self.y_mean_LD
+            # pre = ((x − μ)/s)·Wᵀ + b = x·(W/s)ᵀ + (b − W·μ/s): thresholds on pre stay valid.
+            for i in range(self.n_layers):
+                W = self.W_enc[i].detach()
+                state[f"W_enc.{i}"] = W / sx[i]
+            state["b_enc"] = self.b_enc.detach() - torch.stack(
+                [self.W_enc[i].detach() @ mx[i] for i in range(self.n_layers)]
+            ) / sx[:, None]
+            # ŷ_raw = s_y·(Σ z W + b) + μ_y.
+            for i, decoders in enumerate(self.W_dec):
+                for t, (_, j) in enumerate(p for p in self.pairs if p[0] == i):
+                    state[f"W_dec.{i}.{t}"] = decoders[t].detach() * sy[j]
+            state["b_dec"] = self.b_dec.detach() * sy[:, None] + my
+            state["x_mean_LD"] = torch.zeros_like(mx)
+            state["x_scale_L"] = torch.ones_like(sx)
+            state["y_mean_LD"] = torch.zeros_like(my)
+            state["y_scale_L"] = torch.ones_like(sy)
+        return state
+
+    @torch.no_grad()
+    def fold_normalization(self) -> None:
+        """Fold the statistics into W_enc, b_enc, W_dec, b_dec and reset them to identity.
+
+        Changes no output. Do it when training is over (optimiser moments refer to the
+        unfolded scale); ``save_pretrained`` saves a folded copy without touching the model.
+        """
+        folded = self._folded_tensors()
+        for name, tensor in self.state_dict().items():
+            tensor.copy_(folded[name])
+
+    @property
+    def b_dec_LD(self) -> Tensor:
+        """Decoder bias in raw activation units (equals b_dec once normalisation is folded)."""
+        return self.b_dec * self.y_scale_L[:, None] + self.y_mean_LD
+
+    # Encoding --------------------------------------------------------------------------
+
+    def _encode_layer(
+        self, layer: int, x_ND: Tensor, dead_F: Tensor | None = None
+    ) -> tuple[LayerCodes, LayerCodes | None, Tensor]:
+        """Codes, AuxK codes (or None) and sparsity penalty of one layer from normalised input."""
+        W_FD, b_F = self.W_enc[layer], self.b_enc[layer]
+        sparse = self.cfg.sparse_encoder and torch.is_grad_enabled()
+        if sparse:
+            with torch.no_grad():
+                pre_NF = F.linear(x_ND, W_FD, b_F)
+        else:
+            pre_NF = F.linear(x_ND, W_FD, b_F)
+        selection = self.sparsifier.select(pre_NF.detach(), layer)
+        indices_NK = selection.indices_NK
+        aux = None
+        if dead_F is not None and isinstance(self.sparsifier, TopKSparsifier) and bool(dead_F.any()):
+            aux = self.sparsifier.select_aux(pre_NF.detach(), dead_F, self.cfg.auxk_k or self.d_model // 2)
+            indices_NK = torch.cat([indices_NK, aux.indices_NK], 1)
+        if sparse:
+            pre_NK = gathered_linear(x_ND, W_FD, b_F, indices_NK, pre_NF)
+        else:
+            pre_NK = pre_NF.gather(1, indices_NK)
+        n_main = selection.indices_NK.shape[1]
+        main_NK = pre_NK[:, :n_main]
+        codes = LayerCodes(self.sparsifier.activate(main_NK, selection, layer), selection.indices_NK)
+        penalty = self.sparsifier.penalty(main_NK, selection, layer)
+        aux_codes = None
+        if aux is not None:
+            aux_codes = LayerCodes(
+                self.sparsifier.activate(pre_NK[:, n_main:], aux, layer), aux.indices_NK
+            )
+        return codes, aux_codes, penalty
+
+    def encode_layer(self, layer: int, x_ND: Tensor) -> LayerCodes:
+        """Codes of one layer from its raw input (LN2 output; MLP output for an SAE)."""
+        x_ND = (x_ND.float() - self.x_mean_LD[layer]) / self.x_scale_L[layer]
+        return self._encode_layer(layer, x_ND)[0]
+
+    def encode(self, x_NLD: Tensor) -> Codes:
+        """Codes of every layer from raw inputs (LN2 outputs; MLP outputs for an SAE)."""
+        self._check_shape("input", x_NLD)
+        x_NLD = self._normalize_input(x_NLD)
+        return stack_codes([self._encode_layer(i, x_NLD[:, i])[0] for i in range(self.n_layers)])
+
+    # Decoding --------------------------------------------------------------------------
+
+    def _decode_normalized(self, codes: Codes, dense: bool = False) -> Tensor:
+        """Σ_i z_i W^{i→j} + b_dec_j in normalised units."""
+        decode = sparse_decode if (self.cfg.sparse_decode and not dense) else dense_decode
+        out_NLD = decode(codes, self.decoder_weights(), self.pairs, self.n_layers)
+        return out_NLD + self.b_dec
+
+    def decode(self, codes: Codes, dense: bool = False) -> Tensor:
+        """Reconstruction of every layer's MLP output in raw units; dense=True is the reference path."""
+        return self._decode_normalized(codes, dense) * self.y_scale_L[:, None] + self.y_mean_LD
+
+    def contributions(self, codes: Codes) -> Tensor:
+        """c_NSTD[:, i, j] = z_i W^{i→j} in raw units (zero where there is no decoder).
+
+        ``c_NSTD.sum(1) + b_dec_LD == decode(codes)``.
+        """
+        n, L = codes.values_NLK.shape[0], self.n_layers
+        c_NSTD = codes.values_NLK.new_zeros(n, L, L, self.d_model, dtype=self.b_dec.dtype)
+        for (i, j), W in zip(self.pairs, self.decoder_weights()):
+            c_NSTD[:, i, j] = bag(codes.values_NLK[:, i], codes.indices_NLK[:, i], W) * self.y_scale_L[j]
+        return c_NSTD
+
+    def _check_sources(self, target: int, sources: Sequence[int]) -> None:
+        valid = self.sources(target)
+        bad = [s for s in sources if s not in valid]
+        if bad:
+            raise ValueError(
+                f"layers {bad} do not write into layer {target} of this {self.cfg.topology}; "
+                f"valid sources are {valid}"
+            )
+
+    def decode_layer(
+        self,
+        target: int,
+        codes_per_source: Sequence[LayerCodes | None],
+        sources: Sequence[int] | None = None,
+        bias: bool = True,
+    ) -> Tensor:
+        """Raw MLP-output reconstruction of one target layer from chosen sources' codes.
+
+        ``codes_per_source[i]`` holds source layer i's codes (None: skip it). ``sources``
+        defaults to every layer that writes into ``target``; ``bias`` adds b_dec_LD[target].
+        """
+        chosen = self.sources(target) if sources is None else list(sources)
+        self._check_sources(target, chosen)
+        out_ND = None
+        for i in chosen:
+            c = codes_per_source[i] if i < len(codes_per_source) else None
+            if c is None:
+                continue
+            term = bag(c.values_NK, c.indices_NK, self.decoder(i, target))
+            out_ND = term if out_ND is None else out_ND + term
+        if out_ND is None:
+            raise ValueError(f"no codes given for any chosen source {chosen} of layer {target}")
+        out_ND = out_ND * self.y_scale_L[target]
+        return out_ND + self.b_dec_LD[target] if bias else out_ND
+
+    def contributions_layer(
+        self, target: int, codes_per_source: Sequence[LayerCodes | None]
+    ) -> Tensor:
+        """c_NSD: each valid source's raw term into ``target``, in source order (zeros for None)."""
+        sources = self.sources(target)
+        given = [codes_per_source[i] for i in sources if i < len(codes_per_source)]
+        given = [c for c in given if c is not None]
+        if not given:
+            raise ValueError(f"no codes given for any source {sources} of layer {target}")
+        n = given[0].values_NK.shape[0]
+        c_NSD = given[0].values_NK.new_zeros(n, len(sources), self.d_model, dtype=self.b_dec.dtype)
+        for s, i in enumerate(sources):
+            c = codes_per_source[i] if i < len(codes_per_source) else None
+            if c is not None:
+                c_NSD[:, s] = bag(c.values_NK, c.indices_NK, self.decoder(i, target)) * self.y_scale_L[target]
+        return c_NSD
+
+    # Training --------------------------------------------------------------------------
+
+    def forward(
+        self, x_NLD: Tensor, y_NLD: Tensor, dead_mask_LF: Tensor | None = None
+    ) -> ForwardOutput:
+        """Encode, decode and compute the losses.
+
+        x_NLD are the LN2 outputs and y_NLD the MLP outputs (raw units); an SAE ignores x_NLD
+        and reads y_NLD. ``dead_mask_LF`` marks dead features for AuxK (TopK family only).
+        """
+        self._check_shape("y", y_NLD)
+        if self.cfg.topology == "sae":
+            x_NLD = y_NLD
+        self._check_shape("x", x_NLD)
+        xn_NLD = self._normalize_input(x_NLD)
+        yn_NLD = self._normalize_target(y_NLD)
+
+        main, aux, penalties = [], [], []
+        for i in range(self.n_layers):
+            dead_F = None if dead_mask_LF is None else dead_mask_LF[i]
+            codes_i, aux_i, penalty_i = self._encode_layer(i, xn_NLD[:, i], dead_F)
+            main.append(codes_i)
+            aux.append(aux_i)
+            penalties.append(penalty_i)
+        codes = stack_codes(main)
+        recon_NLD = self._decode_normalized(codes)
+
+        total_var_L = (yn_NLD - yn_NLD.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
+        fvu_L = (recon_NLD - yn_NLD).pow(2).sum((0, 2)) / total_var_L
+        fvu = fvu_L.sum()
+        sparsity_loss = torch.stack(penalties).sum()
+        auxk_loss = self._auxk_loss(aux, dead_mask_LF, yn_NLD - recon_NLD.detach(), total_var_L)
+        l0_L = (codes.values_NLK != 0).sum(-1).float().mean(0)
+        return ForwardOutput(
+            codes=codes,
+            recon_NLD=recon_NLD * self.y_scale_L[:, None] + self.y_mean_LD,
+            fvu_L=fvu_L,
+            fvu=fvu,
+            sparsity_loss=sparsity_loss,
+            auxk_loss=auxk_loss,
+            l0_L=l0_L,
+            loss=fvu + sparsity_loss + auxk_loss,
+        )
+
+    def _auxk_loss(
+        self,
+        aux: list[LayerCodes | None],
+        dead_mask_LF: Tensor | None,
+        residual_NLD: Tensor,
+        total_var_L: Tensor,
+    ) -> Tensor:
+        """AuxK (Gao et al., 2024): the dead features' top-k_aux codes should model the residual.
+
+        Only sources with dead features are decoded, into the targets they reach. As in the
+        paper and sparsify, the loss is scaled by min(dead / k_aux, 1), here with dead and
+        k_aux counted over the layers that have dead features.
+        """
+        zero = total_var_L.new_zeros(())
+        sources = [i for i, a in enumerate(aux) if a is not None]
+        if not sources or dead_mask_LF is None:
+            return zero
+        pairs = [(i, j) for (i, j) in self.pairs if i in sources]
+        weights = [self.decoder(i, j) for (i, j) in pairs]
+        template = aux[sources[0]]
+        idle = LayerCodes(
+            torch.zeros_like(template.values_NK[:, :1]), torch.zeros_like(template.indices_NK[:, :1])
+        )
+        aux_codes = stack_codes([idle if a is None else a for a in aux])
+        reach_L = torch.zeros(self.n_layers, dtype=torch.bool, device=total_var_L.device)
+        reach_L[[j for _, j in pairs]] = True
+        decode = sparse_decode if self.cfg.sparse_decode else dense_decode
+        ehat_NLD = decode(aux_codes, weights, pairs, self.n_layers)
+        err_L = (ehat_NLD - residual_NLD).pow(2).sum((0, 2)) / total_var_L
+        k_aux = self.cfg.auxk_k or self.d_model // 2
+        n_dead = float(dead_mask_LF[sources].sum())
+        scale = min(n_dead / (k_aux * len(sources)), 1.0)
+        return self.cfg.auxk_alpha * scale * err_L[reach_L].sum()
+
+    @torch.no_grad()
+    def feature_counts(self, codes: Codes) -> Tensor:
+        """counts_LF: in how many rows each feature fired (nonzero), for dead-feature tracking."""
+        L, n_feat = self.n_layers, self.n_features
+        offset_L1 = torch.arange(L, device=codes.indices_NLK.device)[:, None] * n_feat
+        flat = (codes.indices_NLK + offset_L1)[codes.values_NLK != 0]
+        return torch.bincount(flat, minlength=L * n_feat).view(L, n_feat)
+
+    def to_jumprelu(self) -> "Transcoder":
+        """Replace a TopK-family sparsifier by the JumpReLU with its running thresholds (in place)."""
+        jump = self.sparsifier.to_jumprelu(self.cfg.jumprelu_bandwidth)
+        jump.sparsity_coefficient = self.cfg.sparsity_coefficient
+        self.sparsifier = jump
+        self.cfg = dataclasses.replace(self.cfg, sparsifier="jumprelu")
+        return self
+
+    # Checkpoints -----------------------------------------------------------------------
+
+    def _check_shape(self, name: str, a_NLD: Tensor) -> None:
+        if a_NLD.dim() != 3 or tuple(a_NLD.shape[1:]) != (self.n_layers, self.d_model):
+            raise ValueError(
+                f"{name} must have shape (rows, {self.n_layers}, {self.d_model}), got {tuple(a_NLD.shape)}"
+            )
+
+    def check_compatible(self, n_layers: int, d_model: int) -> None:
+        """Raise ValueError unless a backbone with these dimensions fits this transcoder."""
+        if (n_layers, d_model) != (self.n_layers, self.d_model):
+            trained = f" (trained on {self.cfg.backbone!r})" if self.cfg.backbone else ""
+            raise ValueError(
+                f"transcoder expects {self.n_layers} layers × d_model {self.d_model}{trained}, "
+                f"but the backbone has {n_layers} layers × d_model {d_model}; load a transcoder "
+                "trained on this backbone or train one for it"
+            )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors (normalisation folded) atomically; returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / WEIGHTS_NAME, self._folded_tensors(), metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, dataclasses.asdict(self.cfg))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device | str | None = None
+    ) -> "Transcoder":
+        """Load a directory written by ``save_pretrained`` (safetensors only, no pickle)."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise ValueError(
+                    f"{directory} has no {name}: a transcoder directory holds {CONFIG_NAME} and "
+                    f"{WEIGHTS_NAME}, as written by Transcoder.save_pretrained"
+                )
+        try:
+            raw = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        cfg = TranscoderConfig.from_dict(raw)
+        # Uninitialised weights are never touched before load_state_dict replaces them.
+        model = cls(cfg, device=device, initialize=False)
+        state = safetensors.torch.load_file(
+            directory / WEIGHTS_NAME, device=str(torch.device(device or "cpu"))
+        )
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(state[k].shape)}, config implies {shape}"
+            for k, shape in expected.items()
+            if k in state and tuple(state[k].shape) != shape
+        ]
+        if problems:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME} "
+                f"({cfg.topology}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+                f"{cfg.features} features): " + "; ".join(problems[:10])
+            )
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def export_circuit_tracer(self, directory: str | os.PathLike) -> Path:
+        """Write circuit-tracer's per-layer files: W_enc_{i}.safetensors and W_dec_{i}.safetensors.
+
+        W_enc_{i} [F, D], b_enc_{i} [F], b_dec_{i} [D], threshold_{i} [F] (JumpReLU, or a TopK
+        sparsifier's running threshold) and W_dec_{i} [F, L−i, D] (zeros off the diagonal for a
+        PLT), all in raw units. TopK becomes a JumpReLU here: circuit-tracer knows no TopK.
+        """
+        if self.cfg.topology == "sae":
+            raise ValueError("circuit-tracer takes transcoders (clt or plt), not an sae")
+        threshold_LF = self.sparsifier.thresholds().float().cpu()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        folded = self._folded_tensors()
+        L, n_feat, D = self.n_layers, self.n_features, self.d_model
+        for i in range(L):
+            encoder = {
+                f"W_enc_{i}": folded[f"W_enc.{i}"],
+                f"b_enc_{i}": folded["b_enc"][i],
+                f"b_dec_{i}": folded["b_dec"][i],
+                f"threshold_{i}": threshold_LF[i],
+            }
+            W_dec_FTD = torch.zeros(n_feat, L - i, D, dtype=folded["b_dec"].dtype)
+            for t, j in enumerate(self.targets(i)):
+                W_dec_FTD[:, j - i] = folded[f"W_dec.{i}.{t}"].cpu()
+            for name, tensors in ((f"W_enc_{i}", encoder), (f"W_dec_{i}", {f"W_dec_{i}": W_dec_FTD})):
+                write_safetensors(directory / f"{name}.safetensors", tensors)
+        return directory
