@@ -36,6 +36,8 @@ class TrainConfig:
     """One or more of clt (layer i writes to every layer j ≥ i), plt (only to i), sae (rebuilds each MLP output from itself); all share the stream."""
     sparsifier: tuple[SparsifierName, ...] = ("relu-topk",)
     """One or more sparsifiers; each gets its own transcoder, all trained on the same stream."""
+    models: tuple[str, ...] = ()
+    """Explicit TOPOLOGY:SPARSIFIER pairs (e.g. clt:jumprelu plt:relu-topk) instead of every --topology × --sparsifier."""
     k: tuple[int, ...] = (32,)
     """Active features per row and layer for the TopK sparsifiers; several values train one transcoder each."""
     expansion: int = 8
@@ -116,9 +118,13 @@ class TrainConfig:
             raise TrainingError(f"--k needs positive values, got {list(self.k)}")
         if isinstance(self.topology, str):
             self.topology = (self.topology,)
+        for model in self.models:
+            topology, _, sparsifier = model.partition(":")
+            if topology not in ("clt", "plt", "sae") or sparsifier not in ("jumprelu", "relu-topk", "abs-topk", "batch-topk"):
+                raise TrainingError(f"--models entry {model!r} is not TOPOLOGY:SPARSIFIER, e.g. clt:relu-topk or sae:jumprelu")
         if not self.topology:
             raise TrainingError("--topology needs at least one of clt, plt, sae")
-        for name in ("topology", "sparsifier", "k"):
+        for name in ("topology", "sparsifier", "k", "models"):
             values = list(getattr(self, name))
             if len(set(values)) != len(values):
                 raise TrainingError(f"--{name} lists a value twice: {values}")
@@ -141,7 +147,7 @@ class TrainConfig:
         """Inverse of `to_json`."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        for name in ("topology", "sparsifier", "k"):
+        for name in ("topology", "sparsifier", "k", "models"):
             if isinstance(values.get(name), str):
                 values[name] = [values[name]]
             if name in values:
@@ -161,13 +167,18 @@ schedule for the new total, so only an unchanged one reproduces the uninterrupte
 def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: str | None = None) -> dict[str, TranscoderConfig]:
     """The transcoders a run trains, by subdirectory name.
 
-    One per (topology, sparsifier, k); JumpReLU ignores k, so it gets one. Names are the sparsifier,
-    with `-k{k}` appended when several values of k are swept, prefixed by `{topology}-` when several
-    topologies are.
+    One per (topology, sparsifier, k), from `--models` or else every `--topology` × `--sparsifier`;
+    JumpReLU ignores k, so it gets one. Names are the sparsifier, with `-k{k}` appended when several
+    values of k are swept, prefixed by `{topology}-` when several topologies are.
     """
-    topologies = (cfg.topology,) if isinstance(cfg.topology, str) else tuple(cfg.topology)
+    if cfg.models:
+        pairs = [tuple(m.split(":", 1)) for m in cfg.models]
+    else:
+        topologies = (cfg.topology,) if isinstance(cfg.topology, str) else tuple(cfg.topology)
+        pairs = [(t, s) for t in topologies for s in cfg.sparsifier]
+    topologies = sorted({t for t, _ in pairs})
     out: dict[str, TranscoderConfig] = {}
-    for topology, sparsifier in ((t, s) for t in topologies for s in cfg.sparsifier):
+    for topology, sparsifier in pairs:
         for k in cfg.k[:1] if sparsifier == "jumprelu" else cfg.k:
             name = sparsifier if len(cfg.k) == 1 or sparsifier == "jumprelu" else f"{sparsifier}-k{k}"
             name = f"{topology}-{name}" if len(topologies) > 1 else name

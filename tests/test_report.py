@@ -1,0 +1,102 @@
+"""`vitclt eval` end to end on a tiny backbone and a tiny dataset: metrics.json, figures, report.html."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from vitclt.cli import main
+from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
+from vitclt.eval.suite import EvalConfig, find_transcoders, run
+
+from .conftest import random_images
+from .test_eval_replacement import make_transcoder
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+CLASSES = ["cat", "dog", "boat"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An ImageFolder of 3 classes × 4 random PNG images."""
+    root = tmp_path_factory.mktemp("images")
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i, im in enumerate(random_images(4, seed=10 + c)):
+            im.save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_clip_dir):
+    """A run directory like `vitclt reproduce` writes: CLTs and the PLT / SAE baselines, nested by topology."""
+    root = tmp_path_factory.mktemp("run")
+    for topology, sparsifier in (("clt", "relu-topk"), ("clt", "jumprelu"), ("plt", "relu-topk"), ("sae", "relu-topk")):
+        tc = make_transcoder(topology, sparsifier)
+        tc.cfg.backbone = str(tiny_clip_dir)
+        tc.save_pretrained(root / topology / sparsifier)
+    return root
+
+
+def test_find_transcoders_names_nested_directories(run_dir, tmp_path):
+    found = find_transcoders(run_dir)
+    assert list(found) == ["clt-jumprelu", "clt-relu-topk", "plt-relu-topk", "sae-relu-topk"]
+    assert find_transcoders(run_dir / "plt" / "relu-topk") == {"relu-topk": run_dir / "plt" / "relu-topk"}
+    with pytest.raises(FileNotFoundError, match="no transcoder"):
+        find_transcoders(tmp_path)
+
+
+def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    report = run(EvalConfig(run_dir, dataset=f"folder:{folder}", batch_size=5, seeds=2, retrieval_k=2,
+                            retrieval_queries=1, out=out, progress=False, threads=1))
+    assert report == out / "report.html" and f"report: {report}" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert check_metric_keys(metrics) == []
+    assert metrics["baseline"]["n_images"] == 12 and metrics["windows"] == ["0-2", "1-2", "2-2"]
+    clt = metrics["transcoders"]["clt-relu-topk"]
+    for group in ("cls", "patches", "all"):
+        m = clt["attribution"][group]["matrix"]
+        for j in range(3):
+            assert sum(m[i][j] for i in range(3)) == pytest.approx(1.0, abs=1e-9)
+            assert all(m[i][j] == 0 for i in range(j + 1, 3))
+    assert "attribution" not in metrics["transcoders"]["plt-relu-topk"]
+    faith = clt["faithfulness"]["all"]
+    assert faith["k"] == 1 and len(faith["drop_random"]["runs"]) == 2
+    assert faith["full"]["delta_full"] == 0
+    assert clt["reconstruction"]["all"]["mean"]["l0"] == pytest.approx(4.0)
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= 8 and 'src="figures' not in html
+    for section in ("Reconstruction", "Cascaded replacement", "contribution scores", "Faithfulness", "retrieval",
+                    "Baselines", "Protocol", "a photo of a {}."):
+        assert section in html
+    assert sorted(p.name for p in (out / "figures").iterdir())[:3] == ["contributions_clt-jumprelu.png",
+                                                                      "contributions_clt-relu-topk.png",
+                                                                      "faithfulness_clt-jumprelu.png"]
+
+
+def test_cli_eval_runs_and_reports_bad_input(run_dir, folder, tmp_path, capsys):
+    main(["eval", str(run_dir / "clt" / "relu-topk"), "--dataset", f"folder:{folder}", "--windows", "2-2",
+          "--tokens", "cls", "all", "--seeds", "1", "--out", str(tmp_path / "e"), "--no-progress"])
+    assert "report:" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["windows"] == ["2-2"] and metrics["tokens"] == ["cls", "all"]
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "missing"), "--dataset", f"folder:{folder}"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mismatched_backbone_is_a_clear_error(tmp_path, folder, tiny_clip_dir):
+    tc = make_transcoder(n_layers=4)
+    tc.cfg.backbone = str(tiny_clip_dir)
+    tc.save_pretrained(tmp_path / "tc")
+    with pytest.raises(ValueError, match="does not fit backbone"):
+        run(EvalConfig(tmp_path / "tc", dataset=f"folder:{folder}", progress=False))
+
+
+def test_docs_list_exactly_the_documented_keys():
+    doc = DOCS.read_text()
+    assert markdown_table() in doc, "docs/metrics.md is out of date: paste vitclt.eval.metric_keys.markdown_table()"
+    keys = re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M)
+    assert keys == [k.key for k in METRIC_KEYS]

@@ -1,0 +1,362 @@
+"""`vitclt eval`: the paper's evaluation of one or several transcoders, written as one report.
+
+Two passes over the eval set, each looping over image batches outermost (a batch is decoded and
+preprocessed once per pass):
+
+1. the clean forward (with capture) gives the baseline accuracy and every transcoder's codes,
+   from which reconstruction metrics, contribution scores and the retrieval gallery accumulate;
+   then every replacement setting (window × tokens, per transcoder, plus the zero-ablation
+   control) runs one forward on the same pixels;
+2. for each CLT, the faithfulness edits of the last layer's reconstruction, ranked by the
+   contribution scores of pass 1, again one forward per edit.
+
+The result is `metrics.json` (keys in `METRIC_KEYS`, documented in docs/metrics.md), PNG figures
+and a self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+
+from vitclt.backbones import Backbone, load_backbone
+from vitclt.data.batches import image_batches
+from vitclt.eval.attribution import ContributionAccumulator, rank_sources
+from vitclt.eval.faithfulness import default_top_k, faithfulness_settings, summarize
+from vitclt.eval.metric_keys import check_metric_keys
+from vitclt.eval.reconstruction import ReconstructionAccumulator, token_groups
+from vitclt.eval.replacement import (
+    TOKEN_SETS, GridBatch, ReplacementGrid, Window, encode_rows, parse_windows,
+    transcoder_setting, zero_setting,
+)
+from vitclt.eval.retrieval import CodeGallery, evaluate_retrieval, precision_at_k
+from vitclt.eval.zeroshot import build_classifier, dataset_templates, topk_correct
+from vitclt.io import write_json
+from vitclt.nn import Transcoder
+from vitclt.runtime import setup
+
+SCHEMA = "vitclt.eval/1"
+"""metrics.json format version; bumped when a documented key changes meaning or disappears."""
+
+
+@dataclass
+class EvalConfig:
+    """`vitclt eval RUN_DIR`: reconstruction, replacement, attribution, faithfulness, retrieval, report."""
+
+    run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """A transcoder directory (config.json + model.safetensors) or a directory of several."""
+    dataset: str = "demo"
+    """Eval dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, folder:DIR."""
+    split: str = "test"
+    """Dataset split: test (= val, held out) or train."""
+    backbone: str | None = None
+    """Backbone spec; default: the one named in the transcoders' config."""
+    eval_images: int | None = None
+    """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
+    batch_size: int = 64
+    """Images per backbone forward."""
+    windows: str = ""
+    """Replacement windows, e.g. 0-11,3-11,7-11,10-11; default: the paper's, scaled to the depth."""
+    tokens: tuple[Literal["cls", "patches", "all"], ...] = TOKEN_SETS
+    """Token subsets to replace in the cascade."""
+    faith_tokens: tuple[Literal["cls", "patches", "all"], ...] = ("all", "cls")
+    """Token subsets whose last-layer reconstruction the faithfulness edits replace."""
+    top_k: int | None = None
+    """Sources kept for sufficiency; default: L/3 rounded (4 for 12 layers)."""
+    seeds: int = 5
+    """Seeds for the random-source controls."""
+    retrieval_pool: Literal["cls", "patches"] = "cls"
+    """Retrieval vector: the CLS token's code, or the mean of the patch tokens' codes."""
+    retrieval_k: int = 5
+    """Neighbours counted by label precision@k."""
+    retrieval_queries: int = 1
+    """Query images shown in the retrieval figure (one figure each per CLT)."""
+    retrieval_neighbours: int = 3
+    """Neighbours shown per query and layer."""
+    templates: Path | None = None
+    """File of prompt templates (one per line, with {}); default: the dataset's shipped set."""
+    classnames: Path | None = None
+    """File of class names (one per line, label order); default: the dataset's shipped names."""
+    out: Path | None = None
+    """Output directory; default: RUN_DIR/eval."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
+    threads: int = 0
+    """Torch CPU threads (0: torch's default)."""
+    workers: int = 0
+    """Image-decoding worker processes."""
+    seed: int = 0
+    """Seed for the image subset, the random controls and the retrieval queries."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
+    """Transcoder directories (config.json + model.safetensors) in `run_dir`, by name.
+
+    `run_dir` itself if it is one (named after it); else every one below it, named by its path
+    relative to `run_dir` with `/` read as `-` (`clt/jumprelu` → `clt-jumprelu`), in sorted order.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    is_tc = lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file()  # noqa: E731
+    if is_tc(run_dir):
+        return {run_dir.resolve().name: run_dir}
+    found, frontier = {}, [run_dir]
+    for _ in range(max_depth):
+        below = [p for d in frontier for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        found.update({"-".join(p.relative_to(run_dir).parts): p for p in below if is_tc(p)})
+        frontier = [p for p in below if not is_tc(p)]
+    if not found:
+        raise FileNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its subdirectories")
+    return dict(sorted(found.items()))
+
+
+def load_transcoders(paths: dict[str, Path], backbone: Backbone) -> dict[str, Transcoder]:
+    """Load each transcoder onto the backbone's device, checking it fits the backbone."""
+    out = {}
+    for name, path in paths.items():
+        tc = Transcoder.from_pretrained(path, device=backbone.device)
+        try:
+            tc.check_compatible(backbone.n_layers, backbone.d_model)
+        except ValueError as e:
+            raise ValueError(f"transcoder {name} ({path}) does not fit backbone {backbone.name}: {e}") from None
+        out[name] = tc.to(backbone.device).eval()
+    return out
+
+
+def backbone_spec(paths: dict[str, Path], override: str | None) -> str:
+    """The backbone to evaluate on: `override`, else the one every transcoder was trained on."""
+    specs = {name: json.loads((p / "config.json").read_text()).get("backbone") for name, p in paths.items()}
+    distinct = {s for s in specs.values() if s}
+    if override:
+        if distinct and distinct != {override}:
+            print(f"note: the transcoders were trained on {', '.join(sorted(distinct))}; evaluating them on {override}")
+        return override
+    if len(distinct) != 1:
+        raise ValueError(f"cannot tell the backbone from the transcoders' configs ({specs}): pass --backbone")
+    return distinct.pop()
+
+
+def describe(tc, path: Path | None = None) -> dict:
+    """A transcoder's identity for metrics.json: topology, sparsifier, k, width and full config."""
+    cfg = tc.cfg
+    return {
+        "path": str(path) if path else None,
+        "topology": cfg.topology,
+        "sparsifier": cfg.sparsifier,
+        "k": None if cfg.sparsifier == "jumprelu" else cfg.k,
+        "n_features": tc.n_features,
+        "config": _jsonable(asdict(cfg)),
+    }
+
+
+def _setting_name(name: str, window: Window, tokens: str) -> str:
+    return f"{name}/replace/{window.label}/{tokens}"
+
+
+def _zero_name(window: Window, tokens: str) -> str:
+    return f"zero/{window.label}/{tokens}"
+
+
+def _clean_codes(transcoders: dict[str, Transcoder], x_BTLD: torch.Tensor, y_BTLD: torch.Tensor) -> dict[str, list]:
+    return {name: [encode_rows(tc, layer, x_BTLD[:, :, layer], y_BTLD[:, :, layer]) for layer in range(x_BTLD.shape[2])]
+            for name, tc in transcoders.items()}
+
+
+class CleanPass(NamedTuple):
+    """What pass 1 leaves for the rest: accuracies, every accumulator and the grid's top-1."""
+
+    top1: float
+    top5: float
+    n_images: int
+    embeds_NP: torch.Tensor
+    recon: dict[str, ReconstructionAccumulator]
+    attribution: dict[str, dict]
+    gallery: dict[str, CodeGallery]
+    grid_top1: dict[str, float]
+
+
+def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
+                windows: list[Window], cfg: EvalConfig) -> CleanPass:
+    """Pass 1: per batch, the clean forward, every accumulator, and every replacement setting."""
+    L, T = backbone.n_layers, backbone.n_tokens
+    groups = token_groups(backbone)
+    recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device) for n, tc in transcoders.items()}
+    attrib = {n: ContributionAccumulator(L, T, groups) for n, tc in transcoders.items() if tc.cfg.topology == "clt"}
+    gallery = {n: CodeGallery(L, tc.n_features, T, backbone.n_prefix_tokens, cfg.retrieval_pool) for n, tc in transcoders.items()}
+    settings = [zero_setting(_zero_name(w, t), w, t) for w in windows for t in cfg.tokens]
+    settings += [transcoder_setting(_setting_name(n, w, t), tc, backbone, w, t)
+                 for n, tc in transcoders.items() for w in windows for t in cfg.tokens]
+    grid = ReplacementGrid(backbone, classifier_CP, settings)
+    n1 = n5 = n = 0
+    embeds = []
+    bar = tqdm(total=len(dataset), desc=f"eval 1/2 ({len(settings)} replacement settings)", unit="img", disable=not cfg.progress)
+    for images, labels_B in image_batches(dataset, cfg.batch_size, workers=cfg.workers):
+        pixels = backbone.preprocess(images)
+        with backbone.capture() as cap:
+            emb_BP = backbone.image_embeds(pixels)
+        hit1, hit5 = topk_correct(emb_BP, classifier_CP, labels_B)
+        n1, n5, n = n1 + int(hit1.sum()), n5 + int(hit5.sum()), n + len(labels_B)
+        embeds.append(emb_BP.cpu())
+        x_BTLD, y_BTLD = cap.x_BTLD(), cap.y_BTLD()
+        codes = _clean_codes(transcoders, x_BTLD, y_BTLD)
+        for name, tc in transcoders.items():
+            y_hat_NLD = torch.stack([tc.decode_layer(layer, codes[name][: layer + 1]) for layer in range(L)], dim=1)
+            recon[name].update(y_BTLD, y_hat_NLD.unflatten(0, (len(labels_B), T)), codes[name])
+            gallery[name].update(codes[name], labels_B)
+            if name in attrib:
+                attrib[name].update(tc, codes[name])
+        grid.update(GridBatch(pixels, labels_B, {id(tc): codes[name] for name, tc in transcoders.items()}))
+        bar.update(len(labels_B))
+        bar.set_postfix(clean_top1=f"{100 * n1 / n:.2f}")
+    bar.close()
+    attribution = {name: {g: r._asdict() for g, r in acc.result().items()} for name, acc in attrib.items()}
+    return CleanPass(100 * n1 / n, 100 * n5 / n, n, torch.cat(embeds), recon, attribution, gallery, grid.top1())
+
+
+def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, clts: dict[str, Transcoder],
+                       attribution: dict[str, dict], baseline: float, cfg: EvalConfig) -> dict[str, dict]:
+    """Pass 2: rank each CLT's sources by pass 1's scores and run every edit; metrics.json's blocks."""
+    if not clts:
+        return {}
+    last = backbone.n_layers - 1
+    k = cfg.top_k or default_top_k(backbone.n_layers)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    settings, plans, rankings, scores = [], {}, {}, {}
+    for name, tc in clts.items():
+        rankings[name] = {t: rank_sources(attribution[name][t]["matrix"]) for t in cfg.faith_tokens}
+        scores[name] = {t: [row[last] for row in attribution[name][t]["matrix"]] for t in cfg.faith_tokens}
+        mine, plans[name] = faithfulness_settings(name, tc, backbone, rankings[name], k, seeds)
+        settings += mine
+    grid = ReplacementGrid(backbone, classifier_CP, settings)
+    bar = tqdm(total=len(dataset), desc=f"eval 2/2 ({len(settings)} faithfulness edits)", unit="img", disable=not cfg.progress)
+    for images, labels_B in image_batches(dataset, cfg.batch_size, workers=cfg.workers):
+        pixels = backbone.preprocess(images)
+        with backbone.capture() as cap:
+            backbone.image_embeds(pixels)
+        codes = _clean_codes(clts, cap.x_BTLD(), cap.y_BTLD())
+        grid.update(GridBatch(pixels, labels_B, {id(tc): codes[name] for name, tc in clts.items()}))
+        bar.update(len(labels_B))
+    bar.close()
+    top1 = grid.top1()
+    return {name: summarize(name, top1, plans[name], baseline, rankings[name], scores[name], k) for name in clts}
+
+
+@torch.inference_mode()
+def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
+                   cfg: EvalConfig, paths: dict[str, Path] | None = None) -> dict:
+    """Every metric of the suite for `transcoders` on `dataset`, as the metrics.json dict
+    (without `dataset` and `context`, which `run` adds)."""
+    if len(dataset) < 2:
+        raise ValueError("the eval set needs at least two images (retrieval compares images with each other)")
+    windows = parse_windows(cfg.windows, backbone.n_layers)
+    t0 = time.perf_counter()
+    clean = _clean_pass(backbone, dataset, classifier_CP, transcoders, windows, cfg)
+    t1 = time.perf_counter()
+    clts = {name: tc for name, tc in transcoders.items() if tc.cfg.topology == "clt"}
+    faithfulness = _faithfulness_pass(backbone, dataset, classifier_CP, clts, clean.attribution, clean.top1, cfg)
+    t2 = time.perf_counter()
+
+    emb_precision = precision_at_k(F.normalize(clean.embeds_NP.float(), dim=-1), next(iter(clean.gallery.values())).labels_N,
+                                   cfg.retrieval_k)
+    zero = {w.label: {t: clean.grid_top1[_zero_name(w, t)] for t in cfg.tokens} for w in windows}
+    metrics = {
+        "schema": SCHEMA,
+        "run_dir": str(cfg.run_dir),
+        "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model, "n_tokens": backbone.n_tokens},
+        "dataset": {},
+        "config": _jsonable(asdict(cfg)),
+        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images, "embedding_precision_at_k": emb_precision},
+        "windows": [w.label for w in windows],
+        "tokens": list(cfg.tokens),
+        "zero_ablation": zero,
+        "transcoders": {},
+        "comparison": {},
+        "timing": {"pass1_s": t1 - t0, "pass2_s": t2 - t1},
+    }
+    for name, tc in transcoders.items():
+        entry = describe(tc, (paths or {}).get(name))
+        entry["reconstruction"] = {g: r._asdict() for g, r in clean.recon[name].result().items()}
+        entry["replacement"] = {w.label: {t: _replacement_entry(clean.grid_top1[_setting_name(name, w, t)], clean.top1, zero[w.label][t])
+                                          for t in cfg.tokens} for w in windows}
+        entry["retrieval"] = evaluate_retrieval(clean.gallery[name], cfg.retrieval_k, cfg.retrieval_queries,
+                                                cfg.retrieval_neighbours, cfg.seed)._asdict()
+        if name in clts:
+            entry["attribution"] = clean.attribution[name]
+            entry["faithfulness"] = faithfulness[name]
+        metrics["transcoders"][name] = entry
+        metrics["comparison"][name] = _comparison_row(entry)
+    return metrics
+
+
+def _replacement_entry(top1: float, baseline: float, zero: float) -> dict:
+    recovered = (top1 - zero) / (baseline - zero) if baseline != zero else None
+    return {"top1": top1, "delta_baseline": top1 - baseline, "recovered": recovered}
+
+
+def _comparison_row(entry: dict) -> dict:
+    rec = entry["reconstruction"]["all"]["mean"]
+    return {
+        "topology": entry["topology"], "sparsifier": entry["sparsifier"], "k": entry["k"],
+        **{m: rec[m] for m in ("l0", "mse", "r2", "cosine", "fvu", "dead_pct")},
+        "replacement": {w: {t: v["top1"] for t, v in row.items()} for w, row in entry["replacement"].items()},
+    }
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict:
+    """metrics.json's description of the zero-shot protocol: the data, its classes and prompts."""
+    return {
+        "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
+        "n_images": len(dataset), "n_classes": len(dataset.classnames),
+        "classnames": list(dataset.classnames), "templates": list(templates),
+        "subset": f"class-stratified {cfg.eval_images} images (seed {cfg.seed})" if cfg.eval_images else "the whole split",
+    }
+
+
+def run(cfg: EvalConfig, context: dict | None = None) -> Path:
+    """Run `vitclt eval`: evaluate, write metrics.json, figures and report.html; return the report's path.
+
+    `context` (e.g. the training run's settings, from `vitclt reproduce`) is stored under `context`.
+    """
+    from vitclt.data.datasets import load_dataset
+    from vitclt.data.prompts import load_templates
+    from vitclt.report.html import write_report
+
+    device = setup(cfg.threads, cfg.seed, cfg.device)
+    paths = find_transcoders(cfg.run_dir)
+    backbone = load_backbone(backbone_spec(paths, cfg.backbone), device=device)
+    transcoders = load_transcoders(paths, backbone)
+    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.eval_images, seed=cfg.seed, classnames=cfg.classnames)
+    templates = load_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
+    classifier = build_classifier(backbone, dataset.classnames, templates)
+    metrics = evaluate_suite(backbone, dataset, classifier, transcoders, cfg, paths)
+    metrics["dataset"] = dataset_protocol(cfg, dataset, templates)
+    metrics["context"] = _jsonable(context or {})
+    missing = check_metric_keys(metrics)
+    if missing:
+        raise RuntimeError(f"metrics.json lacks documented keys {missing}: a bug in vitclt, please report it")
+    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "eval"
+    write_json(out / "metrics.json", metrics)
+    report = write_report(metrics, dataset, out)
+    print(f"metrics: {out / 'metrics.json'}")
+    print(f"report: {report}")
+    return report

@@ -1,0 +1,282 @@
+"""One self-contained HTML page (figures embedded as base64 PNG) from an eval's metrics.json.
+
+The page reads top to bottom: what was evaluated and how, reconstruction, cascaded replacement,
+contribution scores, faithfulness, retrieval, the baseline comparison, then the full configs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from vitclt.eval.faithfulness import EDITS
+from vitclt.eval.reconstruction import METRICS
+from vitclt.report import figures
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:.6em 0 1em;font-size:.88em}th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;margin:.5em 0}
+.note{background:#f7f7f2;border-left:4px solid #c9c38f;padding:.5em .8em;font-size:.92em}
+.neg{color:#b22}.pos{color:#171}pre{background:#f6f6f6;padding:.7em;overflow-x:auto;font-size:.8em}
+details{margin:.5em 0}summary{cursor:pointer;color:#335}
+"""
+
+LABELS = {"mse": "MSE", "r2": "R²", "cosine": "cosine", "fvu": "FVU", "l0": "L0", "dead_pct": "dead %"}
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return _esc(x)
+
+
+def _delta(x: float) -> str:
+    cls = "neg" if x < -1e-9 else "pos" if x > 1e-9 else ""
+    return f'<span class="{cls}">{x:+.2f}</span>'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """An HTML table; the first `left` columns are left-aligned text, cells are already HTML."""
+    th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _clts(metrics: dict) -> list[str]:
+    return [n for n, e in metrics["transcoders"].items() if e["topology"] == "clt"]
+
+
+def _header(metrics: dict) -> str:
+    bb, ds, base = metrics["backbone"], metrics["dataset"], metrics["baseline"]
+    rows = [[_esc(n), _esc(e["topology"]), _esc(e["sparsifier"]), _fmt(e["k"]), _fmt(e["n_features"])]
+            for n, e in metrics["transcoders"].items()]
+    return (
+        f"<h1>vitclt evaluation: {_esc(bb['name'])} on {_esc(ds.get('name', ds.get('spec')))}</h1>"
+        f"<p>{bb['n_layers']} layers, width {bb['d_model']}, {bb['n_tokens']} tokens. "
+        f"Eval set: <b>{ds.get('n_images')}</b> images of the <b>{_esc(ds.get('split'))}</b> split "
+        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes, {len(ds.get('templates', []))} prompt templates. "
+        f"Clean zero-shot top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
+        + _table(["transcoder", "topology", "sparsifier", "k", "features / layer"], rows)
+    )
+
+
+def _reconstruction(metrics: dict, fig: Path) -> str:
+    rows = []
+    for name, e in metrics["transcoders"].items():
+        for group, r in e["reconstruction"].items():
+            rows.append([_esc(name), group] + [_fmt(r["mean"][m], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS])
+    per_layer = []
+    for name, e in metrics["transcoders"].items():
+        r = e["reconstruction"]["all"]["per_layer"]
+        per_layer.append(f"<h4>{_esc(name)} (all tokens)</h4>" + _table(
+            ["layer"] + [LABELS[m] for m in METRICS],
+            [[str(i)] + [_fmt(r[m][i], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS] for i in range(len(r["mse"]))]))
+    return (
+        "<h2>Reconstruction of MLP outputs</h2>"
+        "<p>On clean activations of the eval set. Layer averages (the paper's numbers are layer-averaged). "
+        "MSE is in the backbone's raw activation units; R² = 1 − SSE/SST with SST around the per-dimension mean; "
+        "FVU = SSE/SST (= 1 − R²); cosine is the mean over tokens; L0 the mean active features per token and layer; "
+        "dead % the features never active on the group's tokens.</p>"
+        + _table(["transcoder", "tokens"] + [LABELS[m] for m in METRICS], rows, left=2)
+        + _img(fig, "reconstruction per layer")
+        + "<details><summary>Per-layer tables</summary>" + "".join(per_layer) + "</details>"
+    )
+
+
+def _replacement(metrics: dict, fig: Path) -> str:
+    windows, base = metrics["windows"], metrics["baseline"]["top1"]
+    header = ["transcoder", "tokens"] + [w.replace("-", "→") for w in windows]
+    rows = []
+    for name, e in metrics["transcoders"].items():
+        for t in metrics["tokens"]:
+            rows.append([_esc(name), t] + [f"{e['replacement'][w][t]['top1']:.2f} ({_delta(e['replacement'][w][t]['delta_baseline'])})" for w in windows])
+    for t in metrics["tokens"]:
+        z = metrics["zero_ablation"]
+        rows.append(["<i>zero-ablation control</i>", t] + [f"{z[w][t]:.2f} ({_delta(z[w][t] - base)})" for w in windows])
+    return (
+        "<h2>Cascaded replacement</h2>"
+        f"<p>Zero-shot top-1 (%) with the MLP outputs of a window of layers replaced by the transcoder's reconstruction at "
+        f"the given tokens; in parentheses the change against the clean model ({base:.2f}%). Inside the window the codes are "
+        "computed from the replaced model's own LN2 outputs, so errors cascade; sources before the window read the clean "
+        "model. The zero-ablation rows set the same MLP outputs to zero: the gap between the two is what the transcoder "
+        "recovers (<code>recovered</code> in metrics.json). The green band in the figure is ±1 pp around the baseline; "
+        "dashed lines are the zero-ablation control.</p>"
+        + _table(header, rows, left=2) + _img(fig, "cascaded replacement")
+    )
+
+
+def _attribution(metrics: dict, figs: dict[str, Path]) -> str:
+    if not figs:
+        return ""
+    parts = ["<h2>Linear decomposition and contribution scores</h2>",
+             "<p>C_proj[i→j] = mean over images and tokens of ⟨c_{i→j}, ŷ_j⟩ / ‖ŷ_j‖², on the clean forward's codes, with "
+             "ŷ_j = Σ_i c_{i→j} excluding the decoder bias, so every column sums to exactly 1. Rows are sources, columns "
+             "targets; negative (blue) scores oppose the reconstruction. The bias's own share (its score on ŷ_j + bias) is "
+             "listed below each matrix.</p>"]
+    for name, fig in figs.items():
+        att = metrics["transcoders"][name]["attribution"]
+        L = len(att["cls"]["matrix"])
+        tops = []
+        for g in ("cls", "patches", "all"):
+            col = [att[g]["matrix"][s][L - 1] for s in range(L)]
+            order = sorted(range(L), key=lambda s: -col[s])[:4]
+            tops.append(f"{g}: " + ", ".join(f"L{s} {col[s]:.3f}" for s in order))
+        bias = ", ".join(f"{b:.3f}" for b in att["all"]["bias_share"])
+        parts.append(f"<h3>{_esc(name)}</h3>" + _img(fig, f"{name} contribution scores")
+                     + f"<p>Top-{min(4, L)} sources into the last layer — {'; '.join(tops)}.<br>"
+                     f"Bias share per target (all tokens): {bias}.</p>")
+    return "".join(parts)
+
+
+def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
+    if not figs:
+        return ""
+    first = metrics["transcoders"][next(iter(figs))]["faithfulness"]
+    k = next(iter(first.values()))["k"]
+    seeds = len(next(iter(first.values()))["drop_random"]["runs"])
+    names = {"full": "full", "drop_top1": "drop top-1", "keep_topk": f"keep top-{k}", "keep_bottomk": f"keep bottom-{k}",
+             "drop_random": "drop a random one", "keep_random": f"keep {k} random"}
+    header = ["transcoder", "tokens", "baseline"] + [names[e] for e in EDITS]
+    rows = []
+    for name in figs:
+        for tokens, b in metrics["transcoders"][name]["faithfulness"].items():
+            cells = []
+            for e in EDITS:
+                std = f" ± {b[e]['std']:.2f}" if e in ("drop_random", "keep_random") else ""
+                cells.append(f"{b[e]['top1']:.2f}{std}<br>{_delta(b[e]['delta_baseline'])} / {_delta(b[e]['delta_full'])}")
+            rows.append([_esc(name), tokens, f"{b['baseline']:.2f}"] + cells)
+    return (
+        "<h2>Faithfulness: necessity and sufficiency</h2>"
+        f"<p>Sources ranked by their score into the last layer (C_proj for the token set evaluated). Only the last layer's "
+        f"MLP output is replaced, at the given tokens, by the decoder bias plus a subset of source terms: all of them "
+        f"(<code>full</code>), all but the top-ranked one (necessity), only the top {k} (sufficiency), and the controls: "
+        f"only the bottom {k}, all but a random one, {k} random ones ({seeds} seeds, mean ± std). Cells: top-1 (%), then the "
+        "change against the clean model / against <code>full</code>, in pp.</p>"
+        + _table(header, rows, left=2) + "".join(_img(f, f"{n} faithfulness") for n, f in figs.items())
+    )
+
+
+def _retrieval(metrics: dict, precision_fig: Path, neighbour_figs: dict[str, list[Path]]) -> str:
+    names = list(metrics["transcoders"])
+    first = metrics["transcoders"][names[0]]["retrieval"]
+    L = len(first["precision_at_k"])
+    rows = [[str(layer)] + [f"{metrics['transcoders'][n]['retrieval']['precision_at_k'][layer]:.3f}" for n in names] for layer in range(L)]
+    pool = "the CLS token's dense code" if first["pool"] == "cls" else "the mean of the patch tokens' dense codes"
+    figs = "".join(_img(f, f"{n} retrieval") for n, fs in neighbour_figs.items() for f in fs)
+    return (
+        "<h2>Cross-layer retrieval</h2>"
+        f"<p>Each image is represented at layer ℓ by {pool} (F dimensions, inactive features 0); neighbours are the "
+        f"gallery images (the eval set, the query excluded) with the highest cosine. Label precision@{first['k']}: the "
+        f"fraction of an image's {first['k']} nearest neighbours with its label, over every image as a query "
+        f"(chance {first['chance']:.3f}; CLIP's final image embedding: {metrics['baseline']['embedding_precision_at_k']:.3f}).</p>"
+        + _table(["layer"] + [_esc(n) for n in names], rows) + _img(precision_fig, "retrieval precision") + figs
+    )
+
+
+def _comparison(metrics: dict) -> str:
+    windows, tokens = metrics["windows"], metrics["tokens"]
+    header = ["transcoder", "topology", "sparsifier", "k", "L0", "MSE", "R²", "cosine", "dead %"] + [f"{w.replace('-', '→')} {t}" for w in windows for t in tokens]
+    rows = []
+    for name, c in metrics["comparison"].items():
+        rows.append([_esc(name), _esc(c["topology"]), _esc(c["sparsifier"]), _fmt(c["k"]), _fmt(c["l0"], 2), _fmt(c["mse"]),
+                     _fmt(c["r2"]), _fmt(c["cosine"]), _fmt(c["dead_pct"], 2)]
+                    + [f"{c['replacement'][w][t]:.2f}" for w in windows for t in tokens])
+    has_sae = any(c["topology"] == "sae" for c in metrics["comparison"].values())
+    note = ('<p class="note">The SAE reads the MLP output y_ℓ itself and reconstructs it (y → y), so its "replacement" '
+            "passes the true MLP output through a sparse bottleneck; it does not replace the MLP's computation the way a "
+            "transcoder (x_ℓ → y_ℓ) does, and its numbers are an upper reference rather than a like-for-like rival.</p>") if has_sae else ""
+    return (
+        "<h2>Baselines: CLT vs per-layer transcoder vs SAE</h2>"
+        "<p>All trained on the same activation stream; TopK models share k, so L0 is matched. Reconstruction on all tokens "
+        "(layer averages); replacement top-1 (%) per window and tokens.</p>"
+        + _table(header, rows, left=3) + note
+    )
+
+
+def _protocol(metrics: dict) -> str:
+    ds = metrics["dataset"]
+    templates = "".join(f"<li><code>{_esc(t)}</code></li>" for t in ds.get("templates", []))
+    classes = ", ".join(_esc(c) for c in ds.get("classnames", []))
+    configs = "".join(f"<details><summary>{_esc(n)} config.json</summary><pre>{_esc(json.dumps(e['config'], indent=2, default=str))}</pre></details>"
+                      for n, e in metrics["transcoders"].items())
+    context = f"<details><summary>run context</summary><pre>{_esc(json.dumps(metrics.get('context', {}), indent=2, default=str))}</pre></details>" if metrics.get("context") else ""
+    return (
+        "<h2>Protocol and configuration</h2>"
+        f"<p>Dataset <code>{_esc(ds.get('spec'))}</code>, split <b>{_esc(ds.get('split'))}</b>, {ds.get('n_images')} images "
+        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes. Zero-shot classifier: for each class, the text embeddings "
+        "of every template filled with the class name, normalised, averaged and renormalised; an image gets the class with "
+        "the highest cosine. Timing: "
+        f"pass 1 {metrics['timing']['pass1_s']:.1f} s, pass 2 {metrics['timing']['pass2_s']:.1f} s.</p>"
+        f"<details><summary>{len(ds.get('templates', []))} prompt templates</summary><ul>{templates}</ul></details>"
+        f"<details><summary>{ds.get('n_classes')} class names</summary><p>{classes}</p></details>"
+        f"<details><summary>eval config</summary><pre>{_esc(json.dumps(metrics['config'], indent=2, default=str))}</pre></details>"
+        + configs + context
+        + "<p>Every number on this page is in <code>metrics.json</code> next to this file; its keys are documented in "
+        "docs/metrics.md.</p>"
+    )
+
+
+def draw_figures(metrics: dict, dataset, fig_dir: Path) -> dict:
+    """Draw every figure of the report into `fig_dir`; returns their paths by section."""
+    fig_dir = Path(fig_dir)
+    clts = _clts(metrics)
+    out = {
+        "reconstruction": figures.reconstruction_figure(metrics, fig_dir / "reconstruction.png"),
+        "replacement": figures.replacement_figure(metrics, fig_dir / "replacement.png"),
+        "retrieval_precision": figures.retrieval_precision_figure(metrics, fig_dir / "retrieval_precision.png"),
+        "attribution": {n: figures.contribution_figure(n, metrics["transcoders"][n]["attribution"], fig_dir / f"contributions_{n}.png")
+                        for n in clts},
+        "faithfulness": {n: figures.faithfulness_figure(n, metrics["transcoders"][n]["faithfulness"], fig_dir / f"faithfulness_{n}.png")
+                         for n in clts},
+        "retrieval": {n: [figures.retrieval_figure(n, metrics["transcoders"][n]["retrieval"], dataset, fig_dir / f"retrieval_{n}_q{q}.png", q)
+                          for q in range(len(metrics["transcoders"][n]["retrieval"]["queries"]))] for n in clts},
+    }
+    return out
+
+
+def render_html(metrics: dict, figs: dict) -> str:
+    """The report page as one HTML string."""
+    body = (
+        _header(metrics)
+        + _reconstruction(metrics, figs["reconstruction"])
+        + _replacement(metrics, figs["replacement"])
+        + _attribution(metrics, figs["attribution"])
+        + _faithfulness(metrics, figs["faithfulness"])
+        + _retrieval(metrics, figs["retrieval_precision"], figs["retrieval"])
+        + _comparison(metrics)
+        + _protocol(metrics)
+    )
+    parts = body.split("<h2>")
+    # Sections without content for this run (no CLT: no scores) are left out, so number at the end.
+    body = parts[0] + "".join(f"<h2>{i}. {part}" for i, part in enumerate(parts[1:], start=1))
+    title = f"vitclt eval: {metrics['backbone']['name']} on {metrics['dataset'].get('name', '')}"
+    return f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n'
+
+
+def write_report(metrics: dict, dataset, out_dir: Path) -> Path:
+    """Draw the figures into OUT/figures and write OUT/report.html; returns the report's path."""
+    out_dir = Path(out_dir)
+    page = render_html(metrics, draw_figures(metrics, dataset, out_dir / "figures"))
+    path = out_dir / "report.html"
+    # Written beside and renamed, so a crash never leaves half a report over a previous one.
+    tmp = out_dir / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
