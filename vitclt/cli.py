@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("vitclt.demo.run", "DemoConfig"),
     "zeroshot": ("vitclt.eval.zeroshot", "ZeroShotConfig"),
+    "train": ("vitclt.training", "TrainConfig"),
     "eval": ("vitclt.eval.suite", "EvalConfig"),
     "reproduce": ("vitclt.eval.reproduce", "ReproduceConfig"),
-    "train": ("vitclt.training", "TrainConfig"),
 }
 """Subcommand → (module, config class); the module's `run(cfg)` executes it."""
 
