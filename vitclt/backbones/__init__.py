@@ -34,7 +34,9 @@ def load_backbone(spec: str | Path, device: str | torch.device = "cpu", dtype: t
     """Load a backbone from a spec: `[family:]hub-id-or-directory`, or an alias such as `demo`."""
     spec = str(spec)
     if spec in ALIASES:
-        return HFClipBackbone.from_pretrained(ALIASES[spec](), device=device, dtype=dtype)
+        backbone = HFClipBackbone.from_pretrained(ALIASES[spec](), device=device, dtype=dtype)
+        backbone.name = spec
+        return backbone
     family, sep, rest = spec.partition(":")
     if sep and family in LOADERS:
         return LOADERS[family](rest, device=device, dtype=dtype)
