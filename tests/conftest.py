@@ -37,6 +37,15 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (40, 36)) -> li
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def write_image_folder(root, classnames, per_class: int, seed: int = 0):
+    """An ImageFolder at `root`: one subdirectory of `per_class` random PNGs per class name."""
+    for c, name in enumerate(classnames):
+        (root / name).mkdir(parents=True)
+        for i, im in enumerate(random_images(per_class, seed=seed + c)):
+            im.save(root / name / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def images():
     """Six random RGB images."""

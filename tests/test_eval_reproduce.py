@@ -6,7 +6,7 @@ import pytest
 
 from vitclt.eval.reproduce import ReproduceConfig, run, train_config
 
-from .conftest import random_images
+from .conftest import write_image_folder
 
 
 def test_one_run_trains_the_paper_sparsifiers_and_the_baselines(tmp_path):
@@ -24,10 +24,7 @@ def test_one_run_trains_the_paper_sparsifiers_and_the_baselines(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_end_to_end(tmp_path, tiny_clip_dir, capsys):
-    for c, name in enumerate(["cat", "dog"]):
-        (tmp_path / "img" / name).mkdir(parents=True)
-        for i, im in enumerate(random_images(3, seed=20 + c)):
-            im.save(tmp_path / "img" / name / f"{i}.png")
+    write_image_folder(tmp_path / "img", ["cat", "dog"], 3, seed=20)
     report = run(ReproduceConfig(backbone=str(tiny_clip_dir), dataset=f"folder:{tmp_path / 'img'}", out=tmp_path / "out",
                                  steps=2, batch_size=32, k=4, expansion=2, seeds=1, workers=1, threads=1, progress=False))
     assert report == tmp_path / "out" / "eval" / "report.html" and report.is_file()

@@ -10,7 +10,7 @@ from vitclt.cli import main
 from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
 from vitclt.eval.suite import EvalConfig, find_transcoders, run
 
-from .conftest import random_images
+from .conftest import write_image_folder
 from .test_eval_replacement import make_transcoder
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -20,12 +20,7 @@ CLASSES = ["cat", "dog", "boat"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """An ImageFolder of 3 classes × 4 random PNG images."""
-    root = tmp_path_factory.mktemp("images")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, im in enumerate(random_images(4, seed=10 + c)):
-            im.save(root / name / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), CLASSES, 4, seed=10)
 
 
 @pytest.fixture(scope="module")

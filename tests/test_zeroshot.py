@@ -11,7 +11,7 @@ from vitclt.cli import main
 from vitclt.data.datasets import load_dataset
 from vitclt.eval.zeroshot import build_classifier, evaluate, zero_mlp
 
-from .conftest import random_images
+from .conftest import write_image_folder
 
 CLASSES = ["cat", "dog", "red car", "tree", "boat", "house"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "art of a {}."]
@@ -20,12 +20,7 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "art of a {}."]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """An ImageFolder with 6 classes and 4 images each, PNG on disk."""
-    root = tmp_path_factory.mktemp("folder")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, im in enumerate(random_images(4, seed=100 + c)):
-            im.save(root / name / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("folder"), CLASSES, 4, seed=100)
 
 
 def _reference_top1(bb, images, labels, classnames, templates) -> float:
