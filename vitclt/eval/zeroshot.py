@@ -135,9 +135,10 @@ def run(cfg: ZeroShotConfig) -> dict:
     from vitclt.data.prompts import get_templates
 
     device = setup(cfg.threads, cfg.seed, cfg.device)
-    backbone = load_backbone(cfg.backbone, device=device)
+    # The cheap inputs first, so a wrong path fails before a large model loads.
     dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=cfg.seed, classnames=cfg.classnames)
     templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
+    backbone = load_backbone(cfg.backbone, device=device)
     classifier = build_classifier(backbone, dataset.classnames, templates)
     replacement = None
     if cfg.ablate_layers:
