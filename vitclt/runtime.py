@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -51,7 +50,3 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         raise ValueError(f"layers {spec!r} out of range: this backbone has layers 0-{n_layers - 1}")
     return sorted(set(layers))
 
-
-def cpu_count() -> int:
-    """CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

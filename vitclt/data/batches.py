@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from PIL import Image
@@ -14,10 +14,7 @@ def _collate(items: list[tuple[Image.Image, int]]) -> tuple[list[Image.Image], t
     return list(images), torch.as_tensor(labels, dtype=torch.long)
 
 
-def image_batches(
-    dataset, batch_size: int, indices: Sequence[int] | None = None, workers: int = 0
-) -> Iterator[tuple[list[Image.Image], torch.Tensor]]:
-    """Yield `(images, labels_B)` over `dataset` (or the given `indices` of it), in order."""
-    source = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+def image_batches(dataset, batch_size: int, workers: int = 0) -> Iterator[tuple[list[Image.Image], torch.Tensor]]:
+    """Yield `(images, labels_B)` over `dataset`, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
     yield from loader

@@ -95,7 +95,7 @@ def train_config(cfg: ReproduceConfig):
 
     return TrainConfig(
         backbone=cfg.backbone, dataset=cfg.dataset, split=cfg.train_split, max_images=cfg.max_images, tokens=cfg.tokens,
-        topology=("clt", "plt", "sae") if cfg.baselines else ("clt",), models=models(cfg), k=(cfg.k,),
+        models=models(cfg), k=(cfg.k,),
         expansion=cfg.expansion, sparsity_coefficient=cfg.sparsity_coefficient, steps=cfg.steps, batch_size=cfg.batch_size,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, cfg.steps // 10),
         cache_dir=cfg.cache_dir, seed=cfg.seed, threads=cfg.threads, device=cfg.device, workers=cfg.workers,
