@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from vitclt.errors import VitcltError
 
 TokenSel = str | Sequence[int]
 """Which token positions: "cls", "patches", "all", or explicit indices into the sequence."""
@@ -33,7 +34,7 @@ class Replacement(NamedTuple):
     tokens: TokenSel = "all"
 
 
-class BackboneError(ValueError):
+class BackboneError(VitcltError, ValueError):
     """A backbone could not be loaded or was used wrongly; the message says how to fix it."""
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from vitclt.backbones import Backbone
 from vitclt.data.stream import BackboneSource
 from vitclt.io import write_json
+from vitclt.errors import VitcltError
 
 CACHE_VERSION = 1
 """Bumped whenever the on-disk layout changes; older caches are refused, not misread."""
@@ -38,7 +39,7 @@ CACHE_VERSION = 1
 FP16_MAX = 65504.0
 
 
-class CacheError(ValueError):
+class CacheError(VitcltError, ValueError):
     """A cache is missing, incomplete or was made with other settings; the message says what to do."""
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from vitclt.errors import VitcltError
 
 BACKGROUND_RGB = (255, 255, 255)
 """Colour that transparent pixels are composited onto."""
 
 
-class DatasetError(ValueError):
+class DatasetError(VitcltError, ValueError):
     """A dataset cannot be found, parsed or decoded; the message says what and how to fix it."""
 
 

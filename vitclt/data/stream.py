@@ -35,12 +35,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone, TokenSel
+from vitclt.errors import VitcltError
 
 STREAM_SALT = 0x5EED
 """Separates the stream's random numbers from other users of the same seed."""
 
 
-class StreamError(ValueError):
+class StreamError(VitcltError, ValueError):
     """An activation stream was misconfigured or fed bad data; the message says how to fix it."""
 
 

@@ -27,6 +27,7 @@ from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
+from vitclt.errors import VitcltError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -90,7 +91,7 @@ UNSEEN_LABELS: list[int] = [i for i, n in enumerate(CLASSNAMES) if tuple(n.split
 """Labels of the 8 held-out classes."""
 
 
-class WorldError(ValueError):
+class WorldError(VitcltError, ValueError):
     """A bad split name, size or spec for the demo world; the message says what is accepted."""
 
 

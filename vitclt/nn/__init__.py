@@ -11,10 +11,16 @@ from vitclt.nn.sparsifiers import (
     Sparsifier,
     TopKSparsifier,
 )
-from vitclt.nn.transcoder import ForwardOutput, Transcoder, TranscoderConfig
+from vitclt.nn.config import SPARSIFIER_NAMES, TOPOLOGIES, SparsifierName, TokenSet, Topology, TranscoderConfig
+from vitclt.nn.transcoder import ForwardOutput, Transcoder
 
 __all__ = [
     "SPARSIFIERS",
+    "SPARSIFIER_NAMES",
+    "TOPOLOGIES",
+    "SparsifierName",
+    "TokenSet",
+    "Topology",
     "AbsTopK",
     "BatchTopK",
     "Codes",

@@ -23,9 +23,8 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import safetensors.torch
 import torch
@@ -42,83 +41,11 @@ from vitclt.nn.sparse import (
     sparse_decode,
     stack_codes,
 )
+from vitclt.nn.config import TranscoderConfig
 from vitclt.nn.sparsifiers import SPARSIFIERS, JumpReLU, Sparsifier, TopKSparsifier
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class TranscoderConfig:
-    """Everything needed to rebuild a transcoder; also its CLI and its config.json."""
-
-    n_layers: int = 12
-    """Transformer blocks covered: one encoder and one target per block."""
-    d_model: int = 768
-    """Width of the MLP input and output (the residual stream)."""
-    n_features: int = 0
-    """Features per layer; 0 means expansion × d_model."""
-    expansion: int = 8
-    """Features per layer as a multiple of d_model, used when n_features is 0."""
-    topology: Literal["clt", "plt", "sae"] = "clt"
-    """clt: layer i writes to every layer j ≥ i; plt: layer i writes only to i; sae: rebuilds the MLP output from itself."""
-    sparsifier: Literal["jumprelu", "relu-topk", "abs-topk", "batch-topk"] = "relu-topk"
-    """Nonlinearity that makes the codes sparse."""
-    k: int = 32
-    """Active features per row and layer for the TopK sparsifiers (the batch average for batch-topk)."""
-    k_per_layer: tuple[int, ...] = ()
-    """Per-layer k overriding k (empty: k for every layer)."""
-    jumprelu_bandwidth: float = 0.1
-    """JumpReLU straight-through kernel width ε, in normalised pre-activation units."""
-    jumprelu_init_threshold: float = 1.0
-    """JumpReLU initial threshold (pre-activations start roughly standard normal)."""
-    sparsity_coefficient: float = 1e-3
-    """JumpReLU L0 penalty λ (loss += λ Σ_layers mean L0); the trainer may schedule it."""
-    threshold_ema: float = 0.99
-    """EMA decay of the TopK running threshold (BatchTopK eval threshold, JumpReLU export)."""
-    auxk_k: int = 0
-    """Dead features per row and layer that AuxK uses to model the residual; 0 means d_model // 2."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 10_000_000
-    """A feature that has not fired for this many training rows counts as dead (for AuxK)."""
-    sparse_decode: bool = True
-    """Decode by reading only the active features' decoder rows (False: dense reference)."""
-    sparse_encoder: bool = True
-    """Encoder backward through the selected features only (False: plain autograd)."""
-    backbone: str = ""
-    """Backbone id (hub id or path) whose activations the transcoder was trained on."""
-    tokens: str = "all"
-    """Tokens it was trained on: cls, patches or all."""
-    input_hook: str = "mlp.in"
-    """Where inputs are read: the MLP input, i.e. the LN2 output (mlp.out for an SAE)."""
-    target_hook: str = "mlp.out"
-    """Where targets are read and replacements are written: the MLP output."""
-
-    @property
-    def features(self) -> int:
-        """Features per layer after resolving n_features = 0."""
-        return self.n_features or self.expansion * self.d_model
-
-    @property
-    def k_layers(self) -> list[int]:
-        """k for every layer."""
-        return list(self.k_per_layer) if self.k_per_layer else [self.k] * self.n_layers
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "TranscoderConfig":
-        """Build from a config.json dict, refusing unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown transcoder config keys {unknown}; the checkpoint was written by a "
-                "different vitclt version, upgrade vitclt or remove these keys"
-            )
-        raw = dict(raw)
-        if "k_per_layer" in raw:
-            raw["k_per_layer"] = tuple(raw["k_per_layer"])
-        return cls(**raw)
 
 
 class ForwardOutput(NamedTuple):
@@ -154,12 +81,7 @@ class Transcoder(nn.Module):
     ) -> None:
         """Build from a config; ``initialize=False`` leaves the weights unset (for loading)."""
         super().__init__()
-        if cfg.topology not in ("clt", "plt", "sae"):
-            raise ValueError(f"topology must be clt, plt or sae, got {cfg.topology!r}")
-        if cfg.sparsifier not in SPARSIFIERS:
-            raise ValueError(f"sparsifier must be one of {sorted(SPARSIFIERS)}, got {cfg.sparsifier!r}")
-        if cfg.n_layers < 1 or cfg.d_model < 1 or cfg.features < 1:
-            raise ValueError(f"n_layers, d_model and features must be positive, got {cfg}")
+        cfg.validate()
         self.cfg = cfg
         L, D, n_feat = cfg.n_layers, cfg.d_model, cfg.features
         self.pairs: list[tuple[int, int]] = [(i, j) for i in range(L) for j in self.targets(i)]

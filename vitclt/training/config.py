@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 from vitclt.nn import TranscoderConfig
+from vitclt.errors import VitcltError
 
 SparsifierName = Literal["jumprelu", "relu-topk", "abs-topk", "batch-topk"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VitcltError, RuntimeError):
     """Training cannot start or go on; the message says why and what to do."""
 
 
