@@ -1,6 +1,9 @@
 """Capture and replacement on the blocks' MLPs, checked against the model's own submodules."""
 
+import shutil
+
 import pytest
+import safetensors.torch
 import torch
 from transformers import CLIPModel
 
@@ -154,3 +157,45 @@ def test_wrong_backbone_id_or_path_is_a_clear_error(spec):
 def test_directory_without_a_model_is_a_clear_error(tmp_path):
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone(tmp_path)
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_fingerprint_is_stable_across_save_and_load_and_dtype(tmp_path, tiny_clip_dir, tiny_backbone):
+    fp = tiny_backbone.fingerprint
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert load_backbone(tiny_clip_dir).fingerprint == fp
+    tiny_backbone.model.save_pretrained(tmp_path / "resaved")
+    assert load_backbone(tmp_path / "resaved").fingerprint == fp
+    # float16 weights convert to float32 exactly: loading them either way keeps the fingerprint.
+    CLIPModel(tiny_clip_config()).half().save_pretrained(tmp_path / "half")
+    as_fp16 = load_backbone(tmp_path / "half", dtype=torch.float16)
+    assert as_fp16.fingerprint == load_backbone(tmp_path / "half").fingerprint != fp
+
+
+@pytest.mark.parametrize("tower,changes", [("vision_model.encoder.layers.1.mlp.fc1.weight", True),
+                                            ("visual_projection.weight", True),
+                                            ("text_model.encoder.layers.0.mlp.fc1.weight", False)])
+def test_one_changed_weight_changes_the_fingerprint_of_the_image_path_only(tmp_path, tiny_clip_dir, tower, changes):
+    fp = load_backbone(tiny_clip_dir).fingerprint
+    edited = _copy_model(tiny_clip_dir, tmp_path / "edited")
+    state = safetensors.torch.load_file(edited / "model.safetensors")
+    state[tower][0, 0] += 1e-3
+    safetensors.torch.save_file(state, edited / "model.safetensors", metadata={"format": "pt"})
+    assert (load_backbone(edited).fingerprint != fp) == changes
+
+
+@pytest.mark.parametrize("name,damage", [("model.safetensors", "empty"), ("model.safetensors", "truncated"),
+                                         ("config.json", "truncated"), ("config.json", "empty"),
+                                         ("preprocessor_config.json", "truncated")])
+def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, tiny_clip_dir, name, damage):
+    broken = _copy_model(tiny_clip_dir, tmp_path / "broken")
+    data = (broken / name).read_bytes()
+    (broken / name).write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(BackboneError) as err:
+        load_backbone(broken)
+    message = str(err.value)
+    assert str(broken / name) in message and "re-download" in message and "\n" not in message

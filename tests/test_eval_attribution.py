@@ -12,20 +12,20 @@ from .test_eval_replacement import make_transcoder
 
 def test_projection_scores_match_a_hand_computation():
     # One token, three sources into target 2, D = 2: ŷ = (1, 0) + (1, 1) + (0, -1) = (2, 0), ‖ŷ‖² = 4.
-    c_NSD = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]]])
-    sums, n = projection_sums(c_NSD)
+    c_NID = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]]])
+    sums, n = projection_sums(c_NID)
     assert n == 1
     torch.testing.assert_close(sums, torch.tensor([2 / 4, 2 / 4, 0 / 4], dtype=torch.float64))
     # A second token with a destructive source: ŷ = (0, 3) + (0, -1) = (0, 2); scores 6/4, −2/4.
     c2 = torch.tensor([[[0.0, 0.0], [0.0, 3.0], [0.0, -1.0]]])
-    sums2, _ = projection_sums(torch.cat([c_NSD, c2]))
+    sums2, _ = projection_sums(torch.cat([c_NID, c2]))
     torch.testing.assert_close(sums2 / 2, torch.tensor([0.25, 1.0, -0.25], dtype=torch.float64))
     assert float((sums2 / 2).sum()) == pytest.approx(1.0, abs=1e-15)
 
 
 def test_tokens_with_zero_reconstruction_are_skipped():
-    c_NSD = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [-1.0, -1.0]]])
-    sums, n = projection_sums(c_NSD)
+    c_NID = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [-1.0, -1.0]]])
+    sums, n = projection_sums(c_NID)
     assert n == 1
     torch.testing.assert_close(sums, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
@@ -49,9 +49,9 @@ def test_accumulator_equals_scores_from_the_full_contribution_tensor(tiny_backbo
         acc.update(tc, [encode_rows(tc, layer, cap.inputs[layer], cap.outputs[layer]) for layer in range(L)])
     got = acc.result()
     x_BTLD = torch.cat(caps)
-    c_BTSTD = tc.contributions(tc.encode(x_BTLD.flatten(0, 1))).unflatten(0, (6, T))
+    c_BTIJD = tc.contributions(tc.encode(x_BTLD.flatten(0, 1))).unflatten(0, (6, T))
     for g, idx in groups.items():
-        c = c_BTSTD[:, idx].flatten(0, 1).double()
+        c = c_BTIJD[:, idx].flatten(0, 1).double()
         m = torch.tensor(got[g].matrix, dtype=torch.float64)
         for j in range(L):
             y_hat = c[:, :, j].sum(1)

@@ -38,13 +38,13 @@ def test_edited_decodes_remove_exactly_the_dropped_terms():
     x_ND = torch.randn(5, 32)
     codes = [tc.encode_layer(layer, x_ND) for layer in range(3)]
     full = tc.decode_layer(2, codes)
-    c_NSD = tc.contributions_layer(2, codes)
+    c_NID = tc.contributions_layer(2, codes)
     torch.testing.assert_close(tc.decode_layer(2, codes, sources=[0, 1, 2]), full, rtol=0, atol=0)
-    torch.testing.assert_close(c_NSD.sum(1) + tc.b_dec_LD[2], full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_NID.sum(1) + tc.b_dec_LD[2], full, rtol=1e-5, atol=1e-5)
     for s in range(3):
         kept = [i for i in range(3) if i != s]
-        torch.testing.assert_close(tc.decode_layer(2, codes, sources=kept), full - c_NSD[:, s], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tc.decode_layer(2, codes, sources=[s]), c_NSD[:, s] + tc.b_dec_LD[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tc.decode_layer(2, codes, sources=kept), full - c_NID[:, s], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tc.decode_layer(2, codes, sources=[s]), c_NID[:, s] + tc.b_dec_LD[2], rtol=1e-5, atol=1e-5)
 
 
 def test_the_replacement_applies_the_edit_at_the_last_layer_only(tiny_backbone):
@@ -54,12 +54,12 @@ def test_the_replacement_applies_the_edit_at_the_last_layer_only(tiny_backbone):
         bb.image_embeds(pixels)
     clean_codes = [encode_rows(tc, layer, clean.inputs[layer], clean.outputs[layer]) for layer in range(3)]
     B, T, D = clean.inputs[0].shape
-    c_NSD = tc.contributions_layer(2, clean_codes)
+    c_NID = tc.contributions_layer(2, clean_codes)
     for kept in ([0, 1, 2], [0, 2], [1]):
         rec = Recorder(CascadedReplacement(tc, [2], bb.token_index("all"), T, clean_codes, {2: kept}))
         with bb.replace(rec, [2], "all"):
             bb.image_embeds(pixels)
-        want = c_NSD[:, kept].sum(1) + tc.b_dec_LD[2]
+        want = c_NID[:, kept].sum(1) + tc.b_dec_LD[2]
         torch.testing.assert_close(rec.out[2], want.view(B, T, D), rtol=1e-5, atol=1e-5)
         assert list(rec.out) == [2]
 

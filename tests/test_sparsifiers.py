@@ -14,8 +14,8 @@ def _dense(values_NK, indices_NK, n_features):
     return torch.zeros(values_NK.shape[0], n_features).scatter_add(1, indices_NK, values_NK)
 
 
-def _codes(sparsifier, pre_NF, layer=0):
-    selection = sparsifier.select(pre_NF, layer)
+def _codes(sparsifier, pre_NF, layer=0, update_stats=False):
+    selection = sparsifier.select(pre_NF, layer, update_stats)
     values = sparsifier.activate(pre_NF.gather(1, selection.indices_NK), selection, layer)
     return values, selection.indices_NK
 
@@ -101,7 +101,7 @@ def test_batch_topk_eval_threshold_reproduces_train_l0():
     batch = BatchTopK(1, 128, 8, threshold_ema=0.9).train()
     for _ in range(30):
         for pre_NF in batches:
-            train_values, _ = _codes(batch, pre_NF)
+            train_values, _ = _codes(batch, pre_NF, update_stats=True)
     train_l0 = (train_values != 0).sum(1).float().mean()
     batch.eval()
     eval_l0 = torch.stack(
@@ -117,7 +117,7 @@ def test_topk_converts_to_jumprelu_with_its_running_threshold():
     with pytest.raises(ValueError, match="no threshold statistics"):
         relu.to_jumprelu()
     for layer in range(2):
-        relu.select(torch.randn(128, 64, generator=gen), layer)
+        relu.select(torch.randn(128, 64, generator=gen), layer, update_stats=True)
     jump = relu.to_jumprelu()
     assert torch.allclose(jump.thresholds(), relu.threshold_L[:, None].expand(2, 64), rtol=1e-5)
     pre_NF = torch.randn(512, 64, generator=gen)

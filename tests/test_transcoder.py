@@ -1,6 +1,8 @@
 """Transcoder: exactness of the sparse paths, topology structure, normalisation, checkpoints, training."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -8,7 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vitclt.nn import Transcoder, TranscoderConfig
+from vitclt.errors import VitcltError
+from vitclt.nn import CheckpointError, Transcoder, TranscoderConfig
+from vitclt.training.trainer import fired_counts
 
 FAST = settings(max_examples=10, deadline=None)
 TOPOLOGIES = ["clt", "plt", "sae"]
@@ -52,18 +56,18 @@ def test_sparse_decode_equals_dense_and_contributions_sum(topology, sparsifier, 
         codes = model.encode(y if topology == "sae" else x)
         recon = model.decode(codes)
         torch.testing.assert_close(recon, model.decode(codes, dense=True), rtol=1e-5, atol=1e-5)
-        c_NSTD = model.contributions(codes)
-        torch.testing.assert_close(c_NSTD.sum(1) + model.b_dec_LD, recon, rtol=1e-5, atol=1e-5)
+        c_NIJD = model.contributions(codes)
+        torch.testing.assert_close(c_NIJD.sum(1) + model.b_dec_LD, recon, rtol=1e-5, atol=1e-5)
         for target in range(model.n_layers):
             sources = model.sources(target)
-            c_NSD = model.contributions_layer(target, codes.layers())
-            torch.testing.assert_close(c_NSD, c_NSTD[:, sources, target])
+            c_NID = model.contributions_layer(target, codes.layers())
+            torch.testing.assert_close(c_NID, c_NIJD[:, sources, target])
             torch.testing.assert_close(
                 model.decode_layer(target, codes.layers()), recon[:, target], rtol=1e-5, atol=1e-5
             )
             torch.testing.assert_close(
                 model.decode_layer(target, codes.layers(), sources=sources[-1:], bias=False),
-                c_NSTD[:, sources[-1], target],
+                c_NIJD[:, sources[-1], target],
             )
 
 
@@ -71,10 +75,10 @@ def test_clt_sources_write_only_forward():
     model = _model("clt")
     x, y = _data()
     with torch.no_grad():
-        c_NSTD = model.contributions(model.encode(x))
+        c_NIJD = model.contributions(model.encode(x))
     lower = torch.ones(3, 3, dtype=torch.bool).tril(-1)  # source i > target j
-    assert (c_NSTD[:, lower] == 0).all()
-    assert (c_NSTD[:, ~lower].abs().sum((0, 2)) > 0).all()
+    assert (c_NIJD[:, lower] == 0).all()
+    assert (c_NIJD[:, ~lower].abs().sum((0, 2)) > 0).all()
 
 
 @pytest.mark.parametrize("topology", ["plt", "sae"])
@@ -83,9 +87,9 @@ def test_per_layer_topologies_never_write_across_layers(topology):
     x, y = _data()
     _normalize(model, x, y)
     with torch.no_grad():
-        c_NSTD = model.contributions(model.encode(y if topology == "sae" else x))
+        c_NIJD = model.contributions(model.encode(y if topology == "sae" else x))
         off_diagonal = ~torch.eye(3, dtype=torch.bool)
-        assert (c_NSTD[:, off_diagonal] == 0).all()
+        assert (c_NIJD[:, off_diagonal] == 0).all()
         for layer in range(3):
             x2, y2 = x.clone(), y.clone()
             (y2 if topology == "sae" else x2)[:, layer] += 5 * torch.randn(32, 8)
@@ -138,8 +142,10 @@ def test_forward_outputs():
     torch.testing.assert_close(out.loss, out.fvu)
     fvu_L = (out.recon_NLD - y).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))
     torch.testing.assert_close(out.fvu_L, fvu_L)
-    counts_LF = model.feature_counts(out.codes)
-    assert counts_LF.shape == (3, 24) and int(counts_LF.sum()) == int((out.codes.values_NLK != 0).sum())
+    # The trainer's dead-feature counting agrees with the dense codes.
+    fired_LF = (out.codes.to_dense(24) != 0).sum(0)
+    assert torch.equal(fired_counts(out.codes, 3, 24), fired_LF)
+    assert int(fired_LF.sum()) == int((out.codes.values_NLK != 0).sum())
     with pytest.raises(ValueError, match=r"\(rows, 3, 8\)"):
         model(x[:, :2], y)
 
@@ -317,3 +323,110 @@ def test_training_recovers_planted_structure():
         fvu_L = model.eval()(*sample(2048)).fvu_L
     # Measured 0.10-0.14 per layer after 120-200 steps; untrained it is about 1.
     assert (fvu_L < 0.25).all(), fvu_L
+
+
+@FAST
+@given(
+    topology=st.sampled_from(TOPOLOGIES),
+    sparsifier=st.sampled_from(SPARSIFIERS),
+    n=st.integers(1, 12),
+    seed=st.integers(0, 1000),
+)
+def test_dense_feature_activations_are_the_codes_and_decode_linearly(topology, sparsifier, n, seed):
+    model = _model(topology, sparsifier, seed=seed).eval()
+    x, y = _data(n, seed=seed)
+    _normalize(model, x, y)
+    with torch.no_grad():
+        codes = model.encode(x)
+        acts_NLF = model.feature_activations(x)
+        assert acts_NLF.shape == (n, 3, 24)
+        for layer in range(3):
+            one = codes.layer(layer)
+            # Every nonzero (index, value) pair sits at its feature; every other feature is 0.
+            active_NK = one.values_NK != 0
+            assert torch.equal(acts_NLF[:, layer].gather(1, one.indices_NK)[active_NK], one.values_NK[active_NK])
+            assert int((acts_NLF[:, layer] != 0).sum()) == int((one.values_NK != 0).sum())
+            assert torch.equal(one.to_dense(24), acts_NLF[:, layer])
+        recon_NLD = model.decode(codes)
+        for j in range(3):
+            y_ND = sum(acts_NLF[:, i] @ model.decoder(i, j) for i in model.sources(j)) * model.y_scale_L[j]
+            torch.testing.assert_close(y_ND + model.b_dec_LD[j], recon_NLD[:, j], rtol=1e-5, atol=1e-5)
+
+
+def _trained(tmp_path, sparsifier):
+    """A transcoder after a few training steps (running thresholds set), saved and loaded."""
+    model = _model("clt", sparsifier)
+    _normalize(model, *_data(256))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):
+        model(*_data(64, seed=10 + step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "tc")
+    return Transcoder.from_pretrained(tmp_path / "tc")
+
+
+def test_a_loaded_transcoder_is_frozen_and_in_eval_mode(tmp_path):
+    loaded = _trained(tmp_path, "relu-topk")
+    assert not loaded.training and not loaded.sparsifier.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("sparsifier", ["relu-topk", "batch-topk"])
+def test_only_a_training_step_moves_the_running_threshold(tmp_path, sparsifier):
+    loaded = _trained(tmp_path, sparsifier)
+    threshold_L = loaded.sparsifier.threshold_L.clone()
+    loaded.export_circuit_tracer(tmp_path / "before")
+    x, y = _data(64, seed=99)
+    big = 10 * x  # far from the training data: any update would move the threshold
+    for _ in range(5):
+        loaded.encode(big)
+        loaded.encode_layer(1, big[:, 1])
+        loaded(big, 10 * y)
+    loaded.train()  # train mode alone is not a training step either
+    loaded.encode(big)
+    with torch.no_grad():
+        loaded(big, 10 * y)
+    assert torch.equal(loaded.sparsifier.threshold_L, threshold_L)
+    loaded.eval().export_circuit_tracer(tmp_path / "after")
+    for before in sorted((tmp_path / "before").iterdir()):
+        assert before.read_bytes() == (tmp_path / "after" / before.name).read_bytes(), before.name
+    # A training step (train mode, gradients on) is what moves it.
+    loaded.train().requires_grad_(True)
+    loaded(big, 10 * y)
+    assert not torch.equal(loaded.sparsifier.threshold_L, threshold_L)
+
+
+def _one_line_naming(err, path):
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
+    assert isinstance(err.value, VitcltError)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "header only"])
+def test_a_damaged_weights_file_is_one_clear_error(tmp_path, damage):
+    _model().save_pretrained(tmp_path / "tc")
+    weights = tmp_path / "tc" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "header only": data[:6]}[damage])
+    with pytest.raises(CheckpointError, match="copy it again, or save the transcoder again") as err:
+        Transcoder.from_pretrained(tmp_path / "tc")
+    _one_line_naming(err, weights)
+
+
+@pytest.mark.parametrize(
+    "text", ["", '{"n_layers": 3, "d_model"', "[1, 2]", '{"n_layers": "three"}', '{"n_layers": 0}']
+)
+def test_a_broken_config_file_is_one_clear_error(tmp_path, text):
+    _model().save_pretrained(tmp_path / "tc")
+    config = tmp_path / "tc" / "config.json"
+    config.write_text(text)
+    with pytest.raises(CheckpointError) as err:
+        Transcoder.from_pretrained(tmp_path / "tc")
+    _one_line_naming(err, config)
+
+
+def test_importing_the_config_does_not_import_torch():
+    code = "import sys, vitclt.nn.config, vitclt.nn, vitclt.backbones; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

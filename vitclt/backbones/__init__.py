@@ -3,47 +3,35 @@
 `load_backbone(spec)` is the one entry point: a hub id or a local directory of a `transformers`
 CLIPModel (`openai/clip-vit-base-patch32`, `./my-clip`), or `demo`, the small CLIP that ships with
 vitclt. Other families (open_clip, timm, SigLIP, DINOv2) will register here behind the same interface.
+
+Names are imported on first use (PEP 562): importing this package does not import torch or
+transformers until one of them is needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
+import importlib
+from typing import Any
 
-import torch
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["Backbone", "BackboneError", "Capture", "Replacement", "ReplaceFn", "TokenSel", "token_index"], "base"),
+    **dict.fromkeys(["HFClipBackbone"], "hf_clip"),
+    **dict.fromkeys(["ALIASES", "LOADERS", "load_backbone"], "loading"),
+}
+"""Public name → the submodule of vitclt.backbones that defines it."""
 
-from .base import Backbone, BackboneError, Capture, Replacement, ReplaceFn, TokenSel, token_index
-from .hf_clip import HFClipBackbone
-
-LOADERS: dict[str, Callable[..., Backbone]] = {"hf": HFClipBackbone.from_pretrained}
-"""Backbone families by spec prefix (`hf:openai/clip-vit-base-patch32`); `hf` is the default."""
-
-def _demo_dir() -> Path:
-    path = Path(str(resources.files("vitclt.demo").joinpath("weights")))
-    if not (path / "model.safetensors").is_file():
-        raise BackboneError(f"the embedded demo model is missing from {path}: reinstall vitclt, or rebuild it with `python -m vitclt.demo.train_clip`")
-    return path
+__all__ = sorted(_EXPORTS)
 
 
-ALIASES: dict[str, Callable[[], str | Path]] = {"demo": _demo_dir}
-"""Short names that resolve to a directory: `demo` is the small CLIP shipped inside vitclt."""
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
-def load_backbone(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Backbone:
-    """Load a backbone from a spec: `[family:]hub-id-or-directory`, or an alias such as `demo`."""
-    spec = str(spec)
-    if spec in ALIASES:
-        backbone = HFClipBackbone.from_pretrained(ALIASES[spec](), device=device, dtype=dtype)
-        backbone.name = spec
-        return backbone
-    family, sep, rest = spec.partition(":")
-    if sep and family in LOADERS:
-        return LOADERS[family](rest, device=device, dtype=dtype)
-    if sep and not Path(spec).exists() and "/" not in family:
-        known = ", ".join(sorted(LOADERS))
-        raise BackboneError(f"unknown backbone family {family!r} in {spec!r}: known families are {known} (or pass a hub id / directory)")
-    return HFClipBackbone.from_pretrained(spec, device=device, dtype=dtype)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
-
-__all__ = ["ALIASES", "Backbone", "BackboneError", "Capture", "HFClipBackbone", "LOADERS", "Replacement", "ReplaceFn", "TokenSel", "load_backbone", "token_index"]

@@ -9,7 +9,8 @@ Adapters only say where the MLPs are and how to embed images and text; the hook 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,21 +18,28 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 from torch import Tensor, nn
+
 from vitclt.errors import VitcltError
 
 TokenSel = str | Sequence[int]
 """Which token positions: "cls", "patches", "all", or explicit indices into the sequence."""
 
 ReplaceFn = Callable[[int, Tensor, Tensor], Tensor | None]
-"""``fn(layer, x_BTD, y_BTD) -> y_new_BTD``: x is the MLP input (LN2 output), y the MLP output."""
+"""``fn(layer, x_BTD, y_BTD) -> y_new_BTD``: x is the MLP input (LN2 output), y the MLP output.
+
+Called at every layer up to the last replaced one (see `Backbone.replace`); its return value is used
+at the replaced layers only (None is allowed elsewhere)."""
 
 
 class Replacement(NamedTuple):
     """What `Backbone.replace` takes: a function, the layers it replaces, and at which tokens."""
 
     fn: ReplaceFn
+    """Called as ``fn(layer, x_BTD, y_BTD)``; returns the new MLP output (B, T, D)."""
     layers: Sequence[int]
+    """Layers whose MLP output is replaced."""
     tokens: TokenSel = "all"
+    """Token positions replaced at those layers; the others keep the true output."""
 
 
 class BackboneError(VitcltError, ValueError):
@@ -66,7 +74,9 @@ class Capture:
     """
 
     inputs: list[Tensor | None] = field(default_factory=list)
+    """Per layer, the MLP input x_BTD (LN2 output) of the last forward; None before any forward."""
     outputs: list[Tensor | None] = field(default_factory=list)
+    """Per layer, the MLP output y_BTD of the last forward."""
 
     def x_BTLD(self) -> Tensor:
         """All layers' MLP inputs stacked on a layer axis: (B, T, L, D)."""
@@ -97,6 +107,26 @@ class Backbone(abc.ABC):
         return self.n_prefix_tokens + (self.image_size // self.patch_size) ** 2
 
     @property
+    def fingerprint(self) -> str:
+        """A 16-hex-digit digest of the vision tower's weights, to tell two backbones of the same shape apart.
+
+        BLAKE2b over every tensor of `fingerprint_tensors`, in order: its name, its shape and its
+        values converted to float32. The same weights give the same fingerprint whichever dtype they
+        were stored or loaded in as long as the values are equal (float16 and bfloat16 convert to
+        float32 exactly), so loading a float16 checkpoint in float32 keeps it; loading float32 weights
+        in float16 rounds them and changes it. Computed on first use (about a second for ViT-B on the
+        CPU) and cached: the backbone is frozen.
+        """
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = self._fingerprint = weights_fingerprint(self.fingerprint_tensors())
+        return cached
+
+    @abc.abstractmethod
+    def fingerprint_tensors(self) -> Iterable[tuple[str, Tensor]]:
+        """The named weights that determine the image path (blocks, embeddings, projection), in a fixed order."""
+
+    @property
     @abc.abstractmethod
     def mlps(self) -> Sequence[nn.Module]:
         """The blocks' MLP modules in forward order; their input is the LN2 output."""
@@ -108,10 +138,10 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """PIL images → pixel tensor (B, 3, H, W), exactly as the model's own processor does."""
+        """PIL images → pixels_B3HW, exactly as the model's own processor does."""
 
     @abc.abstractmethod
-    def image_embeds(self, pixels_BCHW: Tensor) -> Tensor:
+    def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:
         """The model's projected, L2-normalised image embeddings (B, P)."""
 
     def text_embeds(self, prompts: Sequence[str]) -> Tensor:
@@ -126,8 +156,12 @@ class Backbone(abc.ABC):
     def capture(self) -> Iterator[Capture]:
         """Record every layer's MLP input and output during the forward passes in this block.
 
-        The hooks keep references, not copies, so capture costs almost nothing on top of the
-        forward; a later forward inside the same block overwrites the record.
+        ``with backbone.capture() as cap: backbone.image_embeds(pixels_B3HW)`` leaves, for every
+        layer ℓ, ``cap.inputs[ℓ]`` = the LN2 output and ``cap.outputs[ℓ]`` = the MLP output, each
+        (B, T, D) and detached; ``cap.x_BTLD()`` / ``cap.y_BTLD()`` stack them. The hooks keep
+        references, not copies, so capture costs almost nothing on top of the forward; a later
+        forward inside the same block overwrites the record. Under a `replace`, the outputs are
+        the true MLP outputs of the (possibly already changed) inputs, not the replacements.
         """
         cap = Capture(inputs=[None] * self.n_layers, outputs=[None] * self.n_layers)
 
@@ -186,3 +220,13 @@ class Backbone(abc.ABC):
         finally:
             for h in handles:
                 h.remove()
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """16 hex digits of BLAKE2b over each tensor's name, shape and float32 values, in the given order."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in named_tensors:
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        values = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(values.numpy().data)
+    return digest.hexdigest()

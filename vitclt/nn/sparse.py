@@ -22,16 +22,29 @@ from torch import Tensor
 
 
 class LayerCodes(NamedTuple):
-    """The sparse code of one layer: K (feature index, value) pairs per row; padding has value 0."""
+    """The sparse code of one layer: K (feature index, value) pairs per row.
+
+    Within a row the indices of nonzero entries are distinct; padding entries have value 0 and
+    any index, so a slot with value 0 means nothing (a kept feature may also be exactly 0).
+    Sums over slots (decoding, densifying) are therefore exact without masking.
+    """
 
     values_NK: Tensor
     """Activation values (0 on padding)."""
     indices_NK: Tensor
     """Feature indices (long)."""
 
+    def to_dense(self, n_features: int) -> Tensor:
+        """z_NF: the dense activation of every feature (zeros where inactive), in the values' dtype."""
+        z_NF = self.values_NK.new_zeros(self.values_NK.shape[0], n_features)
+        return z_NF.scatter_add_(1, self.indices_NK, self.values_NK)
+
 
 class Codes(NamedTuple):
-    """The sparse codes of all layers, padded to a common K; padding has value 0 (any index)."""
+    """The sparse codes of all layers, padded to a common K; padding has value 0 (any index).
+
+    What ``Transcoder.encode`` returns; ``layer(i)`` is layer i's `LayerCodes`.
+    """
 
     values_NLK: Tensor
     """Activation values per row, layer and slot."""
@@ -45,6 +58,12 @@ class Codes(NamedTuple):
     def layers(self) -> list[LayerCodes]:
         """The codes of every layer, in order (what ``decode_layer`` takes)."""
         return [self.layer(i) for i in range(self.values_NLK.shape[1])]
+
+    def to_dense(self, n_features: int) -> Tensor:
+        """z_NLF: the dense activation of every feature per row and layer (zeros where inactive)."""
+        n, n_layers, _ = self.values_NLK.shape
+        z_NLF = self.values_NLK.new_zeros(n, n_layers, n_features)
+        return z_NLF.scatter_add_(2, self.indices_NLK, self.values_NLK)
 
 
 def stack_codes(per_layer: Sequence[LayerCodes]) -> Codes:
@@ -184,7 +203,7 @@ def gathered_linear(
 
 
 class _SparseDecode(torch.autograd.Function):
-    """recon[:, j] = Σ over decoders (i → j) of bag(codes of layer i, W^{i→j})."""
+    """recon[:, j] = Σ over decoders (i → j) of bag(codes of source layer i, W^{i→j}), j a target layer."""
 
     @staticmethod
     def forward(ctx, pairs, n_targets, values_NLK, indices_NLK, *W_FD):
@@ -192,21 +211,21 @@ class _SparseDecode(torch.autograd.Function):
         ctx.values_dtype = values_NLK.dtype
         values_NLK = values_NLK.to(dtype)
         n = values_NLK.shape[0]
-        out_NTD = values_NLK.new_zeros(n, n_targets, W_FD[0].shape[1])
+        out_NJD = values_NLK.new_zeros(n, n_targets, W_FD[0].shape[1])
         sources = sorted({i for i, _ in pairs})
         codes = {i: (values_NLK[:, i].contiguous(), indices_NLK[:, i].contiguous()) for i in sources}
         for (i, j), W in zip(pairs, W_FD):
-            out_NTD[:, j] += bag(*codes[i], W)
+            out_NJD[:, j] += bag(*codes[i], W)
         ctx.pairs = pairs
         ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
-        return out_NTD
+        return out_NJD
 
     @staticmethod
-    def backward(ctx, grad_NTD):
+    def backward(ctx, grad_NJD):
         values_NLK, indices_NLK, *W_FD = ctx.saved_tensors
         pairs = ctx.pairs
         # Target-major and contiguous: every (N, D) slice below is then a dense table.
-        grad_TND = grad_NTD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
+        grad_JND = grad_NJD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
         need_values = ctx.needs_input_grad[2]
         grad_values = torch.zeros_like(values_NLK) if need_values else None
         grad_W = [None] * len(W_FD)
@@ -219,11 +238,11 @@ class _SparseDecode(torch.autograd.Function):
             for p in mine:
                 if ctx.needs_input_grad[4 + p]:
                     grad_W[p] = scatter_rows(
-                        values_NK, indices_NK, grad_TND[pairs[p][1]], W_FD[p].shape[0], by
+                        values_NK, indices_NK, grad_JND[pairs[p][1]], W_FD[p].shape[0], by
                     )
             # Grad w.r.t. the code values: dot of each target gradient with the feature's row.
             if need_values:
-                terms = [(grad_TND[pairs[p][1]], W_FD[p]) for p in mine]
+                terms = [(grad_JND[pairs[p][1]], W_FD[p]) for p in mine]
                 grad_values[:, i] = gathered_dots(indices_NK, terms, by)
         if grad_values is not None:
             grad_values = grad_values.to(ctx.values_dtype)
@@ -247,12 +266,10 @@ def dense_decode(
     codes: Codes, weights: Sequence[Tensor], pairs: Sequence[tuple[int, int]], n_targets: int
 ) -> Tensor:
     """Reference for ``sparse_decode``: scatter the codes to dense (N, L, F) and multiply."""
-    n, n_layers, _ = codes.values_NLK.shape
+    n = codes.values_NLK.shape[0]
     n_features, d_model = weights[0].shape
     dtype = weights[0].dtype
-    z_NLF = codes.values_NLK.new_zeros(n, n_layers, n_features, dtype=dtype).scatter_add(
-        2, codes.indices_NLK, codes.values_NLK.to(dtype)
-    )
+    z_NLF = Codes(codes.values_NLK.to(dtype), codes.indices_NLK).to_dense(n_features)
     out = [codes.values_NLK.new_zeros(n, d_model, dtype=dtype) for _ in range(n_targets)]
     for (i, j), W in zip(pairs, weights):
         out[j] = out[j] + z_NLF[:, i] @ W

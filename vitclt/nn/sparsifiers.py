@@ -2,9 +2,11 @@
 
 Every sparsifier works in two steps so that the encoder can use a sparse backward:
 
-1. ``select(pre_NF, layer)`` looks at the detached dense pre-activations and returns a
-   ``Selection``: for every row the feature indices worth keeping (padded to a common
-   width K with inactive entries) and which of them are active.
+1. ``select(pre_NF, layer, update_stats)`` looks at the detached dense pre-activations and
+   returns a ``Selection``: for every row the feature indices worth keeping (padded to a common
+   width K with inactive entries) and which of them are active. Running statistics (the TopK
+   threshold) change only when the caller passes ``update_stats=True``, which
+   ``Transcoder.forward`` does in a training step and nothing else does.
 2. ``activate(pre_NK, selection, layer)`` maps the pre-activations *gathered at those
    indices* (differentiable) to the code values; inactive entries get value 0.
 
@@ -19,6 +21,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from vitclt.errors import ConfigError
 
 
 class Selection(NamedTuple):
@@ -53,8 +57,8 @@ class Sparsifier(nn.Module):
         self.n_features = n_features
         self.sparsity_coefficient = 0.0
 
-    def select(self, pre_NF: Tensor, layer: int) -> Selection:
-        """Choose the entries of each row that can be nonzero (no gradient; may update running statistics)."""
+    def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
+        """Choose the entries of each row that can be nonzero (no gradient); ``update_stats``: update running statistics."""
         raise NotImplementedError
 
     def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
@@ -154,7 +158,7 @@ class JumpReLU(Sparsifier):
     def _threshold_F(self, layer: int) -> Tensor:
         return self.log_threshold_LF[layer].exp()
 
-    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+    def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: entries above θ − ε/2 (the kernel window included); eval: entries above θ."""
         threshold_F = self._threshold_F(layer).detach()
         margin = self.bandwidth / 2 if self.training else 0.0
@@ -187,7 +191,7 @@ class JumpReLU(Sparsifier):
 class TopKSparsifier(Sparsifier):
     """Shared state of the TopK sparsifiers: per-layer k and a running per-layer threshold.
 
-    The threshold is an exponential moving average (train mode only) of the smallest kept
+    The threshold is an exponential moving average (over training steps only) of the smallest kept
     activation, so that a JumpReLU with that threshold keeps about k features per row; it
     is what BatchTopK uses at eval and what the circuit-tracer export writes.
     """
@@ -212,8 +216,6 @@ class TopKSparsifier(Sparsifier):
 
     @torch.no_grad()
     def _update_threshold(self, layer: int, smallest_kept: Tensor) -> None:
-        if not self.training:
-            return
         value = smallest_kept.float()
         if bool(self.threshold_seen_L[layer]):
             m = self.threshold_ema
@@ -236,9 +238,9 @@ class TopKSparsifier(Sparsifier):
     def thresholds(self) -> Tensor:
         """The running per-layer threshold, broadcast over features."""
         if not bool(self.threshold_seen_L.all()):
-            raise ValueError(
-                f"{self.name}: no threshold statistics yet; run the transcoder in train mode "
-                "over some activations (e.g. model.train(); model.encode(x)) before converting"
+            raise ConfigError(
+                f"{self.name}: no threshold statistics yet; train the transcoder for some steps "
+                "(model.train(); model(x, y) with gradients on) before converting or exporting it"
             )
         return self.threshold_L[:, None].expand(self.n_layers, self.n_features).clone()
 
@@ -247,16 +249,17 @@ class ReLUTopK(TopKSparsifier):
     """ReLU-TopK: keep the k largest pre-activations of each row, then ReLU.
 
     Train and eval: the same per-row top-k (a row may have fewer than k nonzeros when some of
-    its top-k pre-activations are negative). In train mode it also tracks the mean k-th
+    its top-k pre-activations are negative). Training steps also track the mean k-th
     largest activation, which is the threshold used by ``to_jumprelu``.
     """
 
     name = "relu-topk"
 
-    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+    def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Per-row top-k of the pre-activations."""
         top = pre_NF.topk(self.k_L[layer], dim=1, sorted=False)
-        self._update_threshold(layer, top.values.min(1).values.relu().mean())
+        if update_stats:
+            self._update_threshold(layer, top.values.min(1).values.relu().mean())
         return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
 
 
@@ -274,10 +277,11 @@ class AbsTopK(TopKSparsifier):
         """Magnitude."""
         return pre_NF.abs()
 
-    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+    def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Per-row top-k of |pre|."""
         top = pre_NF.abs().topk(self.k_L[layer], dim=1, sorted=False)
-        self._update_threshold(layer, top.values.min(1).values.mean())
+        if update_stats:
+            self._update_threshold(layer, top.values.min(1).values.mean())
         return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
 
     def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
@@ -286,7 +290,7 @@ class AbsTopK(TopKSparsifier):
 
     def thresholds(self) -> Tensor:
         """Not representable: JumpReLU cannot keep negative activations."""
-        raise ValueError(
+        raise ConfigError(
             "abs-topk keeps negative activations, which a JumpReLU threshold cannot express; "
             "train with relu-topk, batch-topk or jumprelu to export to circuit-tracer"
         )
@@ -304,13 +308,14 @@ class BatchTopK(TopKSparsifier):
 
     name = "batch-topk"
 
-    def select(self, pre_NF: Tensor, layer: int) -> Selection:
+    def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: batch-wide top k·N; eval: relu(pre) above the running threshold."""
         score_NF = pre_NF.relu()
         if self.training:
             n_keep = min(self.k_L[layer] * pre_NF.shape[0], score_NF.numel())
             smallest = score_NF.flatten().topk(n_keep, sorted=False).values.min()
-            self._update_threshold(layer, smallest)
+            if update_stats:
+                self._update_threshold(layer, smallest)
             keep_NF = (score_NF >= smallest) & (score_NF > 0)
         else:
             keep_NF = score_NF > self.threshold_L[layer]

@@ -7,45 +7,37 @@ target layer j's MLP output:
     ŷ_j = Σ_{i ∈ sources(j)} z_i W^{i→j} + b_dec_j,
 
 with sources(j) = {0..j} for a CLT and {j} for a PLT or SAE. Decoders are stored one (F, D)
-matrix per (i → j) pair, ``W_dec[i][j - first_target(i)]``; ``W_dec_FTD(i)`` stacks them into
-circuit-tracer's per-source (F, L−i, D) layout. (One tensor per pair keeps every gradient a
-small, reusable allocation: with a per-source tensor the step spends more time page-faulting
-fresh gradients than computing them, see bench/train_throughput.py.)
+matrix per (i → j) pair, ``W_dec[i][j - first_target(i)]`` (`decoder(i, j)`). (One tensor per
+pair keeps every gradient a small, reusable allocation: with a per-source tensor the step spends
+more time page-faulting fresh gradients than computing them, see bench/train_throughput.py.)
 
 Inputs and targets are normalised per layer (mean per dimension, one scale per layer) inside
-the model; ``fold_normalization`` folds the statistics into the weights, and checkpoints are
-always written folded, so a saved transcoder maps raw activations to raw activations.
+the model; checkpoints are always written with the statistics folded into the weights, so a
+saved transcoder maps raw activations to raw activations. Folding, the checkpoint format and
+circuit-tracer's export live in `vitclt.nn.formats`; the methods here call them.
+
+Running statistics (a TopK sparsifier's threshold) change only inside a training step: a
+``forward(x, y)`` in train mode with gradients enabled. ``encode``, ``decode`` and an eval-mode
+or no-grad forward never change the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitclt.io import write_json, write_safetensors
-from vitclt.nn.sparse import (
-    Codes,
-    LayerCodes,
-    bag,
-    dense_decode,
-    gathered_linear,
-    sparse_decode,
-    stack_codes,
-)
+from vitclt.nn import formats
 from vitclt.nn.config import TranscoderConfig
+from vitclt.nn.formats import CheckpointError
+from vitclt.nn.sparse import Codes, LayerCodes, bag, dense_decode, gathered_linear, sparse_decode, stack_codes
 from vitclt.nn.sparsifiers import SPARSIFIERS, JumpReLU, Sparsifier, TopKSparsifier
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class ForwardOutput(NamedTuple):
@@ -177,13 +169,6 @@ class Transcoder(nn.Module):
         """All (F, D) decoders in ``self.pairs`` order."""
         return [W for decoders in self.W_dec for W in decoders]
 
-    def W_dec_FTD(self, source: int) -> Tensor:
-        """Source layer's decoders in circuit-tracer's (F, L−source, D) layout (a copy; zeros where absent)."""
-        out = self.b_dec.new_zeros(self.n_features, self.n_layers - source, self.d_model)
-        for j in self.targets(source):
-            out[:, j - source] = self.decoder(source, j).detach()
-        return out
-
     @property
     def sparsity_coefficient(self) -> float:
         """JumpReLU L0 penalty coefficient λ (the trainer may schedule it; unused by TopK)."""
@@ -233,40 +218,13 @@ class Transcoder(nn.Module):
     def _normalize_target(self, y_NLD: Tensor) -> Tensor:
         return (y_NLD.float() - self.y_mean_LD) / self.y_scale_L[:, None]
 
-    def _folded_tensors(self) -> dict[str, Tensor]:
-        """The state dict with the normalisation folded into the weights (new tensors, no grad)."""
-        with torch.no_grad():
-            state = {k: v.detach() for k, v in self.state_dict().items()}
-            sx, mx = self.x_scale_L, self.x_mean_LD
-            sy, my = self.y_scale_L, self.y_mean_LD
-            # pre = ((x − μ)/s)·Wᵀ + b = x·(W/s)ᵀ + (b − W·μ/s): thresholds on pre stay valid.
-            for i in range(self.n_layers):
-                W = self.W_enc[i].detach()
-                state[f"W_enc.{i}"] = W / sx[i]
-            state["b_enc"] = self.b_enc.detach() - torch.stack(
-                [self.W_enc[i].detach() @ mx[i] for i in range(self.n_layers)]
-            ) / sx[:, None]
-            # ŷ_raw = s_y·(Σ z W + b) + μ_y.
-            for i, decoders in enumerate(self.W_dec):
-                for t, (_, j) in enumerate(p for p in self.pairs if p[0] == i):
-                    state[f"W_dec.{i}.{t}"] = decoders[t].detach() * sy[j]
-            state["b_dec"] = self.b_dec.detach() * sy[:, None] + my
-            state["x_mean_LD"] = torch.zeros_like(mx)
-            state["x_scale_L"] = torch.ones_like(sx)
-            state["y_mean_LD"] = torch.zeros_like(my)
-            state["y_scale_L"] = torch.ones_like(sy)
-        return state
-
-    @torch.no_grad()
     def fold_normalization(self) -> None:
         """Fold the statistics into W_enc, b_enc, W_dec, b_dec and reset them to identity.
 
         Changes no output. Do it when training is over (optimiser moments refer to the
         unfolded scale); ``save_pretrained`` saves a folded copy without touching the model.
         """
-        folded = self._folded_tensors()
-        for name, tensor in self.state_dict().items():
-            tensor.copy_(folded[name])
+        formats.fold_normalization(self)
 
     @property
     def b_dec_LD(self) -> Tensor:
@@ -276,9 +234,12 @@ class Transcoder(nn.Module):
     # Encoding --------------------------------------------------------------------------
 
     def _encode_layer(
-        self, layer: int, x_ND: Tensor, dead_F: Tensor | None = None
+        self, layer: int, x_ND: Tensor, dead_F: Tensor | None = None, update_stats: bool = False
     ) -> tuple[LayerCodes, LayerCodes | None, Tensor]:
-        """Codes, AuxK codes (or None) and sparsity penalty of one layer from normalised input."""
+        """Codes, AuxK codes (or None) and sparsity penalty of one layer from normalised input.
+
+        ``update_stats``: let the sparsifier update its running statistics (training steps only).
+        """
         W_FD, b_F = self.W_enc[layer], self.b_enc[layer]
         sparse = self.cfg.sparse_encoder and torch.is_grad_enabled()
         if sparse:
@@ -286,7 +247,7 @@ class Transcoder(nn.Module):
                 pre_NF = F.linear(x_ND, W_FD, b_F)
         else:
             pre_NF = F.linear(x_ND, W_FD, b_F)
-        selection = self.sparsifier.select(pre_NF.detach(), layer)
+        selection = self.sparsifier.select(pre_NF.detach(), layer, update_stats)
         indices_NK = selection.indices_NK
         aux = None
         if dead_F is not None and isinstance(self.sparsifier, TopKSparsifier) and bool(dead_F.any()):
@@ -318,6 +279,13 @@ class Transcoder(nn.Module):
         x_NLD = self._normalize_input(x_NLD)
         return stack_codes([self._encode_layer(i, x_NLD[:, i])[0] for i in range(self.n_layers)])
 
+    def feature_activations(self, x_NLD: Tensor) -> Tensor:
+        """acts_NLF: every feature's activation on every row and layer (dense; zeros where inactive).
+
+        The dense form of ``encode(x_NLD)``: N·L·F floats, so for a few rows at a time.
+        """
+        return self.encode(x_NLD).to_dense(self.n_features)
+
     # Decoding --------------------------------------------------------------------------
 
     def _decode_normalized(self, codes: Codes, dense: bool = False) -> Tensor:
@@ -331,15 +299,16 @@ class Transcoder(nn.Module):
         return self._decode_normalized(codes, dense) * self.y_scale_L[:, None] + self.y_mean_LD
 
     def contributions(self, codes: Codes) -> Tensor:
-        """c_NSTD[:, i, j] = z_i W^{i→j} in raw units (zero where there is no decoder).
+        """c_NIJD[:, i, j] = z_i W^{i→j} in raw units: source layer i's term in target layer j (zero where
+        there is no decoder).
 
-        ``c_NSTD.sum(1) + b_dec_LD == decode(codes)``.
+        ``c_NIJD.sum(1) + b_dec_LD == decode(codes)``. N·L·L·D floats: for a few rows at a time.
         """
         n, L = codes.values_NLK.shape[0], self.n_layers
-        c_NSTD = codes.values_NLK.new_zeros(n, L, L, self.d_model, dtype=self.b_dec.dtype)
-        for (i, j), W in zip(self.pairs, self.decoder_weights()):
-            c_NSTD[:, i, j] = bag(codes.values_NLK[:, i], codes.indices_NLK[:, i], W) * self.y_scale_L[j]
-        return c_NSTD
+        c_NIJD = codes.values_NLK.new_zeros(n, L, L, self.d_model, dtype=self.b_dec.dtype)
+        for (i, j), W_FD in zip(self.pairs, self.decoder_weights()):
+            c_NIJD[:, i, j] = bag(codes.values_NLK[:, i], codes.indices_NLK[:, i], W_FD) * self.y_scale_L[j]
+        return c_NIJD
 
     def _check_sources(self, target: int, sources: Sequence[int]) -> None:
         valid = self.sources(target)
@@ -379,19 +348,19 @@ class Transcoder(nn.Module):
     def contributions_layer(
         self, target: int, codes_per_source: Sequence[LayerCodes | None]
     ) -> Tensor:
-        """c_NSD: each valid source's raw term into ``target``, in source order (zeros for None)."""
+        """c_NID: each source's raw term into ``target``, for the sources ``sources(target)`` in order (zeros for None)."""
         sources = self.sources(target)
         given = [codes_per_source[i] for i in sources if i < len(codes_per_source)]
         given = [c for c in given if c is not None]
         if not given:
             raise ValueError(f"no codes given for any source {sources} of layer {target}")
         n = given[0].values_NK.shape[0]
-        c_NSD = given[0].values_NK.new_zeros(n, len(sources), self.d_model, dtype=self.b_dec.dtype)
+        c_NID = given[0].values_NK.new_zeros(n, len(sources), self.d_model, dtype=self.b_dec.dtype)
         for s, i in enumerate(sources):
             c = codes_per_source[i] if i < len(codes_per_source) else None
             if c is not None:
-                c_NSD[:, s] = bag(c.values_NK, c.indices_NK, self.decoder(i, target)) * self.y_scale_L[target]
-        return c_NSD
+                c_NID[:, s] = bag(c.values_NK, c.indices_NK, self.decoder(i, target)) * self.y_scale_L[target]
+        return c_NID
 
     # Training --------------------------------------------------------------------------
 
@@ -401,7 +370,9 @@ class Transcoder(nn.Module):
         """Encode, decode and compute the losses.
 
         x_NLD are the LN2 outputs and y_NLD the MLP outputs (raw units); an SAE ignores x_NLD
-        and reads y_NLD. ``dead_mask_LF`` marks dead features for AuxK (TopK family only).
+        and reads y_NLD. ``dead_mask_LF`` marks dead features for AuxK (TopK family only). In train
+        mode with gradients enabled this is a training step: the sparsifier's running statistics
+        update; otherwise the model is left unchanged.
         """
         self._check_shape("y", y_NLD)
         if self.cfg.topology == "sae":
@@ -410,10 +381,12 @@ class Transcoder(nn.Module):
         xn_NLD = self._normalize_input(x_NLD)
         yn_NLD = self._normalize_target(y_NLD)
 
+        # A training step (train mode, gradients on) is the one place running statistics move.
+        update_stats = self.training and torch.is_grad_enabled()
         main, aux, penalties = [], [], []
         for i in range(self.n_layers):
             dead_F = None if dead_mask_LF is None else dead_mask_LF[i]
-            codes_i, aux_i, penalty_i = self._encode_layer(i, xn_NLD[:, i], dead_F)
+            codes_i, aux_i, penalty_i = self._encode_layer(i, xn_NLD[:, i], dead_F, update_stats)
             main.append(codes_i)
             aux.append(aux_i)
             penalties.append(penalty_i)
@@ -471,15 +444,7 @@ class Transcoder(nn.Module):
         scale = min(n_dead / (k_aux * len(sources)), 1.0)
         return self.cfg.auxk_alpha * scale * err_L[reach_L].sum()
 
-    @torch.no_grad()
-    def feature_counts(self, codes: Codes) -> Tensor:
-        """counts_LF: in how many rows each feature fired (nonzero), for dead-feature tracking."""
-        L, n_feat = self.n_layers, self.n_features
-        offset_L1 = torch.arange(L, device=codes.indices_NLK.device)[:, None] * n_feat
-        flat = (codes.indices_NLK + offset_L1)[codes.values_NLK != 0]
-        return torch.bincount(flat, minlength=L * n_feat).view(L, n_feat)
-
-    def to_jumprelu(self) -> "Transcoder":
+    def to_jumprelu(self) -> Transcoder:
         """Replace a TopK-family sparsifier by the JumpReLU with its running thresholds (in place)."""
         jump = self.sparsifier.to_jumprelu(self.cfg.jumprelu_bandwidth)
         jump.sparsity_coefficient = self.cfg.sparsity_coefficient
@@ -487,7 +452,7 @@ class Transcoder(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, sparsifier="jumprelu")
         return self
 
-    # Checkpoints -----------------------------------------------------------------------
+    # Checks and checkpoints ------------------------------------------------------------
 
     def _check_shape(self, name: str, a_NLD: Tensor) -> None:
         if a_NLD.dim() != 3 or tuple(a_NLD.shape[1:]) != (self.n_layers, self.d_model):
@@ -496,10 +461,10 @@ class Transcoder(nn.Module):
             )
 
     def check_compatible(self, n_layers: int, d_model: int) -> None:
-        """Raise ValueError unless a backbone with these dimensions fits this transcoder."""
+        """Raise `CheckpointError` unless a backbone with these dimensions fits this transcoder."""
         if (n_layers, d_model) != (self.n_layers, self.d_model):
             trained = f" (trained on {self.cfg.backbone!r})" if self.cfg.backbone else ""
-            raise ValueError(
+            raise CheckpointError(
                 f"transcoder expects {self.n_layers} layers × d_model {self.d_model}{trained}, "
                 f"but the backbone has {n_layers} layers × d_model {d_model}; load a transcoder "
                 "trained on this backbone or train one for it"
@@ -507,75 +472,21 @@ class Transcoder(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors (normalisation folded) atomically; returns the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(directory / WEIGHTS_NAME, self._folded_tensors(), metadata={"format": "pt"})
-        write_json(directory / CONFIG_NAME, dataclasses.asdict(self.cfg))
-        return directory
+        return formats.save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, device: torch.device | str | None = None
-    ) -> "Transcoder":
-        """Load a directory written by ``save_pretrained`` (safetensors only, no pickle)."""
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise ValueError(
-                    f"{directory} has no {name}: a transcoder directory holds {CONFIG_NAME} and "
-                    f"{WEIGHTS_NAME}, as written by Transcoder.save_pretrained"
-                )
-        try:
-            raw = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
-        cfg = TranscoderConfig.from_dict(raw)
-        # Uninitialised weights are never touched before load_state_dict replaces them.
-        model = cls(cfg, device=device, initialize=False)
-        state = safetensors.torch.load_file(
-            directory / WEIGHTS_NAME, device=str(torch.device(device or "cpu"))
-        )
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        problems = [f"missing {k}" for k in expected if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [
-            f"{k} has shape {tuple(state[k].shape)}, config implies {shape}"
-            for k, shape in expected.items()
-            if k in state and tuple(state[k].shape) != shape
-        ]
-        if problems:
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME} "
-                f"({cfg.topology}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
-                f"{cfg.features} features): " + "; ".join(problems[:10])
-            )
-        model.load_state_dict(state, strict=True, assign=True)
-        return model
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None) -> Transcoder:
+        """Load a directory written by ``save_pretrained`` (safetensors only, no pickle), ready for inference.
+
+        The model comes back in eval mode with ``requires_grad`` off on every parameter (call
+        ``.train().requires_grad_(True)`` to fine-tune it). A missing, empty, truncated or
+        mismatched file raises `CheckpointError` naming it.
+        """
+        # Uninitialised weights are never touched before load_weights replaces them.
+        model = cls(formats.read_config(directory), device=device, initialize=False)
+        formats.load_weights(model, directory, device)
+        return model.eval().requires_grad_(False)
 
     def export_circuit_tracer(self, directory: str | os.PathLike) -> Path:
-        """Write circuit-tracer's per-layer files: W_enc_{i}.safetensors and W_dec_{i}.safetensors.
-
-        W_enc_{i} [F, D], b_enc_{i} [F], b_dec_{i} [D], threshold_{i} [F] (JumpReLU, or a TopK
-        sparsifier's running threshold) and W_dec_{i} [F, L−i, D] (zeros off the diagonal for a
-        PLT), all in raw units. TopK becomes a JumpReLU here: circuit-tracer knows no TopK.
-        """
-        if self.cfg.topology == "sae":
-            raise ValueError("circuit-tracer takes transcoders (clt or plt), not an sae")
-        threshold_LF = self.sparsifier.thresholds().float().cpu()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        folded = self._folded_tensors()
-        L, n_feat, D = self.n_layers, self.n_features, self.d_model
-        for i in range(L):
-            encoder = {
-                f"W_enc_{i}": folded[f"W_enc.{i}"],
-                f"b_enc_{i}": folded["b_enc"][i],
-                f"b_dec_{i}": folded["b_dec"][i],
-                f"threshold_{i}": threshold_LF[i],
-            }
-            W_dec_FTD = torch.zeros(n_feat, L - i, D, dtype=folded["b_dec"].dtype)
-            for t, j in enumerate(self.targets(i)):
-                W_dec_FTD[:, j - i] = folded[f"W_dec.{i}.{t}"].cpu()
-            for name, tensors in ((f"W_enc_{i}", encoder), (f"W_dec_{i}", {f"W_dec_{i}": W_dec_FTD})):
-                write_safetensors(directory / f"{name}.safetensors", tensors)
-        return directory
+        """Write circuit-tracer's per-layer files (W_enc_{i}, W_dec_{i}.safetensors); see `vitclt.nn.formats`."""
+        return formats.export_circuit_tracer(self, directory)
