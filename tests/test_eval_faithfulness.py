@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vitclt.eval.faithfulness import EDITS, default_top_k, edit_name, faithfulness_settings, plan_edits, summarize
 from vitclt.eval.replacement import CascadedReplacement, GridBatch, ReplacementGrid, encode_rows
@@ -30,6 +32,21 @@ def test_plans_keep_and_drop_the_right_sources():
     assert again == edits
     with pytest.raises(ValueError, match="between 1 and"):
         plan_edits(ranking, 13, seeds=[])
+
+
+@settings(max_examples=40, deadline=None)
+@given(ranking=st.integers(2, 12).flatmap(lambda n: st.permutations(range(n))), data=st.data())
+def test_random_controls_never_drop_the_top_source_and_keep_distinct_sources(ranking, data):
+    n = len(ranking)
+    k = data.draw(st.integers(1, n), label="k")
+    seeds = range(50)
+    for edit in plan_edits(ranking, k, seeds):
+        if edit.kind == "drop_random":
+            dropped = set(range(n)) - set(edit.sources)
+            assert len(dropped) == 1 and ranking[0] not in dropped and len(edit.sources) == n - 1, edit
+        elif edit.kind == "keep_random":
+            assert len(edit.sources) == len(set(edit.sources)) == k and set(edit.sources) <= set(range(n)), edit
+    assert plan_edits(ranking, k, seeds) == plan_edits(ranking, k, seeds)
 
 
 def test_edited_decodes_remove_exactly_the_dropped_terms():
@@ -77,5 +94,6 @@ def test_settings_and_summary_fit_together(tiny_backbone):
     for tokens in rankings:
         assert set(EDITS) <= set(out[tokens])
         assert out[tokens]["full"]["delta_full"] == 0
-        assert out[tokens]["drop_random"]["runs"] == [grid.top1()[edit_name("m", tokens, e)] for e in plans[tokens] if e.kind == "drop_random"]
+        drops = [e for e in plans[tokens] if e.kind == "drop_random"]
+        assert out[tokens]["drop_random"]["runs"] == [grid.top1()[edit_name("m", tokens, e)] for e in drops]
         assert out[tokens]["keep_topk"]["sources"] == [[rankings[tokens][0]]]

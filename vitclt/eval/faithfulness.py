@@ -8,7 +8,9 @@ reconstruction: the decoder bias plus the terms c_{s→L−1} of a subset of sou
 - `drop_top1` (necessity): every source but the top-ranked one;
 - `keep_topk` (sufficiency): only the k top-ranked sources;
 - controls the paper lacks: `keep_bottomk` (the k lowest-ranked), `drop_random` (one source drawn
-  uniformly) and `keep_random` (k distinct sources drawn uniformly), each over several seeds.
+  uniformly from the sources *other than* the top-ranked one, so it is never the necessity edit) and
+  `keep_random` (k distinct sources drawn uniformly from all of them, without replacement), each
+  drawn once per seed with `numpy.random.default_rng(seed)`.
 
 Everything before the last layer runs clean, so every code comes from the clean forward.
 """
@@ -47,6 +49,8 @@ def default_top_k(n_layers: int) -> int:
 def plan_edits(ranking: Sequence[int], k: int, seeds: Sequence[int]) -> list[Edit]:
     """Every edit for a ranking of the last layer's sources (highest score first)."""
     n = len(ranking)
+    if n < 2:
+        raise ValueError(f"faithfulness edits need at least two source layers into the last layer, got {n}")
     if not 1 <= k <= n:
         raise ValueError(f"top-k for sufficiency must be between 1 and the {n} source layers, got {k}")
     every = sorted(ranking)
@@ -56,9 +60,10 @@ def plan_edits(ranking: Sequence[int], k: int, seeds: Sequence[int]) -> list[Edi
         Edit("keep_topk", None, sorted(ranking[:k])),
         Edit("keep_bottomk", None, sorted(ranking[-k:])),
     ]
+    others = list(ranking[1:])
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        dropped = int(rng.integers(n))
+        dropped = others[int(rng.integers(len(others)))]
         edits.append(Edit("drop_random", seed, [s for s in every if s != dropped]))
         edits.append(Edit("keep_random", seed, sorted(int(s) for s in rng.choice(n, size=k, replace=False))))
     return edits
