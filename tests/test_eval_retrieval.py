@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vitclt.eval.retrieval import CodeGallery, chance_precision, densify, evaluate_retrieval, nearest, precision_at_k
+from vitclt.eval.retrieval import CodeGallery, chance_precision, evaluate_retrieval, nearest, precision_at_k
 from vitclt.nn import LayerCodes
 
 
-def test_densify_places_values_at_their_features():
+def test_dense_codes_place_values_at_their_features():
     codes = LayerCodes(torch.tensor([[2.0, 0.0], [1.0, -3.0]]), torch.tensor([[1, 1], [0, 3]]))
-    torch.testing.assert_close(densify(codes, 4), torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, -3.0]]))
+    torch.testing.assert_close(codes.to_dense(4), torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, -3.0]]))
 
 
 def test_neighbours_exclude_the_query_and_precision_counts_labels():

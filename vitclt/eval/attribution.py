@@ -24,7 +24,7 @@ from vitclt.eval.replacement import select_rows
 from vitclt.nn import LayerCodes, Transcoder
 
 ROW_CHUNK = 4096
-"""Rows per contributions call: c_NSD holds N·S·D floats."""
+"""Rows per contributions call: c_NID holds N·I·D floats (I: source layers)."""
 
 
 class ContributionScores(NamedTuple):
@@ -37,18 +37,18 @@ class ContributionScores(NamedTuple):
     n_tokens: int
 
 
-def projection_sums(c_NSD: Tensor) -> tuple[Tensor, int]:
-    """Σ over rows of ⟨c_s, ŷ⟩ / ‖ŷ‖² per source, with ŷ = Σ_s c_s; and how many rows counted.
+def projection_sums(c_NID: Tensor) -> tuple[Tensor, int]:
+    """Σ over rows of ⟨c_i, ŷ⟩ / ‖ŷ‖² per source i, with ŷ = Σ_i c_i; and how many rows counted.
 
     Rows where ŷ = 0 are skipped, so dividing the sums by the count gives scores that sum to 1
     (to float64 rounding: the arithmetic is done in float64).
     """
-    c_NSD = c_NSD.double()
-    y_hat_ND = c_NSD.sum(1)
+    c_NID = c_NID.double()
+    y_hat_ND = c_NID.sum(1)
     norm_N = y_hat_ND.square().sum(-1)
     valid_N = norm_N > 0
-    score_NS = torch.einsum("nsd,nd->ns", c_NSD[valid_N], y_hat_ND[valid_N]) / norm_N[valid_N, None]
-    return score_NS.sum(0), int(valid_N.sum())
+    score_NI = torch.einsum("nid,nd->ni", c_NID[valid_N], y_hat_ND[valid_N]) / norm_N[valid_N, None]
+    return score_NI.sum(0), int(valid_N.sum())
 
 
 def bias_share_sum(y_hat_ND: Tensor, b_D: Tensor) -> float:
@@ -65,9 +65,9 @@ class ContributionAccumulator:
     def __init__(self, n_layers: int, n_tokens: int, token_index: dict[str, slice | Tensor]):
         self.L, self.T = n_layers, n_tokens
         self.token_index = token_index
-        self.sums_ST = {g: torch.zeros(n_layers, n_layers, dtype=torch.float64) for g in token_index}
-        self.counts_T = {g: torch.zeros(n_layers, dtype=torch.long) for g in token_index}
-        self.bias_T = {g: torch.zeros(n_layers, dtype=torch.float64) for g in token_index}
+        self.sums_IJ = {g: torch.zeros(n_layers, n_layers, dtype=torch.float64) for g in token_index}
+        self.counts_J = {g: torch.zeros(n_layers, dtype=torch.long) for g in token_index}
+        self.bias_J = {g: torch.zeros(n_layers, dtype=torch.float64) for g in token_index}
         self.n = dict.fromkeys(token_index, 0)
 
     @torch.inference_mode()
@@ -80,22 +80,23 @@ class ContributionAccumulator:
             for j in range(self.L):
                 b_D = transcoder.b_dec_LD[j]
                 for lo in range(0, n, ROW_CHUNK):
-                    chunk = [LayerCodes(c.values_NK[lo : lo + ROW_CHUNK], c.indices_NK[lo : lo + ROW_CHUNK]) for c in sel[: j + 1]]
-                    c_NSD = transcoder.contributions_layer(j, chunk)
-                    sums_S, count = projection_sums(c_NSD)
-                    self.sums_ST[g][: j + 1, j] += sums_S.cpu()
-                    self.counts_T[g][j] += count
-                    self.bias_T[g][j] += bias_share_sum(c_NSD.sum(1), b_D)
+                    rows = slice(lo, lo + ROW_CHUNK)
+                    chunk = [LayerCodes(c.values_NK[rows], c.indices_NK[rows]) for c in sel[: j + 1]]
+                    c_NID = transcoder.contributions_layer(j, chunk)
+                    sums_I, count = projection_sums(c_NID)
+                    self.sums_IJ[g][transcoder.sources(j), j] += sums_I.cpu()
+                    self.counts_J[g][j] += count
+                    self.bias_J[g][j] += bias_share_sum(c_NID.sum(1), b_D)
 
     def result(self) -> dict[str, ContributionScores]:
         """The score matrices (source × target) per token group."""
         out = {}
         for g in self.token_index:
-            counts = self.counts_T[g].clamp_min(1).double()
+            counts = self.counts_J[g].clamp_min(1).double()
             out[g] = ContributionScores(
-                matrix=(self.sums_ST[g] / counts).tolist(),
-                bias_share=(self.bias_T[g] / max(self.n[g], 1)).tolist(),
-                skipped=(self.n[g] - self.counts_T[g]).tolist(),
+                matrix=(self.sums_IJ[g] / counts).tolist(),
+                bias_share=(self.bias_J[g] / max(self.n[g], 1)).tolist(),
+                skipped=(self.n[g] - self.counts_J[g]).tolist(),
                 n_tokens=self.n[g],
             )
         return out

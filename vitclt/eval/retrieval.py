@@ -30,12 +30,6 @@ QUERY_CHUNK = 1024
 """Queries per similarity block (a block holds QUERY_CHUNK × N similarities)."""
 
 
-def densify(codes: LayerCodes, n_features: int) -> Tensor:
-    """Dense code vectors (N, F) from sparse values and indices (N, K)."""
-    dense_NF = torch.zeros(codes.values_NK.shape[0], n_features, dtype=torch.float32, device=codes.values_NK.device)
-    return dense_NF.scatter_add_(1, codes.indices_NK.long(), codes.values_NK.float())
-
-
 class CodeGallery:
     """Every eval image's code vector at every layer, collected batch by batch.
 
@@ -54,10 +48,10 @@ class CodeGallery:
         """Add a batch: each layer's codes over B·T image-major rows, and the images' labels."""
         for layer, c in enumerate(codes):
             if self.pool == "cls":
-                vectors_BF = densify(select_rows(c, self.T, slice(0, 1)), self.F)
+                vectors_BF = select_rows(c, self.T, slice(0, 1)).to_dense(self.F).float()
             else:
                 patches = select_rows(c, self.T, slice(self.n_prefix, self.T))
-                vectors_BF = densify(patches, self.F).unflatten(0, (len(labels_B), -1)).mean(1)
+                vectors_BF = patches.to_dense(self.F).float().unflatten(0, (len(labels_B), -1)).mean(1)
             self.parts[layer].append(vectors_BF.cpu().to_sparse())
         self.labels.append(labels_B.cpu())
 
