@@ -125,3 +125,17 @@ def test_topk_converts_to_jumprelu_with_its_running_threshold():
     assert abs(float((values != 0).sum(1).float().mean()) - 4) < 1.0
     with pytest.raises(ValueError, match="negative"):
         AbsTopK(1, 8, 2).to_jumprelu()
+
+
+@pytest.mark.parametrize("cls", [ReLUTopK, AbsTopK, BatchTopK])
+def test_running_threshold_moves_only_when_asked(cls):
+    gen = torch.Generator().manual_seed(3)
+    sparsifier = cls(1, 64, 4).train()
+    sparsifier.select(torch.randn(128, 64, generator=gen), 0, update_stats=True)
+    before = sparsifier.threshold_L.clone()
+    for mode in (True, False):
+        sparsifier.train(mode)
+        _codes(sparsifier, 5 * torch.randn(128, 64, generator=gen))
+    assert torch.equal(sparsifier.threshold_L, before)
+    sparsifier.select(5 * torch.randn(128, 64, generator=gen), 0, update_stats=True)
+    assert not torch.equal(sparsifier.threshold_L, before)
