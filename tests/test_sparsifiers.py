@@ -137,5 +137,5 @@ def test_running_threshold_moves_only_when_asked(cls):
         sparsifier.train(mode)
         _codes(sparsifier, 5 * torch.randn(128, 64, generator=gen))
     assert torch.equal(sparsifier.threshold_L, before)
-    sparsifier.select(5 * torch.randn(128, 64, generator=gen), 0, update_stats=True)
+    sparsifier.train().select(5 * torch.randn(128, 64, generator=gen), 0, update_stats=True)
     assert not torch.equal(sparsifier.threshold_L, before)
