@@ -20,9 +20,9 @@ LOADERS: dict[str, Callable[..., Backbone]] = {"hf": HFClipBackbone.from_pretrai
 """Backbone families by spec prefix (`hf:openai/clip-vit-base-patch32`); `hf` is the default."""
 
 def _demo_dir() -> Path:
-    path = Path(str(resources.files("vitclt.demo").joinpath("weights")))
+    path = Path(str(resources.files("vitclt.assets").joinpath("demo_clip")))
     if not (path / "model.safetensors").is_file():
-        raise BackboneError(f"the embedded demo model is missing from {path}: reinstall vitclt, or rebuild it with `python -m vitclt.demo.train_clip`")
+        raise BackboneError(f"the embedded demo model is missing from {path}: reinstall vitclt, or rebuild it with `python tools/train_demo_clip.py` from a source checkout")
     return path
 
 

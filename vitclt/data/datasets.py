@@ -196,7 +196,7 @@ DATASET_KINDS: dict[str, Callable[..., ImageDataset]] = {
     "coco": _lazy("vitclt.data.coco", "load_coco"),
     "folder": _lazy("vitclt.data.folder", "load_folder"),
     "hf": _lazy("vitclt.data.hf", "load_hf"),
-    "demo": _lazy("vitclt.demo.world", "load_demo_world"),
+    "demo": _lazy("vitclt.data.world", "load_demo_world"),
 }
 """Dataset kinds by spec prefix; each maps ``(argument, split, **options)`` to an :class:`ImageDataset`."""
 
