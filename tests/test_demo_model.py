@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitclt.backbones import load_backbone
 from tools.train_demo_clip import positives, scene_codes, zero_shot_top1
+from vitclt.backbones import load_backbone
 from vitclt.data.world import IMAGE_SIZE, UNSEEN_LABELS, DemoWorld
 
 N_IMAGES = 200
