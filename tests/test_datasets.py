@@ -140,6 +140,35 @@ def test_cifar100_bad_archives(tmp_path: Path) -> None:
         load_dataset(f"cifar100:{folder}", split="dev")
 
 
+@pytest.mark.parametrize("writer", [write_cifar_python, write_cifar_binary])
+@pytest.mark.parametrize("keep", [10, 0.3, 0.97])
+def test_cifar100_truncated_archive_names_the_file_and_the_fix(tmp_path: Path, writer, keep: float) -> None:
+    archive = tar_gz(writer(tmp_path, *cifar_arrays(60)))
+    data = archive.read_bytes()
+    archive.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(DatasetError, match=rf"^{archive}: the archive is truncated or corrupt .*download it again from http"):
+        load_dataset(f"cifar100:{archive}")
+
+
+def test_cifar100_corrupt_archive_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    archive = tar_gz(write_cifar_python(tmp_path, *cifar_arrays(60)))
+    data = bytearray(archive.read_bytes())
+    data[10:74] = bytes(range(255, 191, -1))  # the first deflate block's header and data, just after the gzip header
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"^{archive}: the archive is truncated or corrupt .*download it again"):
+        load_dataset(f"cifar100:{archive}")
+
+
+@pytest.mark.parametrize("writer,name", [(write_cifar_python, "test"), (write_cifar_python, "meta"),
+                                         (write_cifar_binary, "test.bin")])
+def test_cifar100_truncated_extracted_file_names_the_file_and_the_fix(tmp_path: Path, writer, name: str) -> None:
+    folder = writer(tmp_path, *cifar_arrays(20))
+    raw = (folder / name).read_bytes()
+    (folder / name).write_bytes(raw[: len(raw) // 2 + 1])
+    with pytest.raises(DatasetError, match=rf"^{folder}:{name}: .*truncated or corrupt.*: extract it again"):
+        load_dataset(f"cifar100:{folder}")
+
+
 def save_image(path: Path, mode: str = "RGB", color: object = (10, 20, 30), fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (8, 6), color).save(path, format=fmt)
