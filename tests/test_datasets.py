@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vitclt.data.batches import image_batches
 from vitclt.data.coco import single_labels
 from vitclt.data.datasets import DATASET_KINDS, DatasetError, ImageDataset, LabelledImages, load_dataset, subsample
 from vitclt.data.folder import HOLDOUT_FRACTION, held_out
@@ -285,6 +286,17 @@ def test_folder_corrupt_and_empty(tmp_path: Path) -> None:
     (empty / "a").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         load_dataset(f"folder:{empty}")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_in_batches_is_one_line_naming_the_file(tmp_path: Path, workers: int) -> None:
+    save_image(tmp_path / "cats" / "a.png")
+    (tmp_path / "cats" / "b.png").write_bytes(b"not a png")
+    batches = image_batches(load_dataset(f"folder:{tmp_path}", "all"), batch_size=2, workers=workers)
+    expected = r"^\S*b\.png: cannot decode image, the file is corrupt or not an image \(.*\)$"
+    with pytest.raises(DatasetError, match=expected) as err:
+        next(batches)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
 def test_folder_split_directories(tmp_path: Path) -> None:
