@@ -125,10 +125,10 @@ def load_folder(path: str, split: str = "test") -> FileImageDataset:
     if tree is None and key == "all":
         note = f"{name} has no train/ or test/ folders; split 'all': every one of its {n_total} images"
     elif tree is None:
-        part = "evaluating on" if key in _HELD_OUT else "training on"
+        part = "evaluating on those" if key in _HELD_OUT else "training on the other"
         note = (f"{name} has no train/ or test/ folders, so vitclt holds out {n_held} of its {n_total} images "
-                f"({HOLDOUT_FRACTION:.0%} of each class, fixed by file name) for evaluation: {part} the "
-                f"{len(paths)} {'held-out' if key in _HELD_OUT else 'others'} (see docs/datasets.md)")
+                f"({HOLDOUT_FRACTION:.0%} of each class, fixed by file name) for evaluation: {part} {len(paths)} "
+                "(see docs/datasets.md)")
     if not paths:
         raise DatasetError(f"folder: {root} has no images for split {split!r}: {note}; add images or use split 'all'")
     dataset = FileImageDataset(paths, labels, name=name, split=split,
