@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.test_stream import dataset, take_rows
+from tests.test_stream import WithBrokenImages, dataset, take_rows
 from vitclt.data.cache import CacheError, build_cache, cache_key, open_cache, open_or_build_cache
 from vitclt.data.stream import ActivationStream, BackboneSource
 
@@ -55,3 +55,14 @@ def test_mismatched_cache_is_refused(source, tiny_backbone, tmp_path):
         build_cache(source, key, tmp_path / "cache", progress=False)
     with pytest.raises(CacheError, match="no activation cache"):
         open_cache(tmp_path / "nowhere")
+
+
+def test_cache_records_the_images_it_skipped(tiny_backbone, tmp_path):
+    src = BackboneSource(tiny_backbone, WithBrokenImages(dataset(7), broken={3}), "cls", images_per_forward=3)
+    key = cache_key(src, "tiny", "random:7")
+    with pytest.warns(UserWarning, match="img_3"):
+        build_cache(src, key, tmp_path / "cache", progress=False)
+    cache = open_cache(tmp_path / "cache", expect=key)
+    assert json.loads((tmp_path / "cache" / "metadata.json").read_text())["unreadable"] == src.unreadable.state()
+    assert cache.unreadable.state() == src.unreadable.state() and [i for i, _ in src.unreadable.state()] == [3]
+    assert ActivationStream(cache, batch_size=4).state_dict()["unreadable"] == src.unreadable.state()

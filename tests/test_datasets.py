@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
 import struct
 import tarfile
 import warnings
@@ -12,10 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from vitclt.data.batches import image_batches
 from vitclt.data.coco import single_labels
 from vitclt.data.datasets import DATASET_KINDS, DatasetError, ImageDataset, LabelledImages, load_dataset, subsample
+from vitclt.data.folder import HOLDOUT_FRACTION, held_out
 from vitclt.data.images import open_image
 from vitclt.data.prompts import builtin_classnames, imagenet100_classes
 
@@ -140,6 +145,35 @@ def test_cifar100_bad_archives(tmp_path: Path) -> None:
         load_dataset(f"cifar100:{folder}", split="dev")
 
 
+@pytest.mark.parametrize("writer", [write_cifar_python, write_cifar_binary])
+@pytest.mark.parametrize("keep", [10, 0.3, 0.97])
+def test_cifar100_truncated_archive_names_the_file_and_the_fix(tmp_path: Path, writer, keep: float) -> None:
+    archive = tar_gz(writer(tmp_path, *cifar_arrays(60)))
+    data = archive.read_bytes()
+    archive.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(DatasetError, match=rf"^{archive}: the archive is truncated or corrupt .*download it again from http"):
+        load_dataset(f"cifar100:{archive}")
+
+
+def test_cifar100_corrupt_archive_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    archive = tar_gz(write_cifar_python(tmp_path, *cifar_arrays(60)))
+    data = bytearray(archive.read_bytes())
+    data[10:74] = bytes(range(255, 191, -1))  # the first deflate block's header and data, just after the gzip header
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"^{archive}: the archive is truncated or corrupt .*download it again"):
+        load_dataset(f"cifar100:{archive}")
+
+
+@pytest.mark.parametrize("writer,name", [(write_cifar_python, "test"), (write_cifar_python, "meta"),
+                                         (write_cifar_binary, "test.bin")])
+def test_cifar100_truncated_extracted_file_names_the_file_and_the_fix(tmp_path: Path, writer, name: str) -> None:
+    folder = writer(tmp_path, *cifar_arrays(20))
+    raw = (folder / name).read_bytes()
+    (folder / name).write_bytes(raw[: len(raw) // 2 + 1])
+    with pytest.raises(DatasetError, match=rf"^{folder}:{name}: .*truncated or corrupt.*: extract it again"):
+        load_dataset(f"cifar100:{folder}")
+
+
 def save_image(path: Path, mode: str = "RGB", color: object = (10, 20, 30), fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (8, 6), color).save(path, format=fmt)
@@ -221,7 +255,7 @@ def test_folder_labels_and_rgb_conversion(tmp_path: Path) -> None:
     save_image(tmp_path / "apple" / ".hidden.png")
     (tmp_path / "apple" / "notes.txt").write_text("not an image")
     save_image(tmp_path / "golden_retriever" / "sub" / "x.webp", fmt="WEBP")
-    ds = load_dataset(f"folder:{tmp_path}")
+    ds = load_dataset(f"folder:{tmp_path}", split="all")
     assert ds.classnames == ["apple", "golden retriever", "zebra"] and ds.name == f"folder:{tmp_path.name}"
     assert list(ds.labels) == [0, 0, 0, 1, 2, 2, 2]
     pixels = [ds[i][0].getpixel((0, 0)) for i in range(len(ds))]
@@ -236,7 +270,7 @@ def test_folder_corrupt_and_empty(tmp_path: Path) -> None:
     bad = tmp_path / "cats" / "broken.jpg"
     save_image(tmp_path / "cats" / "good.jpg")
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    ds = load_dataset(f"folder:{tmp_path}")
+    ds = load_dataset(f"folder:{tmp_path}", split="all")
     with pytest.raises(DatasetError, match=r"broken\.jpg: cannot decode image"):
         ds[0]
     buffer = io.BytesIO()
@@ -254,12 +288,77 @@ def test_folder_corrupt_and_empty(tmp_path: Path) -> None:
         load_dataset(f"folder:{empty}")
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_in_batches_is_one_line_naming_the_file(tmp_path: Path, workers: int) -> None:
+    save_image(tmp_path / "cats" / "a.png")
+    (tmp_path / "cats" / "b.png").write_bytes(b"not a png")
+    batches = image_batches(load_dataset(f"folder:{tmp_path}", "all"), batch_size=2, workers=workers)
+    expected = r"^\S*b\.png: cannot decode image, the file is corrupt or not an image \(.*\)$"
+    with pytest.raises(DatasetError, match=expected) as err:
+        next(batches)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_folder_split_directories(tmp_path: Path) -> None:
     save_image(tmp_path / "train" / "a" / "1.png")
     save_image(tmp_path / "val" / "a" / "1.png")
     save_image(tmp_path / "val" / "b" / "1.png")
     assert len(load_dataset(f"folder:{tmp_path}")) == 2
     assert len(load_dataset(f"folder:{tmp_path}", split="train")) == 1
+
+
+def _names(ds) -> list[str]:
+    return [p.relative_to(p.parents[1]).as_posix() for p in ds.paths]
+
+
+def test_folder_without_split_directories_holds_out_a_fixed_part_of_each_class(tmp_path: Path) -> None:
+    per_class = {"cat": 10, "dog": 5, "emu": 2, "fox": 1}
+    for name, n in per_class.items():
+        for i in range(n):
+            save_image(tmp_path / "data" / name / f"{i:02d}.png")
+    train = load_dataset(f"folder:{tmp_path / 'data'}", split="train")
+    test = load_dataset(f"folder:{tmp_path / 'data'}")
+    everything = load_dataset(f"folder:{tmp_path / 'data'}", split="all")
+    assert not set(train.paths) & set(test.paths)
+    assert sorted(train.paths + test.paths) == everything.paths and len(everything) == sum(per_class.values())
+    assert train.classnames == test.classnames == everything.classnames == sorted(per_class)
+    counts = {name: int((test.labels == c).sum()) for c, name in enumerate(test.classnames)}
+    assert counts == {name: min(max(round(n * HOLDOUT_FRACTION), 1), n - 1) for name, n in per_class.items()}
+    assert f"holds out {len(test)} of its 18 images" in test.split_note and "evaluating on" in test.split_note
+    assert "training on" in train.split_note and "every one of its 18" in everything.split_note
+    assert "\n" not in test.split_note and load_dataset(f"folder:{tmp_path / 'data'}", max_images=2).split_note == test.split_note
+
+    # Stable: the same names wherever the folder lives, and unmoved by images added to another class.
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(tmp_path / "data", moved)
+    for i in range(7):
+        save_image(moved / "dog" / f"new{i}.png")
+    again = load_dataset(f"folder:{moved}")
+    assert [n for n in _names(again) if not n.startswith("dog/")] == [n for n in _names(test) if not n.startswith("dog/")]
+    with pytest.raises(DatasetError, match="unknown split 'dev'.*train, test"):
+        load_dataset(f"folder:{tmp_path / 'data'}", split="dev")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.from_regex(r"[a-z]{1,6}/?[a-z0-9]{1,6}\.png", fullmatch=True), unique=True, max_size=30))
+def test_held_out_choice_depends_only_on_names(names: list[str]) -> None:
+    class_dir = Path("/c")
+    paths = [class_dir / n for n in names]
+    chosen = held_out(paths, class_dir)
+    assert chosen == held_out(list(reversed(paths)), class_dir) and chosen <= set(paths)
+    if len(paths) >= 2:
+        assert 1 <= len(chosen) <= len(paths) - 1 and abs(len(chosen) - len(paths) * HOLDOUT_FRACTION) <= 1
+    else:
+        assert not chosen
+
+
+def test_folder_with_split_directories_needs_the_requested_one(tmp_path: Path) -> None:
+    save_image(tmp_path / "train" / "a" / "1.png")
+    ds = load_dataset(f"folder:{tmp_path}", split="train")
+    assert len(ds) == 1 and ds.split_note == ""
+    expected = rf"has split directories \['train'\] but none for split 'test'.*folder:{tmp_path}/train"
+    with pytest.raises(DatasetError, match=expected):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_spec_errors(tmp_path: Path) -> None:

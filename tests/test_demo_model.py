@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from tools.train_demo_clip import positives, scene_codes, zero_shot_top1
 from vitclt.backbones import load_backbone
-from vitclt.demo.train_clip import positives, scene_codes, zero_shot_top1
-from vitclt.demo.world import IMAGE_SIZE, UNSEEN_LABELS, DemoWorld
+from vitclt.data.world import IMAGE_SIZE, UNSEEN_LABELS, DemoWorld
 
 N_IMAGES = 200
 MARGIN = 0.10  # a 200-image sample of a ~2000-image figure: a few points of sampling noise, plus slack
@@ -25,7 +25,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def documented() -> dict[str, float]:
-    record = resources.files("vitclt.demo").joinpath("weights", "training.json").read_text()
+    record = resources.files("vitclt.assets").joinpath("demo_clip", "training.json").read_text()
     return json.loads(record)["metrics"]
 
 

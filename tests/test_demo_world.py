@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitclt.demo.world import (
+from vitclt.data.world import (
     CLASSNAMES,
     SEEN_LABELS,
     UNSEEN,

@@ -90,11 +90,11 @@ def test_classnames_override_through_load_dataset(tmp_path: Path) -> None:
         Image.new("RGB", (4, 4)).save(tmp_path / "data" / cls / "x.png")
     names = tmp_path / "names.txt"
     names.write_text("an apple\na banana\n")
-    ds = load_dataset(f"folder:{tmp_path / 'data'}", classnames=names)
+    ds = load_dataset(f"folder:{tmp_path / 'data'}", "all", classnames=names)
     assert ds.classnames == ["an apple", "a banana"]
     names.write_text("only one\n")
     with pytest.raises(DatasetError, match="has 1 class names but the dataset has 2"):
-        load_dataset(f"folder:{tmp_path / 'data'}", classnames=names)
+        load_dataset(f"folder:{tmp_path / 'data'}", "all", classnames=names)
 
 
 def test_build_prompts() -> None:

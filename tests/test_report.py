@@ -19,8 +19,10 @@ CLASSES = ["cat", "dog", "boat"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """An ImageFolder of 3 classes × 4 random PNG images."""
-    return write_image_folder(tmp_path_factory.mktemp("images"), CLASSES, 4, seed=10)
+    """An ImageFolder whose test/ split has 3 classes × 4 random PNG images."""
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root / "test", CLASSES, 4, seed=10)
+    return root
 
 
 @pytest.fixture(scope="module")

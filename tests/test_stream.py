@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import random_images
+from vitclt.data.images import DatasetError
 from vitclt.data.stream import ActivationStream, BackboneSource, StreamError, estimate_normalization
+from vitclt.data.unreadable import check_dataset
 
 
 def dataset(n: int, seed: int = 0) -> list:
@@ -130,3 +132,71 @@ def test_normalisation_keeps_precision_for_large_means():
     torch.testing.assert_close(stats.x_scale_L, (x - x.mean(0)).pow(2).mean(dim=(0, 2)).sqrt().float(), rtol=1e-4, atol=0)
     batch = ActivationStream(src, batch_size=200, seed=0).next_batch()
     assert len(torch.unique(batch.image_N)) == 50
+
+
+class WithBrokenImages(list):
+    """A list dataset whose images at `broken` indices fail to decode, as a corrupt file does."""
+
+    def __init__(self, items, broken):
+        super().__init__(items)
+        self.broken = set(broken)
+
+    def __getitem__(self, index):
+        if index in self.broken:
+            raise DatasetError(f"img_{index}.png: cannot decode image, the file is corrupt or not an image")
+        return super().__getitem__(index)
+
+
+def test_unreadable_image_is_skipped_replaced_by_the_next_and_recorded(tiny_backbone):
+    ds = WithBrokenImages(dataset(12), broken={4})
+    src = BackboneSource(tiny_backbone, ds, "cls", images_per_forward=5)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image 4 \(1 of at most 1 skipped\): img_4\.png"):
+        x_NLD, y_NLD = src.load(range(12))
+    x_ref, y_ref = capture_all(tiny_backbone, dataset(12), "cls")
+    expect = [5 if i == 4 else i for i in range(12)]
+    torch.testing.assert_close(x_NLD, x_ref[expect].flatten(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_NLD, y_ref[expect].flatten(0, 1), rtol=1e-5, atol=1e-5)
+    stream = ActivationStream(src, batch_size=5, buffer_size=4, seed=0)
+    assert stream.state_dict()["unreadable"] == [[4, "img_4.png: cannot decode image, the file is corrupt or not an image"]]
+
+
+def test_recorded_skips_keep_a_resumed_stream_exact_after_the_file_is_repaired(tiny_backbone):
+    broken = WithBrokenImages(dataset(12), broken={11})
+    a = ActivationStream(BackboneSource(tiny_backbone, broken, "all", images_per_forward=2), batch_size=20, buffer_size=40,
+                         seed=3)
+    with pytest.warns(UserWarning, match="img_11"):
+        for _ in range(12):  # a whole epoch: image 11 was met and skipped
+            a.next_batch()
+    repaired = ActivationStream(BackboneSource(tiny_backbone, dataset(12), "all", images_per_forward=2), batch_size=20,
+                                buffer_size=40, seed=3)
+    repaired.load_state_dict(a.state_dict())
+    for _ in range(14):  # into the next epoch, where image 11 is met again
+        for ta, tb in zip(a.next_batch(), repaired.next_batch()):
+            assert torch.equal(ta, tb)
+
+
+def test_too_many_unreadable_images_stop_with_the_first_listed(tiny_backbone):
+    ds = WithBrokenImages(dataset(10), broken={2, 7})
+    with pytest.warns(UserWarning, match="img_2"), pytest.raises(
+            DatasetError, match=r"^2 of 10 images cannot be decoded, more than the 1 \(1%\) a run skips: img_2\.png.*; "
+                                r"img_7\.png.*Repair or replace these files"):
+        BackboneSource(tiny_backbone, ds, "cls", images_per_forward=10).load(range(10))
+    with pytest.raises(DatasetError, match=r"^1 of 10 images cannot be decoded, more than the 0 \(0%\)"):
+        BackboneSource(tiny_backbone, ds, "cls", max_unreadable=0).load(range(5))
+    allowed = BackboneSource(tiny_backbone, ds, "cls", max_unreadable=0.2)
+    with pytest.warns(UserWarning):
+        allowed.load(range(10))
+    assert [i for i, _ in allowed.unreadable.state()] == [2, 7]
+
+
+def test_a_changed_image_count_says_how_to_resume(tiny_backbone):
+    state = ActivationStream(BackboneSource(tiny_backbone, dataset(5), "cls"), batch_size=4).state_dict()
+    with pytest.raises(StreamError, match="n_images: saved 5, now 4.*put them back"):
+        ActivationStream(BackboneSource(tiny_backbone, dataset(4), "cls"), batch_size=4).load_state_dict(state)
+
+
+def test_check_dataset_lists_every_unreadable_image():
+    ds = WithBrokenImages(dataset(9), broken={0, 6})
+    found = check_dataset(ds, workers=2, progress=False)
+    assert [i for i, _ in found] == [0, 6] and "img_6.png: cannot decode" in found[1][1]
+    assert check_dataset(dataset(3), progress=False) == []

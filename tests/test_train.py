@@ -27,11 +27,11 @@ N_IMAGES = 24
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
-    """An ImageFolder tree of 24 random PNGs in two classes."""
+    """An ImageFolder tree of 24 random PNGs in two classes, all in its train/ split."""
     root = tmp_path_factory.mktemp("images")
     for i, im in enumerate(random_images(N_IMAGES, seed=5)):
-        (root / f"class_{i % 2}").mkdir(exist_ok=True)
-        im.save(root / f"class_{i % 2}" / f"{i:03d}.png")
+        (root / "train" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        im.save(root / "train" / f"class_{i % 2}" / f"{i:03d}.png")
     return root
 
 

@@ -19,8 +19,10 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "art of a {}."]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """An ImageFolder with 6 classes and 4 images each, PNG on disk."""
-    return write_image_folder(tmp_path_factory.mktemp("folder"), CLASSES, 4, seed=100)
+    """An ImageFolder whose test/ split has 6 classes and 4 images each, PNG on disk."""
+    root = tmp_path_factory.mktemp("folder")
+    write_image_folder(root / "test", CLASSES, 4, seed=100)
+    return root
 
 
 def _reference_top1(bb, images, labels, classnames, templates) -> float:

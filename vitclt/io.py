@@ -1,32 +1,59 @@
-"""Atomic file writes: a crash mid-write leaves the previous file intact, never half a file."""
+"""Atomic file writes: a crash mid-write leaves the previous file intact, never half a file.
+
+Each write goes to a temporary file next to its target, named ``.NAME.vitclt-PID-XXXXXXXX.tmp``
+(PID: the writing process), which is then renamed over ``NAME``. A process killed mid-write
+(SIGKILL, power loss) leaves that temporary behind; :func:`remove_stale_temporaries` finds and
+removes exactly those: files of vitclt's own pattern whose writer is no longer running. A file
+of any other name (a user's ``notes.tmp``) is never touched.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.vitclt-(?P<pid>\d+)-[a-z0-9_]{8}\.tmp$")
+"""Names of vitclt's temporaries: ``.NAME.vitclt-PID-XXXXXXXX.tmp`` (XXXXXXXX from ``mkstemp``)."""
 
-def _atomic(path: Path, write) -> Path:
+_in_flight: set[Path] = set()
+_in_flight_lock = threading.Lock()
+
+
+def _temporary_for(path: Path) -> Path:
+    """A new empty temporary next to `path`, named by :data:`TEMP_PATTERN`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.vitclt-{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
+    return Path(os.path.abspath(tmp))
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary_for(path)
+    with _in_flight_lock:
+        _in_flight.add(tmp)
     try:
-        write(tmp)
+        write(str(tmp))
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(tmp)
     return path
 
 
@@ -41,7 +68,56 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return _atomic(Path(path), write)
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Save `tensors` (made contiguous, on CPU) to a safetensors file atomically."""
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with id `pid` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _stale(path: Path) -> bool:
+    match = TEMP_PATTERN.match(path.name)
+    if match is None or not path.is_file() or path.is_symlink():
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        # Ours: stale unless a write of this process is using it right now (a same-numbered
+        # process that died before this one started left it otherwise).
+        with _in_flight_lock:
+            return Path(os.path.abspath(path)) not in _in_flight
+    return not _running(pid)
+
+
+def remove_stale_temporaries(directory: str | Path, quiet: bool = False) -> list[Path]:
+    """Remove the temporaries that interrupted vitclt writes left under `directory` (recursively).
+
+    Only files named by :data:`TEMP_PATTERN` whose writing process has ended are removed (a write
+    in progress in another process keeps its file); each removal is printed unless `quiet`.
+    Returns the removed paths, sorted. A missing `directory` holds nothing to remove.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.rglob(".*.tmp")):
+        if _stale(path):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            if not quiet:
+                print(f"removed {path}: a temporary file left by an interrupted write")
+    return removed

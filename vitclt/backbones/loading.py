@@ -16,10 +16,10 @@ LOADERS: dict[str, Callable[..., Backbone]] = {"hf": HFClipBackbone.from_pretrai
 
 
 def _demo_dir() -> Path:
-    path = Path(str(resources.files("vitclt.demo").joinpath("weights")))
+    path = Path(str(resources.files("vitclt.assets").joinpath("demo_clip")))
     if not (path / "model.safetensors").is_file():
         raise BackboneError(f"the embedded demo model is missing from {path}: reinstall vitclt, "
-                            "or rebuild it with `python -m vitclt.demo.train_clip`")
+                            "or rebuild it with `python tools/train_demo_clip.py` in a source checkout")
     return path
 
 

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone
 from vitclt.data.stream import BackboneSource
-from vitclt.io import write_json
+from vitclt.data.unreadable import UnreadableImages
 from vitclt.errors import VitcltError
+from vitclt.io import write_json
 
 CACHE_VERSION = 1
 """Bumped whenever the on-disk layout changes; older caches are refused, not misread."""
@@ -106,6 +107,9 @@ class CacheSource:
         self.d_model = key["d_model"]
         self.shard_images = metadata["shard_images"]
         self.token_positions = torch.as_tensor(metadata["token_positions"], dtype=torch.long)
+        self.unreadable = UnreadableImages(self.n_images)
+        """Images skipped as unreadable when the cache was built (their rows are a substitute's)."""
+        self.unreadable.restore(metadata.get("unreadable"))
         self._x = [np.load(self.path / f"x_{s:05d}.npy", mmap_mode="r") for s in range(metadata["n_shards"])]
         self._y = [np.load(self.path / f"y_{s:05d}.npy", mmap_mode="r") for s in range(metadata["n_shards"])]
 
@@ -137,10 +141,12 @@ def open_cache(path: str | Path, expect: CacheKey | None = None) -> CacheSource:
     path = Path(path)
     meta_path = path / "metadata.json"
     if not meta_path.is_file():
-        raise CacheError(f"no activation cache at {path} (metadata.json missing): build one with build_cache, or pass the cache directory a run wrote")
+        raise CacheError(f"no activation cache at {path} (metadata.json missing): build one with build_cache, "
+                         "or pass the cache directory a run wrote")
     metadata = json.loads(meta_path.read_text())
     if metadata.get("version") != CACHE_VERSION:
-        raise CacheError(f"the cache at {path} has format version {metadata.get('version')}, this vitclt reads {CACHE_VERSION}: delete it and rebuild")
+        raise CacheError(f"the cache at {path} has format version {metadata.get('version')}, "
+                         f"this vitclt reads {CACHE_VERSION}: delete it and rebuild")
     if expect is not None:
         saved = metadata["key"]
         diff = [f"{f.name}: cache has {saved.get(f.name)!r}, requested {getattr(expect, f.name)!r}"
@@ -190,6 +196,7 @@ def build_cache(source: BackboneSource, key: CacheKey, path: str | Path, shard_i
         "version": CACHE_VERSION, "key": asdict(key), "key_hash": key.digest(),
         "shard_images": shard_images, "n_shards": n_shards, "n_rows": source.n_images * rpi,
         "row_shape": [L, D], "token_positions": source.token_positions.tolist(),
+        "unreadable": source.unreadable.state(),
     }
     write_json(tmp / "metadata.json", metadata)
     if path.exists():
@@ -200,9 +207,11 @@ def build_cache(source: BackboneSource, key: CacheKey, path: str | Path, shard_i
 
 def _check_storable(t: Tensor, dtype: np.dtype, name: str, first_image: int) -> None:
     if not torch.isfinite(t).all():
-        raise CacheError(f"non-finite {name} in the forward batch starting at image {first_image}: check the backbone and its dtype")
+        raise CacheError(f"non-finite {name} in the forward batch starting at image {first_image}: "
+                         "check the backbone and its dtype")
     if dtype == np.float16 and t.abs().max() > FP16_MAX:
-        raise CacheError(f"{name} exceed float16's range in the batch starting at image {first_image}: build the cache with dtype float32")
+        raise CacheError(f"{name} exceed float16's range in the batch starting at image {first_image}: "
+                         "build the cache with dtype float32")
 
 
 def open_or_build_cache(source: BackboneSource, key: CacheKey, path: str | Path, progress: bool = True) -> CacheSource:

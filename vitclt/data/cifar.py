@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,15 @@ except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
 IMAGE_BYTES = 3 * 32 * 32
+URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _SPLITS = {"train": "train", "test": "test", "val": "test", "eval": "test"}
 _LAYOUT = (
     "expected the official CIFAR-100 archive: cifar-100-python.tar.gz or cifar-100-binary.tar.gz, "
     "or their extracted folder cifar-100-python/{train,test,meta} or "
-    "cifar-100-binary/{train.bin,test.bin,fine_label_names.txt} (https://www.cs.toronto.edu/~kriz/cifar.html)"
+    "cifar-100-binary/{train.bin,test.bin,fine_label_names.txt} (" + URL + ")"
 )
+_DAMAGED = (EOFError, tarfile.TarError, zlib.error, OSError)
+"""What reading a cut-short or corrupted gzip/tar stream raises (``BadGzipFile`` is an ``OSError``)."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -80,14 +84,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
-def restricted_loads(data: bytes, source: str) -> dict[str, Any]:
-    """Unpickle a CIFAR dict with :class:`RestrictedUnpickler`; keys come back as ``str``."""
+def restricted_loads(data: bytes, source: str, fix: str = "") -> dict[str, Any]:
+    """Unpickle a CIFAR dict with :class:`RestrictedUnpickler`; keys come back as ``str``.
+
+    ``fix`` (e.g. "extract it again") ends the message of a file that does not unpickle.
+    """
     try:
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except DatasetError as exc:
         raise DatasetError(f"{source}: {exc}") from None
     except Exception as exc:  # the pickle machinery raises many types on garbage input
-        raise DatasetError(f"{source}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
+        raise DatasetError(f"{source}: not a readable CIFAR pickle, the file is truncated or corrupt "
+                           f"({type(exc).__name__}: {exc}){fix}") from exc
     if not isinstance(obj, dict):
         raise DatasetError(f"{source}: expected a pickled dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -115,13 +123,37 @@ class _Archive:
         self.tar: tarfile.TarFile | None = None
         if self.path.is_dir():
             names = [p.name for p in self.path.iterdir()]
-        elif tarfile.is_tarfile(self.path):
+        else:
+            names = self._open_tar()
+        self.format = "binary" if {"test.bin", "train.bin"} & set(names) else "python"
+
+    def _open_tar(self) -> list[str]:
+        """Open the tarball and list its files; a damaged one is a :class:`DatasetError`."""
+        try:
+            if not tarfile.is_tarfile(self.path):
+                with open(self.path, "rb") as f:
+                    gzipped = f.read(2) == b"\x1f\x8b"
+                if not gzipped:
+                    raise DatasetError(f"{self.path} is not a tar archive: {_LAYOUT}")
+                raise EOFError("no tar header in the gzip stream")
             self.tar = tarfile.open(self.path, "r:*")
             self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
-            names = list(self.members)
-        else:
-            raise DatasetError(f"{self.path} is not a tar archive: {_LAYOUT}")
-        self.format = "binary" if {"test.bin", "train.bin"} & set(names) else "python"
+        except _DAMAGED as exc:
+            if self.tar is not None:
+                self.tar.close()
+            raise self._damaged(exc) from exc
+        return list(self.members)
+
+    def _damaged(self, exc: BaseException) -> DatasetError:
+        return DatasetError(f"{self.path}: the archive is truncated or corrupt ({str(exc) or type(exc).__name__}): "
+                            f"download it again from {URL} (an interrupted download or copy leaves a partial file)")
+
+    @property
+    def fix(self) -> str:
+        """How to replace a damaged file read from this archive or folder."""
+        if self.tar is not None:
+            return f": download the archive again from {URL}"
+        return f": extract it again from the official archive, or download that again from {URL}"
 
     def __enter__(self) -> _Archive:
         return self
@@ -137,7 +169,10 @@ class _Archive:
             handle = self.tar.extractfile(member) if member is not None else None
             if handle is None:
                 raise DatasetError(f"{self.path} has no member {name!r}: {_LAYOUT}")
-            return handle.read()
+            try:
+                return handle.read()
+            except _DAMAGED as exc:
+                raise self._damaged(exc) from exc
         if not (self.path / name).is_file():
             raise DatasetError(f"missing file {self.path / name}: {_LAYOUT}")
         return (self.path / name).read_bytes()
@@ -160,8 +195,8 @@ def _planes_to_hwc(rows: np.ndarray) -> np.ndarray:
 
 
 def _read_python(archive: _Archive, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    batch = restricted_loads(archive.read(split), f"{archive.path}:{split}")
-    meta = restricted_loads(archive.read("meta"), f"{archive.path}:meta")
+    batch = restricted_loads(archive.read(split), f"{archive.path}:{split}", archive.fix)
+    meta = restricted_loads(archive.read("meta"), f"{archive.path}:meta", archive.fix)
     data, labels = batch.get("data"), batch.get("fine_labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != IMAGE_BYTES:
         raise DatasetError(f"{archive.path}:{split}: 'data' must be a uint8 array of shape (N, {IMAGE_BYTES})")
@@ -175,7 +210,8 @@ def _read_binary(archive: _Archive, split: str) -> tuple[np.ndarray, np.ndarray,
     raw = np.frombuffer(archive.read(f"{split}.bin"), dtype=np.uint8)
     record = IMAGE_BYTES + 2
     if raw.size == 0 or raw.size % record:
-        raise DatasetError(f"{archive.path}:{split}.bin: size {raw.size} is not a multiple of {record}-byte records")
+        raise DatasetError(f"{archive.path}:{split}.bin: size {raw.size} is not a multiple of {record}-byte records, "
+                           f"the file is truncated or corrupt{archive.fix}")
     records = raw.reshape(-1, record)
     names = [n.strip() for n in archive.read("fine_label_names.txt").decode("utf-8").splitlines() if n.strip()]
     return _planes_to_hwc(records[:, 2:]), records[:, 1].astype(np.int64), names

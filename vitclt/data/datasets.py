@@ -60,7 +60,9 @@ class ImageDataset(Protocol):
     without decoding images; ``template_set`` names the prompt templates
     (see :mod:`vitclt.data.prompts`) used for zero-shot by default. A dataset
     with templates of its own may also carry them as a ``templates`` list,
-    which then takes precedence.
+    which then takes precedence. A dataset whose split was made by vitclt
+    (a ``folder:`` tree without split directories) says how in a one-line
+    ``split_note``; commands show it (read it with ``getattr(ds, "split_note", "")``).
     """
 
     name: str
@@ -78,6 +80,9 @@ class ImageDataset(Protocol):
 
 class LabelledImages:
     """Base class: the bookkeeping of :class:`ImageDataset`; subclasses decode image ``i``."""
+
+    split_note: str = ""
+    """One line saying how vitclt chose this split's images, when it chose them (else empty)."""
 
     def __init__(self, *, name: str, split: str, classnames: Sequence[str], labels: Sequence[int],
                  template_set: str) -> None:
@@ -135,6 +140,7 @@ class Subset(LabelledImages):
         self.indices = np.asarray(indices, dtype=np.int64)
         super().__init__(name=base.name, split=base.split, classnames=base.classnames,
                          labels=np.asarray(base.labels)[self.indices], template_set=base.template_set)
+        self.split_note = getattr(base, "split_note", "")
 
     def load_image(self, index: int) -> Image.Image:
         """Decode the base dataset's image behind ``index``."""
@@ -196,7 +202,7 @@ DATASET_KINDS: dict[str, Callable[..., ImageDataset]] = {
     "coco": _lazy("vitclt.data.coco", "load_coco"),
     "folder": _lazy("vitclt.data.folder", "load_folder"),
     "hf": _lazy("vitclt.data.hf", "load_hf"),
-    "demo": _lazy("vitclt.demo.world", "load_demo_world"),
+    "demo": _lazy("vitclt.data.world", "load_demo_world"),
 }
 """Dataset kinds by spec prefix; each maps ``(argument, split, **options)`` to an :class:`ImageDataset`."""
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from vitclt.errors import VitcltError
 
 BACKGROUND_RGB = (255, 255, 255)

@@ -12,8 +12,9 @@ no block is a thin remainder). A block's
 rows are loaded into a buffer on the training device, permuted with a generator seeded by (seed,
 epoch, block), and emitted in that order; batches run on across block and epoch boundaries. Every
 row of an epoch is emitted exactly once before the next epoch starts, and the stream's whole state
-is one integer, the number of rows consumed: resuming re-loads the current block (re-running the
-backbone on its images, in the same forward batches, so on CPU the rows are bit-identical).
+is the number of rows consumed (plus the record of images skipped as unreadable, see
+`vitclt.data.unreadable`): resuming re-loads the current block (re-running the backbone on its
+images, in the same forward batches, so on CPU the rows are bit-identical).
 A "keep a random half, refill" buffer mixes over about two buffers' worth of images instead of
 one, but its content after step s depends on every earlier refill and could only be restored by
 saving the buffer (gigabytes) or replaying dozens of refills; blocks trade that for an exact,
@@ -27,7 +28,7 @@ import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone, TokenSel
+from vitclt.data.unreadable import MAX_UNREADABLE_FRACTION, UnreadableImages
 from vitclt.errors import VitcltError
 
 STREAM_SALT = 0x5EED
@@ -95,11 +97,13 @@ class BackboneSource:
 
     Images are decoded and preprocessed in `workers` background threads while the backbone runs.
     Forward batches are cut from the requested image list in order, so the same request always
-    runs the same forwards (which is what makes a resumed stream bit-identical on CPU).
+    runs the same forwards (which is what makes a resumed stream bit-identical on CPU). An image
+    that cannot be decoded is skipped and recorded in `unreadable` (its rows are the next readable
+    image's); more than `max_unreadable` of the dataset stops the run (see `vitclt.data.unreadable`).
     """
 
     def __init__(self, backbone: Backbone, dataset, tokens: TokenSel = "all", images_per_forward: int = 64,
-                 workers: int = 1):
+                 workers: int = 1, max_unreadable: float = MAX_UNREADABLE_FRACTION):
         if len(dataset) == 0:
             raise StreamError("the dataset has no images: check the dataset spec and split")
         if images_per_forward < 1:
@@ -115,9 +119,13 @@ class BackboneSource:
         self._index = backbone.token_index(tokens)
         self.token_positions = torch.arange(backbone.n_tokens)[self._index].reshape(-1)
         self.rows_per_image = int(self.token_positions.numel())
+        self.unreadable = UnreadableImages(self.n_images, max_unreadable)
+
+    def _image(self, index: int):
+        return self.dataset[index][0]
 
     def _pixels(self, images: Sequence[int]) -> Tensor:
-        return self.backbone.preprocess([self.dataset[int(i)][0] for i in images])
+        return self.backbone.preprocess([self.unreadable.decode(self._image, int(i)) for i in images])
 
     def _forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         with self.backbone.capture() as cap:
@@ -217,7 +225,8 @@ def estimate_normalization(source: RowSource, n_tokens: int = 2**16, seed: int =
     bar.close()
     if not torch.isfinite(acc).all():
         bad = sorted({int(layer) for layer in torch.nonzero(~torch.isfinite(acc))[:, 1]})
-        raise StreamError(f"non-finite activations while estimating normalisation at layers {bad}: check the backbone and dtype (float16 overflows)")
+        raise StreamError(f"non-finite activations while estimating normalisation at layers {bad}: "
+                          "check the backbone and dtype (float16 overflows)")
     x_mean, x_scale = _moments(shift[0], acc[0], acc[1], n)
     y_mean, y_scale = _moments(shift[1], acc[2], acc[3], n)
     return NormStats(x_mean, x_scale, y_mean, y_scale)
@@ -226,9 +235,10 @@ def estimate_normalization(source: RowSource, n_tokens: int = 2**16, seed: int =
 class ActivationStream:
     """Endless shuffled batches of `batch_size` token rows from a `RowSource`.
 
-    See the module docstring for the block shuffle. `rows_consumed` is the whole state:
-    `state_dict()` / `load_state_dict()` save and restore it, and the next batch after a restore
-    equals the next batch of the uninterrupted stream.
+    See the module docstring for the block shuffle. `rows_consumed` is the whole position:
+    `state_dict()` / `load_state_dict()` save and restore it (with the source's record of skipped
+    unreadable images, if it keeps one), and the next batch after a restore equals the next batch
+    of the uninterrupted stream.
     """
 
     def __init__(self, source: RowSource, batch_size: int, buffer_size: int = 2**17, seed: int = 0,
@@ -254,20 +264,31 @@ class ActivationStream:
         """Passes over the dataset so far (fractional)."""
         return self.rows_consumed / self.rows_per_epoch
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the stream stands, plus the settings that must match on restore."""
-        return {"rows_consumed": self.rows_consumed, "seed": self.seed, "batch_size": self.batch_size,
-                "block_images": self.block_images, "rows_per_image": self.source.rows_per_image,
-                "n_images": self.source.n_images}
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands, the images skipped as unreadable, and the settings that must match on restore."""
+        state: dict[str, Any] = {
+            "rows_consumed": self.rows_consumed, "seed": self.seed, "batch_size": self.batch_size,
+            "block_images": self.block_images, "rows_per_image": self.source.rows_per_image,
+            "n_images": self.source.n_images}
+        unreadable = getattr(self.source, "unreadable", None)
+        if unreadable is not None:
+            state["unreadable"] = unreadable.state()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved `state_dict()`; refuses one saved with different settings."""
         mine = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)}, now {mine[k]}" for k in mine if k != "rows_consumed" and state.get(k) != mine[k]]
+        diff = [f"{k}: saved {state.get(k)}, now {mine[k]}" for k in mine
+                if k not in _POSITION and state.get(k) != mine[k]]
         if diff:
+            hint = ("; an image count that changed means files were added or removed: put them back (an unreadable "
+                    "image is skipped, not fatal)" if "n_images" in "".join(diff) else "")
             raise StreamError("cannot resume the activation stream with different settings (" + "; ".join(diff)
-                              + "): resume with the run's original dataset, tokens, batch and buffer size")
+                              + "): resume with the run's original dataset, tokens, batch and buffer size" + hint)
         self.rows_consumed = int(state["rows_consumed"])
+        unreadable = getattr(self.source, "unreadable", None)
+        if unreadable is not None:
+            unreadable.restore(state.get("unreadable"))
 
     def block_image_indices(self, epoch: int, block: int) -> np.ndarray:
         """Dataset indices of the images in block `block` of `epoch`, in load order."""
@@ -316,6 +337,10 @@ class ActivationStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
+
+
+_POSITION = ("rows_consumed", "unreadable")
+"""State entries that record progress rather than settings."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The embedded default: an image world the project generates, and a small CLIP trained on it.
+"""`vitclt demo`: the main job on the embedded default.
 
-- `world`: procedurally rendered scenes (a coloured shape on a textured background) with captions
-  and colour × shape labels; splits `train`, `test` and `unseen` (held-out combinations).
-- `train_clip`: the script that trains the CLIP-architecture model shipped in `weights/`, which
-  `vitclt.backbones.load_backbone("demo")` loads.
+The default's parts live where their kind does: the generated image world is the `demo` dataset
+kind (`vitclt.data.world`), the small CLIP trained on it is an asset (`vitclt/assets/demo_clip/`,
+loaded by `vitclt.backbones.load_backbone("demo")`), and the script that trains it is a tool of the
+source checkout (`tools/train_demo_clip.py`).
 """

@@ -1,13 +1,16 @@
 """Train the embedded demo model: a small CLIP-architecture model on the demo world's captions.
 
-    python -m vitclt.demo.train_clip --seed 0 --out vitclt/demo/weights
+    python tools/train_demo_clip.py --seed 0 --out vitclt/assets/demo_clip
 
 The model is a real `transformers` CLIPModel with CLIP's own tokenizer (49408 ids), trained
-contrastively on captions of `vitclt.demo.world` images rendered on the fly. It is saved in
+contrastively on captions of `vitclt.data.world` images rendered on the fly. It is saved in
 float16 (safetensors) with its image processor, then reloaded through the ordinary loader and
 measured: zero-shot top-1 on the held-out `test` split and on the `unseen` colour × shape
 combinations, and the same with every MLP output replaced by zeros (how much the MLPs matter).
 The numbers go into `training.json` and `TRAINING.md` next to the weights.
+
+A tool of the source checkout, not part of the installed package: the package ships only the
+weights (`vitclt/assets/demo_clip/`) and the world (`vitclt/data/world.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vitclt.backbones.base import Backbone
 from vitclt.backbones.hf_clip import HFClipBackbone
 from vitclt.backbones.tiny import tiny_clip_config
 from vitclt.backbones.tokenizer import clip_tokenizer
-from vitclt.demo.world import (
+from vitclt.data.world import (
     BACKGROUNDS,
     COLOURS,
     IMAGE_SIZE,
@@ -51,7 +54,7 @@ class TrainClipConfig:
 
     seed: int = 0
     """Seed of the model's initialisation, the caption choices, and the world's training images."""
-    out: Path = Path("vitclt/demo/weights")
+    out: Path = Path("vitclt/assets/demo_clip")
     """Directory to write the weights, image processor config and training record into."""
     layers: int = 6
     """Vision transformer blocks."""
@@ -263,7 +266,7 @@ def write_record(
     cfg_rows = "\n".join(f"| {k} | {v} |" for k, v in record["config"].items())
     (out / "TRAINING.md").write_text(
         "# The embedded demo CLIP\n\n"
-        "Trained by vitclt's own script on the procedurally generated demo world (`vitclt/demo/world.py`).\n\n"
+        "Trained by vitclt's own script on the procedurally generated demo world (`vitclt/data/world.py`).\n\n"
         f"Command:\n\n```\n{command}\n```\n\n"
         f"Seed {cfg.seed}; training took {train_s / 60:.1f} min and the whole command {wall_s / 60:.1f} min "
         f"on {cfg.threads} CPU thread(s) of a shared machine; torch {torch.__version__}.\n\n"
@@ -287,7 +290,7 @@ def run(cfg: TrainClipConfig) -> dict[str, float]:
     backbone = HFClipBackbone.from_pretrained(cfg.out)
     metrics = measure(backbone, seed=cfg.seed, n_images=cfg.eval_images)
     wall_s = time.time() - start
-    command = "python -m vitclt.demo.train_clip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python tools/train_demo_clip.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_record(cfg, cfg.out, train_s, wall_s, metrics, command)
     for k, v in metrics.items():
         print(f"{k:34s} {100 * v:5.1f}%")

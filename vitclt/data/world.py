@@ -27,6 +27,7 @@ from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from vitclt.errors import VitcltError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
