@@ -124,7 +124,7 @@ def finish_output(tmp: Path, out: Path) -> None:
 def _majority(top_images_LFK: torch.Tensor, valid_LFK: torch.Tensor, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """(class, count, of) of the most common label among each feature's valid top images, vectorised."""
     L, F, K = top_images_LFK.shape
-    lab = torch.as_tensor(labels, dtype=torch.long)[top_images_LFK.clamp_min(0)]
+    lab = torch.tensor(np.asarray(labels), dtype=torch.long)[top_images_LFK.clamp_min(0)]
     counts = torch.zeros(L * F, n_classes, dtype=torch.long)
     counts.scatter_add_(1, lab.view(L * F, K), valid_LFK.view(L * F, K).long())
     best, cls = counts.max(1)
