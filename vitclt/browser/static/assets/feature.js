@@ -65,7 +65,8 @@
       const cls = data[k * T] / 255;
       box.append(V.el("div", { class: "card", title: `image ${img}; CLS ${V.pct(cls)} of max` },
         V.el("div", { class: "imgbox" }, V.el("img", { src: V.image(site, img), alt: `image ${img}` }), canvas),
-        V.el("div", { class: "meta" }, V.el("b", { text: `${what} ${V.fmt(act)}` }), V.el("span", { text: V.classOf(site, img) }))));
+        V.el("div", { class: "meta" }, V.el("b", { text: `${what} ${V.fmt(act)}` }),
+          V.el("span", { text: `CLS ${V.pct(cls)} of max` }), V.el("span", { text: V.classOf(site, img) }))));
     });
     return box;
   }

@@ -111,7 +111,9 @@
       render();
     });
   }
-  for (const id of ["layer", "band", "later", "text"]) $(id).addEventListener("input", () => { state.page = 0; render(); });
+  for (const id of ["layer", "band", "later", "text"]) {
+    for (const ev of ["input", "change"]) $(id).addEventListener(ev, () => { state.page = 0; render(); });
+  }
   $("tc").addEventListener("change", () => { state.tc = $("tc").value; state.page = 0; loadTranscoder(); });
   $("prev").addEventListener("click", () => { state.page--; render(); });
   $("next").addEventListener("click", () => { state.page++; render(); });
