@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vitclt.training", "TrainConfig"),
     "eval": ("vitclt.eval.suite", "EvalConfig"),
     "reproduce": ("vitclt.eval.reproduce", "ReproduceConfig"),
+    "browse": ("vitclt.commands.browse", "BrowseConfig"),
 }
 """Subcommand → (module, config class); the module's `run(cfg)` executes it."""
 

@@ -1,0 +1,69 @@
+"""`vitclt browse`: a static feature browser for trained transcoders (see docs/browser.md).
+
+The config module imports no torch: `--help` and bad flags stay fast; `run` loads the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tyro.conf import Positional
+
+
+@dataclass
+class BrowseConfig:
+    """`vitclt browse RUN_DIR`: a static site of every feature's top images, heatmaps, decoder profile and CLIP text labels."""
+
+    run_dir: Positional[Path]
+    """A transcoder directory (config.json + model.safetensors) or a run directory holding several."""
+    dataset: str = "demo"
+    """Dataset spec to browse on (any `--dataset` spec); it may differ from the training set, and the pages say so."""
+    split: str = "test"
+    """Split of the dataset: test (held out) or train."""
+    transcoders: tuple[str, ...] = ()
+    """Names of the transcoders in RUN_DIR to include (default: all); names as `vitclt eval` lists them."""
+    backbone: str | None = None
+    """Backbone spec; default: the one the transcoders were trained on."""
+    max_images: int | None = None
+    """Browse a class-stratified subset of this many images (default: the whole split)."""
+    top_k: int = 16
+    """Top images kept per feature, by max-over-tokens and by CLS activation."""
+    samples: int = 16
+    """Images sampled uniformly per feature among those where it fires (the moderate-strength rows)."""
+    vocab_size: int = 3000
+    """Words from CLIP's BPE vocabulary to label features with (0: class names only)."""
+    batch_size: int = 64
+    """Images per backbone forward."""
+    thumb_size: int = 128
+    """Largest side of the stored image thumbnails, in pixels (smaller images keep their size)."""
+    exports: bool = True
+    """Also write circuit-tracer `features/` files and Neuronpedia/SAEDashboard batches."""
+    out: Path | None = None
+    """Output directory (default: RUN_DIR/browser); an earlier browser there is replaced."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
+    threads: int = 0
+    """Torch CPU threads (0: torch's default)."""
+    workers: int = 0
+    """Image-decoding worker processes."""
+    seed: int = 0
+    """Seed for the --max-images subset, the uniform samples and the label-check shuffles."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def run(cfg: BrowseConfig) -> Path:
+    """Build the browser and print where to open it."""
+    from vitclt.browser import build_browser
+    from vitclt.runtime import setup
+
+    device = setup(cfg.threads, cfg.seed, cfg.device)
+    out = build_browser(
+        cfg.run_dir, cfg.dataset, cfg.out, backbone=cfg.backbone, transcoders=list(cfg.transcoders) or None,
+        split=cfg.split, max_images=cfg.max_images, top_k=cfg.top_k, samples=cfg.samples, vocab_size=cfg.vocab_size,
+        batch_size=cfg.batch_size, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
+        workers=cfg.workers, seed=cfg.seed, progress=cfg.progress,
+    )
+    print(f"open the browser: {out / 'index.html'}")
+    return out
