@@ -5,8 +5,17 @@ import torch
 
 from vitclt.backbones import Replacement
 from vitclt.eval.replacement import (
-    CascadedReplacement, GridBatch, ReplacementGrid, Setting, Window, clean_setting, default_windows,
-    encode_rows, parse_windows, transcoder_setting, zero_setting,
+    CascadedReplacement,
+    GridBatch,
+    ReplacementGrid,
+    Setting,
+    Window,
+    clean_setting,
+    default_windows,
+    encode_rows,
+    parse_windows,
+    transcoder_setting,
+    zero_setting,
 )
 from vitclt.eval.zeroshot import zero_mlp
 from vitclt.nn import Transcoder, TranscoderConfig
@@ -168,6 +177,6 @@ def test_grid_runs_transcoder_settings_with_clean_codes(tiny_backbone, pixels):
     grid.update(GridBatch(pixels, labels, {id(tc): clean_codes}))
     grid.update(GridBatch(pixels, labels, {}))  # without clean codes the transcoder encodes itself
     top1 = grid.top1()
-    assert grid.n == 12 and set(top1) == {s.name for s in settings}
+    assert grid.n == 12 and set(top1) == {s.key for s in settings}
     with pytest.raises(ValueError, match="duplicate"):
         ReplacementGrid(bb, classifier, settings + settings[:1])

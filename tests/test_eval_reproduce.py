@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from vitclt.eval.reproduce import ReproduceConfig, run, train_config
 
 from .conftest import write_image_folder

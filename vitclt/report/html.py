@@ -13,9 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vitclt.eval.faithfulness import EDITS
-from vitclt.eval.reconstruction import METRICS
 from vitclt.report import figures
+from vitclt.report.summary import headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -63,10 +62,21 @@ def _clts(metrics: dict) -> list[str]:
     return [n for n, e in metrics["transcoders"].items() if e["topology"] == "clt"]
 
 
+def _metric_names(metrics: dict) -> list[str]:
+    """The reconstruction metrics, in the order metrics.json lists them."""
+    return list(next(iter(metrics["transcoders"].values()))["reconstruction"]["all"]["mean"])
+
+
+def _edits(block: dict) -> list[str]:
+    """The faithfulness edits of one token set's block, in the order metrics.json lists them."""
+    return [k for k, v in block.items() if isinstance(v, dict) and "top1" in v]
+
+
 def _header(metrics: dict) -> str:
     bb, ds, base = metrics["backbone"], metrics["dataset"], metrics["baseline"]
     rows = [[_esc(n), _esc(e["topology"]), _esc(e["sparsifier"]), _fmt(e["k"]), _fmt(e["n_features"])]
             for n, e in metrics["transcoders"].items()]
+    top = headline(metrics)
     return (
         f"<h1>vitclt evaluation: {_esc(bb['name'])} on {_esc(ds.get('name', ds.get('spec')))}</h1>"
         f"<p>{bb['n_layers']} layers, width {bb['d_model']}, {bb['n_tokens']} tokens. "
@@ -74,27 +84,32 @@ def _header(metrics: dict) -> str:
         f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes, {len(ds.get('templates', []))} prompt templates. "
         f"Clean zero-shot top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
         + _table(["transcoder", "topology", "sparsifier", "k", "features / layer"], rows)
+        + "<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); zero-shot top-1 (%) with the full "
+        "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
+        "beside their random controls. Details in the sections below.</p>"
+        + _table([_esc(h) for h in top.header], [[_esc(c) for c in r] for r in top.rows])
     )
 
 
 def _reconstruction(metrics: dict, fig: Path) -> str:
+    names = _metric_names(metrics)
     rows = []
     for name, e in metrics["transcoders"].items():
         for group, r in e["reconstruction"].items():
-            rows.append([_esc(name), group] + [_fmt(r["mean"][m], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS])
+            rows.append([_esc(name), group] + [_fmt(r["mean"][m], 2 if m in ("l0", "dead_pct") else 4) for m in names])
     per_layer = []
     for name, e in metrics["transcoders"].items():
         r = e["reconstruction"]["all"]["per_layer"]
         per_layer.append(f"<h4>{_esc(name)} (all tokens)</h4>" + _table(
-            ["layer"] + [LABELS[m] for m in METRICS],
-            [[str(i)] + [_fmt(r[m][i], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS] for i in range(len(r["mse"]))]))
+            ["layer"] + [LABELS[m] for m in names],
+            [[str(i)] + [_fmt(r[m][i], 2 if m in ("l0", "dead_pct") else 4) for m in names] for i in range(len(r["mse"]))]))
     return (
         "<h2>Reconstruction of MLP outputs</h2>"
         "<p>On clean activations of the eval set. Layer averages (the paper's numbers are layer-averaged). "
         "MSE is in the backbone's raw activation units; R² = 1 − SSE/SST with SST around the per-dimension mean; "
         "FVU = SSE/SST (= 1 − R²); cosine is the mean over tokens; L0 the mean active features per token and layer; "
         "dead % the features never active on the group's tokens.</p>"
-        + _table(["transcoder", "tokens"] + [LABELS[m] for m in METRICS], rows, left=2)
+        + _table(["transcoder", "tokens"] + [LABELS[m] for m in names], rows, left=2)
         + _img(fig, "reconstruction per layer")
         + "<details><summary>Per-layer tables</summary>" + "".join(per_layer) + "</details>"
     )
@@ -149,16 +164,17 @@ def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
     if not figs:
         return ""
     first = metrics["transcoders"][next(iter(figs))]["faithfulness"]
+    edits = _edits(next(iter(first.values())))
     k = next(iter(first.values()))["k"]
     seeds = len(next(iter(first.values()))["drop_random"]["runs"])
     names = {"full": "full", "drop_top1": "drop top-1", "keep_topk": f"keep top-{k}", "keep_bottomk": f"keep bottom-{k}",
              "drop_random": "drop a random one", "keep_random": f"keep {k} random"}
-    header = ["transcoder", "tokens", "baseline"] + [names[e] for e in EDITS]
+    header = ["transcoder", "tokens", "baseline"] + [names[e] for e in edits]
     rows = []
     for name in figs:
         for tokens, b in metrics["transcoders"][name]["faithfulness"].items():
             cells = []
-            for e in EDITS:
+            for e in edits:
                 std = f" ± {b[e]['std']:.2f}" if e in ("drop_random", "keep_random") else ""
                 cells.append(f"{b[e]['top1']:.2f}{std}<br>{_delta(b[e]['delta_baseline'])} / {_delta(b[e]['delta_full'])}")
             rows.append([_esc(name), tokens, f"{b['baseline']:.2f}"] + cells)
@@ -169,6 +185,9 @@ def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
         f"(<code>full</code>), all but the top-ranked one (necessity), only the top {k} (sufficiency), and the controls: "
         f"only the bottom {k}, all but a random one, {k} random ones ({seeds} seeds, mean ± std). Cells: top-1 (%), then the "
         "change against the clean model / against <code>full</code>, in pp.</p>"
+        '<p class="note">At the last layer, <code>all</code> and <code>cls</code> give the same numbers: CLIP reads the image '
+        "embedding from the CLS token after the last block, so editing the patch tokens' last-layer MLP output cannot "
+        "change it; only the CLS token's edit matters there.</p>"
         + _table(header, rows, left=2) + "".join(_img(f, f"{n} faithfulness") for n, f in figs.items())
     )
 
