@@ -249,7 +249,8 @@ def test_diverged_training_ends_with_a_warning_naming_the_learning_rate(tiny_cli
                  checkpoint_every=10)
     train(cfg)
     err = capsys.readouterr().err
-    assert "warning: relu-topk ends training with FVU" in err and "learning rate (10) is too high" in err
+    assert "warning: relu-topk ends training with FVU" in err and "training diverged" in err
+    assert "learning rate (10) is too high" in err
     ok = config(tiny_clip_dir, image_folder, tmp_path / "ok", steps=10, warmup_steps=0, lr=5e-3, log_every=5,
                 checkpoint_every=10)
     train(ok)

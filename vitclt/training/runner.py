@@ -135,13 +135,22 @@ def check_batch(batch_size: int, source: RowSource) -> None:
                             "fewer, or train on more images (--max-images, --dataset)")
 
 
-def warn_if_diverged(last: dict[str, StepMetrics], cfg: TrainConfig, trainer: Trainer) -> None:
-    """Warn (on stderr) about every transcoder that ends worse than predicting the mean (FVU above 1)."""
+DIVERGED_FVU = 2.0
+"""End-of-training FVU above which the run surely diverged: an untrained transcoder is near 1 (measured 1.0-1.4)."""
+
+
+def warn_if_worse_than_mean(last: dict[str, StepMetrics], trainer: Trainer) -> None:
+    """Warn (on stderr) about every transcoder that ends worse than predicting the mean (FVU above 1), with the likely cause."""
     for name, w in last.items():
-        if w.fvu > 1:
-            print(f"warning: {name} ends training with FVU {w.fvu:.3g}, worse than predicting the mean (FVU 1): "
-                  f"training diverged, most likely because the learning rate ({trainer.base_lr[name]:.3g}) is too high; "
-                  "retrain with a lower --lr (or the default), or more --warmup-steps", file=sys.stderr)
+        if not w.fvu > 1:
+            continue
+        lr = f"the learning rate ({trainer.base_lr[name]:.3g}) is too high: retrain with a lower --lr (or the default)"
+        if w.fvu > DIVERGED_FVU:
+            cause = f"training diverged; most likely {lr}"
+        else:
+            cause = f"either the {trainer.step} steps were too few to learn (raise --steps) or {lr}"
+        print(f"warning: {name} ends training with FVU {w.fvu:.3g}, worse than predicting the mean (FVU 1): {cause}",
+              file=sys.stderr)
 
 
 def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "train") -> list[Path]:
@@ -216,5 +225,5 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     paths = [out / name for name in models]
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
-    warn_if_diverged(last, cfg, trainer)
+    warn_if_worse_than_mean(last, trainer)
     return paths
