@@ -45,7 +45,7 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("dataset.classnames", "class names in label order, as put into the prompts"),
     MetricKey("dataset.templates", "prompt templates; class vectors are the renormalised mean over templates"),
     MetricKey("dataset.subset", "how the images were chosen (whole split, or a class-stratified subset and its seed)"),
-    MetricKey("config", "the eval configuration (every `vitclt eval` flag)"),
+    MetricKey("config", "the eval configuration: every `vitclt eval` flag, nested by group (`options`, `runtime`)"),
     MetricKey("context", "extra context of the run, e.g. the training settings from `vitclt reproduce` (may be empty)"),
     MetricKey("baseline.top1", "zero-shot top-1 (%) of the clean model"),
     MetricKey("baseline.top5", "zero-shot top-5 (%) of the clean model"),
