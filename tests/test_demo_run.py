@@ -31,7 +31,8 @@ def test_demo_is_a_preset_of_reproduce_with_the_demo_sizes():
     assert (cfg.sweep.models, cfg.sweep.k, cfg.transcoder.expansion, cfg.optim.batch_size) == (PAPER_MODELS, (16,), 8, 1024)
     assert (cfg.runtime.threads, cfg.runtime.workers, cfg.out, cfg.overwrite) == (1, 1, Path("runs/demo"), True)
     quick = parse(["demo", "--quick"])[1].sized()
-    assert (quick.max_images, quick.optim.steps, quick.eval_images, quick.evaluation.seeds, quick.optim.warmup) == (400, 100, 160, 2, 10)
+    sizes = (quick.max_images, quick.optim.steps, quick.eval_images, quick.evaluation.seeds, quick.optim.warmup)
+    assert sizes == (400, 100, 160, 2, 10)
     name, cfg = parse(["reproduce", "--windows", "0-2", "last:1"])
     assert name == "reproduce" and cfg.evaluation.windows == ("0-2", "last:1") and cfg.command == "reproduce"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vitclt.cli import main
-from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
 from vitclt.commands.eval import EvalConfig, run
+from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
 from vitclt.eval.options import EvalOptions
 from vitclt.eval.suite import find_transcoders
 from vitclt.report.summary import headline, headline_table
@@ -84,7 +84,8 @@ def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, f
     assert headline_table(metrics) in printed
     row = next(r for r in table.rows if r[0] == "clt-relu-topk")
     assert row[1] == f"{clt['reconstruction']['all']['mean']['r2']:.4f}"
-    assert row[3] == f"{clt['replacement']['0-2']['all']['top1']:.2f}" and row[4] == f"{clt['replacement']['2-2']['all']['top1']:.2f}"
+    assert row[3] == f"{clt['replacement']['0-2']['all']['top1']:.2f}"
+    assert row[4] == f"{clt['replacement']['2-2']['all']['top1']:.2f}"
     assert row[5:] == [f"{faith[e]['top1']:.2f}" for e in ("drop_top1", "drop_random", "keep_topk", "keep_random")]
     assert "".join(f"<td class=\"\">{c}</td>" for c in row[1:]) in html
 
@@ -136,6 +137,7 @@ def test_eval_templates_take_a_shipped_set_name(run_dir, folder, tmp_path):
 
 
 def test_the_report_renders_metrics_without_the_evaluation_library():
-    code = "import sys, vitclt.report.html, vitclt.report.summary; print(sorted(m for m in sys.modules if m.startswith('vitclt.eval')))"
+    code = ("import sys, vitclt.report.html, vitclt.report.summary; "
+            "print(sorted(m for m in sys.modules if m.startswith('vitclt.eval')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -62,7 +62,8 @@ def parse(args: Sequence[str]) -> tuple[str, Any]:
             options.append(Annotated[type(cmd.config), marker])
     cfg = tyro.cli(Union[tuple(options)], args=list(args), prog="vitclt",  # type: ignore[arg-type]
                    description="vitclt: cross-layer transcoders for vision transformers (--version prints the version).")
-    name = getattr(cfg, "command", None) or next(n for n, c in COMMANDS.items() if isinstance(c.config, type) and isinstance(cfg, c.config))
+    classes = {n: c.config for n, c in COMMANDS.items() if isinstance(c.config, type)}
+    name = getattr(cfg, "command", None) or next(n for n, cls in classes.items() if isinstance(cfg, cls))
     return name, cfg
 
 

@@ -29,7 +29,7 @@ class EvalConfig:
     eval_images: int | None = None
     """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
     templates: str | None = None
-    """Prompt templates: a file (one per line, each containing {}) or a shipped set (cifar100, imagenet, imagenet7, coco); default: the dataset's own."""
+    """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names (one per line, label order); default: the dataset's shipped names."""
     options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
@@ -51,7 +51,8 @@ def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict
         "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
         "n_images": len(dataset), "n_classes": len(dataset.classnames),
         "classnames": list(dataset.classnames), "templates": list(templates),
-        "subset": f"class-stratified {cfg.eval_images} images (seed {cfg.runtime.seed})" if cfg.eval_images else "the whole split",
+        "subset": (f"class-stratified {cfg.eval_images} images (seed {cfg.runtime.seed})" if cfg.eval_images
+                   else "the whole split"),
     }
 
 

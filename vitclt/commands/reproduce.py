@@ -6,7 +6,7 @@ the same k (so matched L0 for the TopK family), in ONE training run on a single 
 so the backbone runs once per training image for every model; `--models` picks other pairs. Then
 the evaluation suite runs on all of them and writes the combined report.
 
-    OUT/train/clt-{jumprelu,relu-topk,abs-topk}/, OUT/train/{plt,sae}-relu-topk/   config.json + model.safetensors (+ training.json)
+    OUT/train/clt-{jumprelu,relu-topk,abs-topk}/, OUT/train/{plt,sae}-relu-topk/   config.json, model.safetensors, training.json
     OUT/eval/metrics.json, OUT/eval/figures/*.png, OUT/eval/report.html
 """
 

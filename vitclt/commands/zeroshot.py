@@ -23,13 +23,13 @@ class ZeroShotConfig:
     split: str = "test"
     """Split to evaluate: test (= val, the held-out labelled split) or train."""
     templates: str | None = None
-    """Prompt templates: a file (one per line, each containing {}) or a shipped set (cifar100, imagenet, imagenet7, coco); default: the dataset's own."""
+    """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names, one per line in label order; default: the dataset's shipped names."""
     max_images: int | None = None
     """Evaluate on a class-stratified subset of this many images (quick runs)."""
     ablate_layers: tuple[str, ...] = ()
-    """Zero the MLP outputs of these layer windows (START-END, a layer N, all, or last:N; e.g. 3-11 or 0,4,7): the control for replacement runs."""
+    """Zero the MLP outputs of these layer windows (START-END, N, all or last:N; e.g. 3-11 or 0,4,7): the replacement control."""
     ablate_tokens: TokenSet = "all"
     """Tokens whose MLP output is zeroed with --ablate-layers: cls, patches or all."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))

@@ -17,7 +17,7 @@ class EvalOptions:
     """The evaluation suite's settings: replacement windows and tokens, faithfulness, retrieval."""
 
     windows: tuple[str, ...] = ()
-    """Replacement windows: START-END, a layer N, all, or last:N (e.g. 0-11 3-11 last:2); default: the paper's, scaled to the depth."""
+    """Replacement windows: START-END, a layer N, all, or last:N (e.g. 0-11 3-11 last:2); default: the paper's, scaled."""
     replace_tokens: tuple[TokenSet, ...] = get_args(TokenSet)
     """Token subsets whose MLP outputs each window's cascaded replacement replaces."""
     faith_tokens: tuple[TokenSet, ...] = ("all", "cls")

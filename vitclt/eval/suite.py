@@ -64,7 +64,8 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
         found.update({"-".join(p.relative_to(run_dir).parts): p for p in below if is_tc(p)})
         frontier = [p for p in below if not is_tc(p)]
     if not found:
-        raise InputNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its subdirectories")
+        raise InputNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its "
+                                 "subdirectories")
     return dict(sorted(found.items()))
 
 
@@ -138,7 +139,8 @@ def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transc
     """Pass 1: per batch, the clean forward, every accumulator, and every replacement setting."""
     L, T = backbone.n_layers, backbone.n_tokens
     groups = token_groups(backbone)
-    recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device) for n, tc in transcoders.items()}
+    recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device)
+             for n, tc in transcoders.items()}
     attrib = {n: ContributionAccumulator(L, T, groups) for n, tc in transcoders.items() if tc.cfg.topology == "clt"}
     gallery = {n: CodeGallery(L, tc.n_features, T, backbone.n_prefix_tokens, options.retrieval_pool)
                for n, tc in transcoders.items()}
@@ -226,8 +228,10 @@ def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, tra
     zero = {(w, t): top1[ReplaceKey(None, w, t)] for w in windows for t in options.replace_tokens}
     metrics = {
         "schema": SCHEMA,
-        "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model, "n_tokens": backbone.n_tokens},
-        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images, "embedding_precision_at_k": emb_precision},
+        "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model,
+                     "n_tokens": backbone.n_tokens},
+        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images,
+                     "embedding_precision_at_k": emb_precision},
         "windows": [w.label for w in windows],
         "tokens": list(options.replace_tokens),
         "zero_ablation": {w.label: {t: zero[w, t] for t in options.replace_tokens} for w in windows},

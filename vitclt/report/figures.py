@@ -179,7 +179,8 @@ def retrieval_figure(name: str, retrieval: dict, dataset, path: Path, query: int
         return classnames[int(labels[i])] if labels is not None and classnames else str(i)
 
     query_image = _thumb(dataset[q][0])
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols, 1.35 * len(rows) + 0.3), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols, 1.35 * len(rows) + 0.3), squeeze=False,
+                             layout="constrained")
     for layer, (neigh, sim) in enumerate(zip(rows, sims)):
         axes[layer, 0].imshow(query_image)
         axes[layer, 0].set_ylabel(f"Layer {layer}", fontsize=8)

@@ -33,7 +33,7 @@ class SweepConfig:
     """Which transcoders a run trains: every --topology × --sparsifier × --k, or the --models pairs × --k."""
 
     topology: tuple[Topology, ...] = ("clt",)
-    """One or more of clt (layer i writes to every layer j ≥ i), plt (only to i), sae (rebuilds each MLP output from itself); all share the stream."""
+    """One or more of clt (layer i writes to every layer j ≥ i), plt (only to i), sae (rebuilds each MLP output from itself)."""
     sparsifier: tuple[SparsifierName, ...] = ("relu-topk",)
     """One or more sparsifiers; each gets its own transcoder, all trained on the same stream."""
     models: tuple[str, ...] = ()
