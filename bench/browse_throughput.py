@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="transcoder directory or run directory")
     parser.add_argument("--dataset", default="demo")
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--images-per-forward", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-exports", action="store_true", help="skip the circuit-tracer and Neuronpedia files")
@@ -38,7 +38,7 @@ def main() -> None:
         start = time.perf_counter()
         with redirect_stdout(log):
             out = build_browser(args.run_dir, args.dataset, Path(tmp) / "site", max_images=args.max_images,
-                                batch_size=args.batch_size, device=args.device, exports=not args.no_exports,
+                                images_per_forward=args.images_per_forward, device=args.device, exports=not args.no_exports,
                                 progress=False)
         wall = time.perf_counter() - start
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -63,7 +63,7 @@ def read_data(path: Path):
 def tiny_run(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("browse")
     run, spec = make_run(root, tiny_backbone)
-    out = build_browser(run, spec, backbone=str(tiny_backbone.name), batch_size=5, top_k=4, samples=4,
+    out = build_browser(run, spec, backbone=str(tiny_backbone.name), images_per_forward=5, top_k=4, samples=4,
                         vocab_size=50, progress=False)
     return run, spec, out
 

@@ -38,7 +38,7 @@ def site(tmp_path_factory, tiny_backbone):
 
     root = tmp_path_factory.mktemp("browse_chromium")
     run, spec = make_run(root, tiny_backbone)
-    return build_browser(run, spec, backbone=tiny_backbone.name, batch_size=6, top_k=4, samples=4, vocab_size=50,
+    return build_browser(run, spec, backbone=tiny_backbone.name, images_per_forward=6, top_k=4, samples=4, vocab_size=50,
                          exports=False, progress=False)
 
 

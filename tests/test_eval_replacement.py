@@ -4,10 +4,20 @@ import pytest
 import torch
 
 from vitclt.backbones import Replacement
+from vitclt.errors import ConfigError
 from vitclt.eval.replacement import (
-    CascadedReplacement, GridBatch, ReplacementGrid, Setting, Window, clean_setting, default_windows,
-    encode_rows, parse_windows, transcoder_setting, zero_setting,
+    CascadedReplacement,
+    GridBatch,
+    ReplacementGrid,
+    Setting,
+    Window,
+    clean_setting,
+    default_windows,
+    encode_rows,
+    transcoder_setting,
+    zero_setting,
 )
+from vitclt.eval.windows import parse_windows, union_layers
 from vitclt.eval.zeroshot import zero_mlp
 from vitclt.nn import Transcoder, TranscoderConfig
 
@@ -51,12 +61,20 @@ def test_default_windows_are_the_papers_and_scale_with_depth():
     assert default_windows(12) == [Window(0, 11), Window(3, 11), Window(7, 11), Window(10, 11)]
     assert default_windows(3) == [Window(0, 2), Window(1, 2), Window(2, 2)]
     assert default_windows(24) == [Window(0, 23), Window(6, 23), Window(14, 23), Window(22, 23)]
+
+
+
+def test_one_window_grammar_for_windows_and_ablated_layers():
     assert parse_windows("0-11, 3→11,5-5", 12) == [Window(0, 11), Window(3, 11), Window(5, 5)]
-    assert parse_windows("", 12) == default_windows(12)
-    with pytest.raises(ValueError, match="out of range"):
-        parse_windows("3-12", 12)
-    with pytest.raises(ValueError, match="START-END"):
-        parse_windows("a-b", 12)
+    assert parse_windows(["0-11", "3-11,7"], 12) == [Window(0, 11), Window(3, 11), Window(7, 7)]
+    assert parse_windows(["all", "last:2"], 12) == [Window(0, 11), Window(10, 11)]
+    assert parse_windows((), 12) == []
+    assert union_layers(parse_windows("0,4,7", 12)) == [0, 4, 7]
+    assert union_layers(parse_windows(["3-5", "4-6"], 12)) == [3, 4, 5, 6]
+    for bad, message in (("3-12", "out of range"), ("5-3", "out of range"), ("a-b", "START-END"), ("last:0", "START-END"),
+                         ("1-2,1-2", "listed twice")):
+        with pytest.raises(ConfigError, match=message):
+            parse_windows(bad, 12)
 
 
 def test_true_mlp_output_gives_clean_accuracy_in_every_setting(tiny_backbone, pixels):
@@ -168,6 +186,6 @@ def test_grid_runs_transcoder_settings_with_clean_codes(tiny_backbone, pixels):
     grid.update(GridBatch(pixels, labels, {id(tc): clean_codes}))
     grid.update(GridBatch(pixels, labels, {}))  # without clean codes the transcoder encodes itself
     top1 = grid.top1()
-    assert grid.n == 12 and set(top1) == {s.name for s in settings}
+    assert grid.n == 12 and set(top1) == {s.key for s in settings}
     with pytest.raises(ValueError, match="duplicate"):
         ReplacementGrid(bb, classifier, settings + settings[:1])

@@ -2,13 +2,20 @@
 
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from vitclt.cli import main
+from vitclt.commands.eval import EvalConfig, run
 from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
-from vitclt.eval.suite import EvalConfig, find_transcoders, run
+from vitclt.eval.options import EvalOptions
+from vitclt.eval.suite import find_transcoders
+from vitclt.report.summary import headline, headline_table
+from vitclt.runtime import RuntimeConfig
 
 from .conftest import write_image_folder
 from .test_eval_replacement import make_transcoder
@@ -46,9 +53,11 @@ def test_find_transcoders_names_nested_directories(run_dir, tmp_path):
 
 def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, folder, tmp_path, capsys):
     out = tmp_path / "eval"
-    report = run(EvalConfig(run_dir, dataset=f"folder:{folder}", batch_size=5, seeds=2, retrieval_k=2,
-                            retrieval_queries=1, out=out, progress=False, threads=1))
-    assert report == out / "report.html" and f"report: {report}" in capsys.readouterr().out
+    report = run(EvalConfig(run_dir, dataset=f"folder:{folder}", out=out,
+                            options=EvalOptions(seeds=2, retrieval_k=2, retrieval_queries=1),
+                            runtime=RuntimeConfig(images_per_forward=5, workers=0, progress=False, threads=1)))
+    printed = capsys.readouterr().out
+    assert report == out / "report.html" and f"report: {report}" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert check_metric_keys(metrics) == []
     assert metrics["baseline"]["n_images"] == 12 and metrics["windows"] == ["0-2", "1-2", "2-2"]
@@ -71,11 +80,21 @@ def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, f
     assert sorted(p.name for p in (out / "figures").iterdir())[:3] == ["contributions_clt-jumprelu.png",
                                                                       "contributions_clt-relu-topk.png",
                                                                       "faithfulness_clt-jumprelu.png"]
+    assert "CLIP reads the image embedding from the CLS token after the last block" in html
+    # The printed headline table and the report's carry the numbers of metrics.json.
+    table = headline(metrics)
+    assert headline_table(metrics) in printed
+    row = next(r for r in table.rows if r[0] == "clt-relu-topk")
+    assert row[1] == f"{clt['reconstruction']['all']['mean']['r2']:.4f}"
+    assert row[3] == f"{clt['replacement']['0-2']['all']['top1']:.2f}"
+    assert row[4] == f"{clt['replacement']['2-2']['all']['top1']:.2f}"
+    assert row[5:] == [f"{faith[e]['top1']:.2f}" for e in ("drop_top1", "drop_random", "keep_topk", "keep_random")]
+    assert "".join(f"<td class=\"\">{c}</td>" for c in row[1:]) in html
 
 
 def test_cli_eval_runs_and_reports_bad_input(run_dir, folder, tmp_path, capsys):
     main(["eval", str(run_dir / "clt" / "relu-topk"), "--dataset", f"folder:{folder}", "--windows", "2-2",
-          "--tokens", "cls", "all", "--seeds", "1", "--out", str(tmp_path / "e"), "--no-progress"])
+          "--replace-tokens", "cls", "all", "--seeds", "1", "--out", str(tmp_path / "e"), "--no-progress"])
     assert "report:" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["windows"] == ["2-2"] and metrics["tokens"] == ["cls", "all"]
@@ -89,7 +108,7 @@ def test_mismatched_backbone_is_a_clear_error(tmp_path, folder, tiny_clip_dir):
     tc.cfg.backbone = str(tiny_clip_dir)
     tc.save_pretrained(tmp_path / "tc")
     with pytest.raises(ValueError, match="does not fit backbone"):
-        run(EvalConfig(tmp_path / "tc", dataset=f"folder:{folder}", progress=False))
+        run(EvalConfig(tmp_path / "tc", dataset=f"folder:{folder}", runtime=RuntimeConfig(workers=0, progress=False)))
 
 
 def test_docs_list_exactly_the_documented_keys():
@@ -97,3 +116,30 @@ def test_docs_list_exactly_the_documented_keys():
     assert markdown_table() in doc, "docs/metrics.md is out of date: paste vitclt.eval.metric_keys.markdown_table()"
     keys = re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M)
     assert keys == [k.key for k in METRIC_KEYS]
+
+
+def test_eval_into_an_unwritable_directory_fails_at_once_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    import vitclt.backbones
+
+    monkeypatch.setattr(vitclt.backbones, "load_backbone", lambda *a, **k: pytest.fail("loaded the backbone first"))
+    (tmp_path / "file").write_text("")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(run_dir), "--out", str(tmp_path / "file" / "eval")])
+    assert time.perf_counter() - start < 1 and exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot write to {tmp_path / 'file' / 'eval'}" in err and "--out" in err
+
+
+def test_eval_templates_take_a_shipped_set_name(run_dir, folder, tmp_path):
+    main(["eval", str(run_dir / "clt" / "relu-topk"), "--dataset", f"folder:{folder}", "--windows", "2", "--seeds", "1",
+          "--templates", "imagenet7", "--out", str(tmp_path / "e"), "--no-progress"])
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert len(metrics["dataset"]["templates"]) == 7 and metrics["windows"] == ["2-2"]
+
+
+def test_the_report_renders_metrics_without_the_evaluation_library():
+    code = ("import sys, vitclt.report.html, vitclt.report.summary; "
+            "print(sorted(m for m in sys.modules if m.startswith('vitclt.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

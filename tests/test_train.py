@@ -17,9 +17,11 @@ from tests.conftest import random_images
 from vitclt.backbones import load_backbone
 from vitclt.backbones.tiny import build_tiny_clip, tiny_clip_config
 from vitclt.data.stream import BackboneSource
-from vitclt.nn import Transcoder
+from vitclt.errors import OutputError
+from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.training import TrainConfig, TrainingError, train, transcoder_configs
 from vitclt.training.checkpoint import read_state_meta
+from vitclt.training.config import flat_settings
 from vitclt.training.trainer import lr_factor, ramp_factor
 
 N_IMAGES = 24
@@ -36,12 +38,20 @@ def image_folder(tmp_path_factory):
 
 
 def config(backbone, folder, out, **overrides) -> TrainConfig:
-    """A run small enough for a test: 24 images of 17 tokens, all in one buffer, 1 CPU thread."""
+    """A run small enough for a test: 24 images of 17 tokens, all in one buffer, 1 CPU thread.
+
+    Settings are given by flag name, whichever group owns them (`TrainConfig.from_json` reads flat dicts).
+    """
     base = dict(backbone=str(backbone), dataset=f"folder:{folder}", tokens="all", sparsifier=("relu-topk",), k=(8,),
                 expansion=4, steps=200, batch_size=256, warmup_steps=20, buffer_size=N_IMAGES * 17, norm_tokens=400,
                 images_per_forward=N_IMAGES, workers=1, checkpoint_every=100, log_every=50, threads=1, device="cpu",
                 out=Path(out), progress=False)
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.from_json({**base, **overrides})
+
+
+def changed(cfg: TrainConfig, **overrides) -> TrainConfig:
+    """`cfg` with some settings changed, by flag name."""
+    return TrainConfig.from_json({**flat_settings(cfg.to_json()), **overrides})
 
 
 def fvu_L(model: Transcoder, backbone, folder) -> torch.Tensor:
@@ -72,7 +82,7 @@ def test_training_lowers_fvu_on_every_layer(tiny_clip_dir, tiny_backbone, image_
 
 def test_sweep_trains_one_transcoder_per_setting_on_one_stream(tiny_clip_dir, image_folder, tmp_path, capsys):
     cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", sparsifier=("relu-topk", "jumprelu", "abs-topk"),
-                 k=(4, 8), steps=6, checkpoint_every=3, cache_dir=tmp_path / "cache")
+                 k=(4, 8), steps=6, warmup_steps=2, checkpoint_every=3, cache_dir=tmp_path / "cache")
     assert list(transcoder_configs(cfg, 3, 32)) == ["relu-topk-k4", "relu-topk-k8", "jumprelu", "abs-topk-k4", "abs-topk-k8"]
     paths = train(cfg)
     assert [p.name for p in paths] == ["relu-topk-k4", "relu-topk-k8", "jumprelu", "abs-topk-k4", "abs-topk-k8"]
@@ -111,8 +121,8 @@ def test_killed_run_resumes_bit_identically(tiny_clip_dir, image_folder, tmp_pat
                  checkpoint_every=10)
     with pytest.raises(TrainingError, match="unfinished run"):
         train(cfg)
-    train(dataclasses.replace(cfg, resume=True))
-    train(dataclasses.replace(cfg, out=whole))
+    train(changed(cfg, resume=True))
+    train(changed(cfg, out=whole))
     for name in ("relu-topk/model.safetensors", "training_state.safetensors"):
         a, b = load_file(killed / name), load_file(whole / name)
         assert a.keys() == b.keys()
@@ -155,15 +165,17 @@ def test_nan_in_batch_stops_training_and_keeps_last_checkpoint(tiny_clip_dir, ti
 
 def test_resume_into_another_backbone_or_settings_is_refused(image_folder, tmp_path):
     backbone_dir = build_tiny_clip(tmp_path / "clip", seed=0)
-    cfg = config(backbone_dir, image_folder, tmp_path / "run", steps=4, checkpoint_every=2)
+    cfg = config(backbone_dir, image_folder, tmp_path / "run", steps=4, warmup_steps=2, checkpoint_every=2)
     train(cfg)
     with pytest.raises(TrainingError, match="already holds a finished run"):
         train(cfg)
     with pytest.raises(TrainingError, match=r"k: run has \[8\], now \[16\]"):
-        train(dataclasses.replace(cfg, resume=True, steps=8, k=(16,)))
+        train(changed(cfg, resume=True, steps=8, k=(16,)))
+    with pytest.raises(TrainingError, match=r"expansion: run has 4, now 2"):
+        train(changed(cfg, resume=True, steps=8, expansion=2))
     build_tiny_clip(backbone_dir, seed=0, config=tiny_clip_config(n_layers=2))
     with pytest.raises(TrainingError, match="3 layers × width 32.*now has 2 layers × width 32"):
-        train(dataclasses.replace(cfg, resume=True, steps=8))
+        train(changed(cfg, resume=True, steps=8, threads=1, workers=2))
     model = Transcoder.from_pretrained(tmp_path / "run" / "relu-topk")
     with pytest.raises(ValueError, match="3 layers"):
         model.check_compatible(load_backbone(backbone_dir).n_layers, 32)
@@ -180,11 +192,11 @@ def test_schedule():
 
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(TrainingError, match="--batch-size must be at least 1"):
-        train(TrainConfig(batch_size=0, out=tmp_path))
+        train(TrainConfig.from_json({"batch_size": 0, "out": tmp_path}))
     with pytest.raises(TrainingError, match="--sparsifier lists a value twice"):
-        train(TrainConfig(sparsifier=("jumprelu", "jumprelu"), out=tmp_path))
-    with pytest.raises(TrainingError, match="--k 300 exceeds the 256 features"):
-        transcoder_configs(TrainConfig(k=(300,), expansion=8), 3, 32)
+        train(TrainConfig.from_json({"sparsifier": ["jumprelu", "jumprelu"], "out": tmp_path}))
+    with pytest.raises(TrainingError, match="k 300 must be between 1 and the 256 features per layer"):
+        transcoder_configs(TrainConfig.from_json({"k": [300], "expansion": 8}), 3, 32)
 
 
 def test_missing_tensorboard_is_a_clear_error(tmp_path):
@@ -195,3 +207,76 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path):
         pass
     with pytest.raises(TrainingError, match="pip install tensorboard"):
         train(TrainConfig(tensorboard=True, out=tmp_path / "run"))
+
+
+def test_saved_config_round_trips_with_its_groups_and_reads_old_flat_configs():
+    cfg = TrainConfig.from_json({"k": [4, 8], "expansion": 2, "lr": 1e-3, "buffer_size": 512, "device": "cpu",
+                                 "cache_dir": "/tmp/c", "out": "runs/x"})
+    assert cfg.sweep.k == (4, 8) and cfg.transcoder.expansion == 2 and cfg.optim.lr == 1e-3
+    assert cfg.stream.buffer_size == 512 and cfg.stream.cache_dir == Path("/tmp/c") and cfg.runtime.device == "cpu"
+    saved = json.loads(json.dumps(cfg.to_json()))
+    assert saved["optim"]["lr"] == 1e-3 and saved["sweep"]["k"] == [4, 8]
+    assert TrainConfig.from_json(saved) == cfg
+    # vitclt 0.1 saved one flat dict; its topology/k/backbone/tokens are the run's, not the transcoder's.
+    old = {"backbone": "demo", "topology": ["plt"], "sparsifier": ["jumprelu"], "k": [16], "tokens": "cls", "steps": 7,
+           "expansion": 4, "seed": 3, "out": "runs/old"}
+    cfg = TrainConfig.from_json(old)
+    assert cfg.sweep.topology == ("plt",) and cfg.sweep.k == (16,) and cfg.tokens == "cls" and cfg.optim.steps == 7
+    assert cfg.transcoder == dataclasses.replace(TranscoderConfig(), expansion=4) and cfg.runtime.seed == 3
+
+
+def test_run_filled_transcoder_fields_cannot_be_set_in_the_training_config(tmp_path):
+    cfg = TrainConfig(transcoder=TranscoderConfig(k=8), out=tmp_path)
+    with pytest.raises(TrainingError, match="transcoder.k is filled in by the run"):
+        cfg.validate()
+
+
+def test_warmup_longer_than_the_run_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(TrainingError, match="--warmup-steps 1000 is more than --steps 300.*--warmup-steps 30"):
+        TrainConfig.from_json({"steps": 300, "out": tmp_path}).validate()
+    assert TrainConfig.from_json({"steps": 300, "warmup_steps": None}).optim.warmup == 30
+
+
+def test_batch_larger_than_one_pass_over_the_data_is_refused(tiny_clip_dir, image_folder, tmp_path):
+    rows = N_IMAGES * 17
+    cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", batch_size=rows + 1, steps=2, warmup_steps=0)
+    with pytest.raises(TrainingError, match=f"--batch-size {rows + 1} is more than the {rows} token rows.*to {rows} or fewer"):
+        train(cfg)
+
+
+def test_diverged_training_ends_with_a_warning_naming_the_learning_rate(tiny_clip_dir, image_folder, tmp_path, capsys):
+    cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", steps=10, warmup_steps=0, lr=10.0, log_every=5,
+                 checkpoint_every=10)
+    train(cfg)
+    err = capsys.readouterr().err
+    assert "warning: relu-topk ends training with FVU" in err and "training diverged" in err
+    assert "learning rate (10) is too high" in err
+    ok = config(tiny_clip_dir, image_folder, tmp_path / "ok", steps=10, warmup_steps=0, lr=5e-3, log_every=5,
+                checkpoint_every=10)
+    train(ok)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_overwrite_removes_only_a_run_of_the_same_command_and_says_what(tiny_clip_dir, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = config(tiny_clip_dir, image_folder, out, steps=2, warmup_steps=0, checkpoint_every=2)
+    train(cfg)
+    (out / "notes.txt").write_text("mine")
+    assert json.loads((out / "run.json").read_text())["command"] == "train"
+    with pytest.raises(TrainingError, match=r"made by `vitclt train`, which `vitclt demo` will neither overwrite nor resume"):
+        train(changed(cfg, overwrite=True), command="demo")
+    assert (out / "relu-topk" / "model.safetensors").is_file()
+    capsys.readouterr()
+    train(changed(cfg, overwrite=True))
+    printed = capsys.readouterr().out
+    assert f"removing {out / 'relu-topk'}" in printed and f"removing {out / 'training_state.safetensors'}" in printed
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, monkeypatch):
+    import vitclt.training.runner as runner
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(runner, "build_source", lambda *a: pytest.fail("built the source before checking --out"))
+    with pytest.raises(OutputError, match=f"cannot write to {tmp_path / 'file' / 'run'}.*choose another --out"):
+        train(TrainConfig(out=tmp_path / "file" / "run"))

@@ -49,7 +49,7 @@ def test_zeroshot_accuracy_equals_an_independent_computation(tiny_backbone, fold
     ds = load_dataset(f"folder:{folder}")
     images, labels = zip(*[ds[i] for i in range(len(ds))])
     classifier = build_classifier(tiny_backbone, ds.classnames, TEMPLATES)
-    got = evaluate(tiny_backbone, ds, classifier, batch_size=5, progress=False)
+    got = evaluate(tiny_backbone, ds, classifier, images_per_forward=5, progress=False)
     assert got.n_images == 24
     assert got.top1 == pytest.approx(_reference_top1(tiny_backbone, list(images), labels, ds.classnames, TEMPLATES))
     assert got.top1 <= got.top5 <= 100
@@ -59,7 +59,7 @@ def test_identity_replacement_gives_the_clean_accuracy_and_zeroing_changes_embed
     ds = load_dataset(f"folder:{folder}")
     classifier = build_classifier(tiny_backbone, ds.classnames, TEMPLATES)
     clean = evaluate(tiny_backbone, ds, classifier, progress=False)
-    same = evaluate(tiny_backbone, ds, classifier, replacement=Replacement(lambda l, x, y: y, [0, 1, 2]), progress=False)
+    same = evaluate(tiny_backbone, ds, classifier, replacement=Replacement(lambda layer, x, y: y, [0, 1, 2]), progress=False)
     assert same == clean
     px = tiny_backbone.preprocess([ds[i][0] for i in range(4)])
     with tiny_backbone.replace(zero_mlp, [0, 1, 2]):
@@ -79,7 +79,7 @@ def test_cli_writes_json_with_templates_and_classnames_overrides(tiny_clip_dir, 
     cfile.write_text("\n".join(f"{c} thing" for c in CLASSES) + "\n")
     out = tmp_path / "zs.json"
     main(["zeroshot", "--backbone", str(tiny_clip_dir), "--dataset", f"folder:{folder}", "--templates", str(tfile),
-          "--classnames", str(cfile), "--out", str(out), "--ablate-layers", "1-2", "--device", "cpu"])
+          "--classnames", str(cfile), "--out", str(out), "--ablate-layers", "1-2", "--device", "cpu", "--no-progress"])
     record = json.loads(out.read_text())
     assert {"top1", "top5", "n_images", "backbone", "dataset"} <= record.keys()
     assert record["n_images"] == 24 and record["n_templates"] == 3 and record["ablated_layers"] == [1, 2]
@@ -91,3 +91,23 @@ def test_cli_reports_a_missing_dataset_without_a_traceback(tiny_clip_dir, tmp_pa
         main(["zeroshot", "--backbone", str(tiny_clip_dir), "--dataset", f"cifar100:{tmp_path / 'nope'}"])
     assert exit_.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ablate_layers_use_the_window_grammar_and_ablate_their_union(tiny_clip_dir, folder, tmp_path):
+    out = tmp_path / "zs.json"
+    main(["zeroshot", "--backbone", str(tiny_clip_dir), "--dataset", f"folder:{folder}", "--out", str(out),
+          "--ablate-layers", "0", "last:1", "--device", "cpu", "--no-progress", "--images-per-forward", "7"])
+    record = json.loads(out.read_text())
+    assert record["ablated_layers"] == [0, 2] and record["config"]["runtime"]["images_per_forward"] == 7
+
+
+def test_zeroshot_refuses_an_unwritable_out_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import vitclt.backbones
+
+    monkeypatch.setattr(vitclt.backbones, "load_backbone", lambda *a, **k: pytest.fail("loaded the backbone first"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["zeroshot", "--out", str(tmp_path / "file" / "zs.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "choose another --out" in err

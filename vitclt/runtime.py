@@ -1,52 +1,107 @@
-"""Process-level settings every command shares: threads, seeds, device, layer windows."""
+"""How a command runs, shared by every command: `RuntimeConfig`, its `setup`, and output checks.
+
+Nothing here imports torch at module level, so the command-line configs that nest `RuntimeConfig`
+stay cheap to import (`vitclt --help`).
+"""
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from vitclt.errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    import torch
 
 
-def setup(threads: int = 0, seed: int | None = None, device: str = "auto") -> torch.device:
-    """Set torch's thread count (0 keeps torch's default), seed every RNG, and pick the device.
+@dataclass
+class RuntimeConfig:
+    """Where and how a command runs: device, threads, image decoding, seed and progress bars."""
 
-    On small shared CPUs one thread is often faster than two, so commands expose `--threads`.
-    """
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-    return resolve_device(device)
+    device: str = "auto"
+    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
+    threads: int = 0
+    """Torch CPU threads (0: torch's default); on small shared CPUs one thread is often the fastest."""
+    workers: int = 2
+    """Background workers decoding and preprocessing images while the backbone runs (0: decode in the main thread)."""
+    images_per_forward: int = 64
+    """Images per backbone forward pass."""
+    seed: int = 0
+    """Seed for every random choice of the run: image order and subsets, initial weights, controls."""
+    progress: bool = True
+    """Show progress bars (--no-progress silences every bar, the backbone's weight loading included)."""
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first setting out of range."""
+        for name in ("threads", "workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} cannot be negative, got {getattr(self, name)}")
+        if self.images_per_forward < 1:
+            raise ConfigError(f"--images-per-forward must be at least 1, got {self.images_per_forward}")
+
+
+def setup(runtime: RuntimeConfig) -> torch.device:
+    """Apply `runtime` to this process: torch's threads, every RNG's seed, progress bars; return the device."""
+    import numpy as np
+    import torch
+
+    runtime.validate()
+    if runtime.threads > 0:
+        torch.set_num_threads(runtime.threads)
+    random.seed(runtime.seed)
+    np.random.seed(runtime.seed)
+    torch.manual_seed(runtime.seed)
+    if not runtime.progress:
+        # transformers draws its own bars ("Loading weights") and the hub its download bars.
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+    return resolve_device(runtime.device)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto` → CUDA when available, else CPU; anything else is passed to `torch.device`."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available: use --device cpu")
-    return torch.device(device)
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """Layers from a spec: `"3-11"`, `"3→11"`, `"0,4,7"`, `"all"`, or `"-2"` (the last two layers)."""
-    spec = spec.strip().replace("→", "-")
-    if spec in ("all", "*"):
-        return list(range(n_layers))
-    if spec.startswith("-") and spec[1:].isdigit():
-        return list(range(n_layers - int(spec[1:]), n_layers))
-    layers: list[int] = []
+        raise ConfigError(f"device {device!r} requested but CUDA is not available: use --device cpu")
     try:
-        for part in spec.split(","):
-            lo, sep, hi = part.partition("-")
-            layers += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    except ValueError:
-        raise ValueError(f"cannot read layers {spec!r}: use a window like '3-11', a list like '0,4,7', or 'all'") from None
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {spec!r} out of range: this backbone has layers 0-{n_layers - 1}")
-    return sorted(set(layers))
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
 
+
+def check_writable_dir(path: Path, flag: str = "--out") -> Path:
+    """Make sure directory `path` exists and a file can be created in it, before any compute.
+
+    Creates it (and its parents) if needed and writes, then removes, a probe file, so a read-only
+    disk, a missing permission or a parent that is a file fails now, in one line naming `flag`.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".vitclt-write-check-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to {path} ({err.strerror or err}): choose another {flag}") from None
+    return path
+
+
+def check_writable_file(path: Path, flag: str = "--out") -> Path:
+    """Make sure file `path` can be written (its directory is writable and it is not a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory: give {flag} a file name, e.g. {path / 'result.json'}")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot overwrite {path} (permission denied): choose another {flag}")
+    return path

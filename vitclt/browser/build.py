@@ -256,7 +256,7 @@ def build_browser(
     top_k: int = 16,
     samples: int = 16,
     vocab_size: int = 3000,
-    batch_size: int = 64,
+    images_per_forward: int = 64,
     thumb_size: int = 128,
     exports: bool = True,
     device: str | torch.device = "cpu",
@@ -277,8 +277,8 @@ def build_browser(
 
     start = time.perf_counter()
     source = Path(source)
-    if top_k < 1 or samples < 1 or batch_size < 1 or thumb_size < 8 or vocab_size < 0:
-        raise BrowserError("--top-k, --samples and --batch-size must be at least 1, --thumb-size at least 8, --vocab-size ≥ 0")
+    if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0:
+        raise BrowserError("--top-k, --samples and --images-per-forward must be at least 1, --thumb-size at least 8, --vocab-size ≥ 0")
     paths = _load_transcoders(source, transcoders)
     out = Path(out) if out is not None else source / "browser"
     tmp = prepare_output(out)
@@ -307,7 +307,7 @@ def build_browser(
         hook = projection[0].register_forward_hook(record_sigma) if projection else None
         bar = tqdm(total=len(data), desc="browse", unit="img", disable=not progress)
         try:
-            for images, _ in image_batches(data, batch_size, workers=workers):
+            for images, _ in image_batches(data, images_per_forward, workers=workers):
                 pixels = bb.preprocess(images)
                 with bb.capture() as cap:
                     bb.image_embeds(pixels)

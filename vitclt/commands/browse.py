@@ -5,10 +5,13 @@ The config module imports no torch: `--help` and bad flags stay fast; `run` load
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from tyro.conf import Positional
+from tyro.conf import OmitArgPrefixes, Positional
+
+from vitclt.runtime import RuntimeConfig
 
 
 @dataclass
@@ -33,24 +36,14 @@ class BrowseConfig:
     """Images sampled uniformly per feature among those where it fires (the moderate-strength rows)."""
     vocab_size: int = 3000
     """Words from CLIP's BPE vocabulary to label features with (0: class names only)."""
-    batch_size: int = 64
-    """Images per backbone forward."""
     thumb_size: int = 128
     """Largest side of the stored image thumbnails, in pixels (smaller images keep their size)."""
     exports: bool = True
     """Also write circuit-tracer `features/` files and Neuronpedia/SAEDashboard batches."""
     out: Path | None = None
     """Output directory (default: RUN_DIR/browser); an earlier browser there is replaced."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
-    threads: int = 0
-    """Torch CPU threads (0: torch's default)."""
-    workers: int = 0
-    """Image-decoding worker processes."""
-    seed: int = 0
-    """Seed for the --max-images subset, the uniform samples and the label-check shuffles."""
-    progress: bool = True
-    """Show a progress bar."""
+    runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
+    """Device, threads, image decoding, seed (of the subset, the uniform samples and the label check), progress bars."""
 
 
 def run(cfg: BrowseConfig) -> Path:
@@ -58,12 +51,12 @@ def run(cfg: BrowseConfig) -> Path:
     from vitclt.browser import build_browser
     from vitclt.runtime import setup
 
-    device = setup(cfg.threads, cfg.seed, cfg.device)
+    device = setup(cfg.runtime)
     out = build_browser(
         cfg.run_dir, cfg.dataset, cfg.out, backbone=cfg.backbone, transcoders=list(cfg.transcoders) or None,
         split=cfg.split, max_images=cfg.max_images, top_k=cfg.top_k, samples=cfg.samples, vocab_size=cfg.vocab_size,
-        batch_size=cfg.batch_size, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
-        workers=cfg.workers, seed=cfg.seed, progress=cfg.progress,
+        images_per_forward=cfg.runtime.images_per_forward, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
+        workers=cfg.runtime.workers, seed=cfg.runtime.seed, progress=cfg.runtime.progress,
     )
     print(f"open the browser: {out / 'index.html'}")
     return out

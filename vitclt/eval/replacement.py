@@ -10,61 +10,21 @@ is decoded and preprocessed once and each setting costs one backbone forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 from torch import Tensor
 
 from vitclt.backbones import Backbone, Replacement
+from vitclt.eval.windows import Window, default_windows
 from vitclt.eval.zeroshot import embed_images, topk_correct, zero_mlp
 from vitclt.nn import LayerCodes, Transcoder
 
 TOKEN_SETS = ("cls", "patches", "all")
 """The token subsets the paper replaces and attributes separately."""
 
-
-class Window(NamedTuple):
-    """A contiguous window of layers, both ends included."""
-
-    start: int
-    end: int
-
-    @property
-    def layers(self) -> list[int]:
-        """The layers in the window, in order."""
-        return list(range(self.start, self.end + 1))
-
-    @property
-    def label(self) -> str:
-        """`"3-11"`: the key used in metrics.json."""
-        return f"{self.start}-{self.end}"
-
-
-def default_windows(n_layers: int) -> list[Window]:
-    """The paper's windows ending at the last layer: 0→11, 3→11, 7→11, 10→11 for 12 layers.
-
-    Other depths scale the starts proportionally (0, L/4, 7L/12, L−2, rounded), dropping duplicates.
-    """
-    last = n_layers - 1
-    starts = {0, round(n_layers / 4), round(7 * n_layers / 12), n_layers - 2}
-    return [Window(s, last) for s in sorted(min(max(s, 0), last) for s in starts)]
-
-
-def parse_windows(spec: str, n_layers: int) -> list[Window]:
-    """Windows from `"0-11,3-11"` (or `"3→11"`); an empty spec gives `default_windows`."""
-    if not spec.strip():
-        return default_windows(n_layers)
-    windows = []
-    for part in spec.replace("→", "-").split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            w = Window(int(lo), int(hi) if sep else int(lo))
-        except ValueError:
-            raise ValueError(f"cannot read window {part!r}: use START-END, e.g. 3-11, separated by commas") from None
-        if not 0 <= w.start <= w.end < n_layers:
-            raise ValueError(f"window {part!r} out of range: this backbone has layers 0-{n_layers - 1}")
-        windows.append(w)
-    return windows
+__all__ = ["TOKEN_SETS", "CascadedReplacement", "GridBatch", "ReplacementGrid", "Setting", "Window", "clean_setting",
+           "default_windows", "encode_rows", "reads_output", "select_rows", "transcoder_setting", "zero_setting"]
 
 
 def reads_output(transcoder: Transcoder) -> bool:
@@ -132,28 +92,30 @@ MakeReplacement = Callable[[list[LayerCodes] | None], Replacement | None]
 
 
 class Setting(NamedTuple):
-    """One zero-shot run of the grid: a name and how it builds its replacement for a batch.
+    """One zero-shot run of the grid: its key and how it builds its replacement for a batch.
 
-    `make(clean_codes)` gets the clean forward's codes of the batch for `transcoder` (None when
-    the setting uses no transcoder) and returns the `Replacement` (None: the clean model).
+    `key` is any hashable value that names the setting in `ReplacementGrid.top1()`, e.g. a tuple
+    (transcoder name, `Window`, tokens). `make(clean_codes)` gets the clean forward's codes of the
+    batch for `transcoder` (None when the setting uses no transcoder) and returns the `Replacement`
+    (None: the clean model).
     """
 
-    name: str
+    key: Hashable
     make: MakeReplacement
     transcoder: Transcoder | None = None
 
 
-def clean_setting(name: str = "clean") -> Setting:
+def clean_setting(key: Hashable = "clean") -> Setting:
     """The unmodified model."""
-    return Setting(name, lambda codes: None)
+    return Setting(key, lambda codes: None)
 
 
-def zero_setting(name: str, window: Window, tokens: str) -> Setting:
+def zero_setting(key: Hashable, window: Window, tokens: str) -> Setting:
     """The zero-ablation control: the MLP outputs of `window` at `tokens` set to zero."""
-    return Setting(name, lambda codes: Replacement(zero_mlp, window.layers, tokens))
+    return Setting(key, lambda codes: Replacement(zero_mlp, window.layers, tokens))
 
 
-def transcoder_setting(name: str, transcoder: Transcoder, backbone: Backbone, window: Window, tokens: str,
+def transcoder_setting(key: Hashable, transcoder: Transcoder, backbone: Backbone, window: Window, tokens: str,
                        keep_sources: dict[int, Sequence[int]] | None = None) -> Setting:
     """The transcoder's cascaded replacement of `window` at `tokens` (optionally with edited sources)."""
     index = backbone.token_index(tokens)
@@ -162,7 +124,7 @@ def transcoder_setting(name: str, transcoder: Transcoder, backbone: Backbone, wi
         fn = CascadedReplacement(transcoder, window.layers, index, backbone.n_tokens, clean_codes, keep_sources)
         return Replacement(fn, window.layers, tokens)
 
-    return Setting(name, make, transcoder)
+    return Setting(key, make, transcoder)
 
 
 class GridBatch(NamedTuple):
@@ -178,13 +140,13 @@ class ReplacementGrid:
     """Top-1 counts of many settings, accumulated batch by batch (one forward per setting)."""
 
     def __init__(self, backbone: Backbone, classifier_CP: Tensor, settings: Sequence[Setting]):
-        names = [s.name for s in settings]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate setting names in the replacement grid: {sorted(names)}")
+        keys = [s.key for s in settings]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate setting keys in the replacement grid: {keys}")
         self.backbone = backbone
         self.classifier_CP = classifier_CP
         self.settings = list(settings)
-        self.correct = dict.fromkeys(names, 0)
+        self.correct = dict.fromkeys(keys, 0)
         self.n = 0
 
     def update(self, batch: GridBatch) -> None:
@@ -193,11 +155,11 @@ class ReplacementGrid:
             codes = batch.clean_codes.get(id(s.transcoder)) if s.transcoder is not None else None
             emb_BP = embed_images(self.backbone, batch.pixels_BCHW, s.make(codes))
             hit1, _ = topk_correct(emb_BP, self.classifier_CP, batch.labels_B, k=1)
-            self.correct[s.name] += int(hit1.sum())
+            self.correct[s.key] += int(hit1.sum())
         self.n += len(batch.labels_B)
 
-    def top1(self) -> dict[str, float]:
-        """Top-1 accuracy in percent per setting."""
+    def top1(self) -> dict[Hashable, float]:
+        """Top-1 accuracy in percent per setting, by its key."""
         if self.n == 0:
             raise ValueError("the replacement grid saw no images")
-        return {name: 100 * c / self.n for name, c in self.correct.items()}
+        return {key: 100 * c / self.n for key, c in self.correct.items()}

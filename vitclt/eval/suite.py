@@ -1,4 +1,4 @@
-"""`vitclt eval`: the paper's evaluation of one or several transcoders, written as one report.
+"""The evaluation suite: every metric of `vitclt eval` for one or several transcoders, as metrics.json's dict.
 
 Two passes over the eval set, each looping over image batches outermost (a batch is decoded and
 preprocessed once per pass):
@@ -10,94 +10,40 @@ preprocessed once per pass):
 2. for each CLT, the faithfulness edits of the last layer's reconstruction, ranked by the
    contribution scores of pass 1, again one forward per edit.
 
-The result is `metrics.json` (keys in `METRIC_KEYS`, documented in docs/metrics.md), PNG figures
-and a self-contained `report.html`.
+`evaluate_suite` returns the metrics (keys in `vitclt.eval.metric_keys`, documented in
+docs/metrics.md); the `vitclt eval` command (`vitclt.commands.eval`) adds the run's description,
+writes metrics.json and renders the report.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm.auto import tqdm
 
-from vitclt.backbones import Backbone, load_backbone
+from vitclt.backbones import Backbone
 from vitclt.data.batches import image_batches
+from vitclt.errors import ConfigError, InputNotFoundError
 from vitclt.eval.attribution import ContributionAccumulator, rank_sources
 from vitclt.eval.faithfulness import default_top_k, faithfulness_settings, summarize
-from vitclt.eval.metric_keys import check_metric_keys
+from vitclt.eval.options import EvalOptions
 from vitclt.eval.reconstruction import ReconstructionAccumulator, token_groups
-from vitclt.eval.replacement import (
-    TOKEN_SETS, GridBatch, ReplacementGrid, Window, encode_rows, parse_windows,
-    transcoder_setting, zero_setting,
-)
+from vitclt.eval.replacement import GridBatch, ReplacementGrid, encode_rows, transcoder_setting, zero_setting
 from vitclt.eval.retrieval import CodeGallery, evaluate_retrieval, precision_at_k
-from vitclt.eval.zeroshot import build_classifier, dataset_templates, topk_correct
-from vitclt.io import write_json
+from vitclt.eval.windows import Window, default_windows, parse_windows
+from vitclt.eval.zeroshot import topk_correct
 from vitclt.nn import Transcoder
-from vitclt.runtime import setup
+from vitclt.runtime import RuntimeConfig
+from vitclt.training.config import jsonable
 
 SCHEMA = "vitclt.eval/1"
 """metrics.json format version; bumped when a documented key changes meaning or disappears."""
-
-
-@dataclass
-class EvalConfig:
-    """`vitclt eval RUN_DIR`: reconstruction, replacement, attribution, faithfulness, retrieval, report."""
-
-    run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
-    """A transcoder directory (config.json + model.safetensors) or a directory of several."""
-    dataset: str = "demo"
-    """Eval dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, folder:DIR."""
-    split: str = "test"
-    """Dataset split: test (= val, held out) or train."""
-    backbone: str | None = None
-    """Backbone spec; default: the one named in the transcoders' config."""
-    eval_images: int | None = None
-    """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
-    batch_size: int = 64
-    """Images per backbone forward."""
-    windows: str = ""
-    """Replacement windows, e.g. 0-11,3-11,7-11,10-11; default: the paper's, scaled to the depth."""
-    tokens: tuple[Literal["cls", "patches", "all"], ...] = TOKEN_SETS
-    """Token subsets to replace in the cascade."""
-    faith_tokens: tuple[Literal["cls", "patches", "all"], ...] = ("all", "cls")
-    """Token subsets whose last-layer reconstruction the faithfulness edits replace."""
-    top_k: int | None = None
-    """Sources kept for sufficiency; default: L/3 rounded (4 for 12 layers)."""
-    seeds: int = 5
-    """Seeds for the random-source controls."""
-    retrieval_pool: Literal["cls", "patches"] = "cls"
-    """Retrieval vector: the CLS token's code, or the mean of the patch tokens' codes."""
-    retrieval_k: int = 5
-    """Neighbours counted by label precision@k."""
-    retrieval_queries: int = 1
-    """Query images shown in the retrieval figure (one figure each per CLT)."""
-    retrieval_neighbours: int = 3
-    """Neighbours shown per query and layer."""
-    templates: Path | None = None
-    """File of prompt templates (one per line, with {}); default: the dataset's shipped set."""
-    classnames: Path | None = None
-    """File of class names (one per line, label order); default: the dataset's shipped names."""
-    out: Path | None = None
-    """Output directory; default: RUN_DIR/eval."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
-    threads: int = 0
-    """Torch CPU threads (0: torch's default)."""
-    workers: int = 0
-    """Image-decoding worker processes."""
-    seed: int = 0
-    """Seed for the image subset, the random controls and the retrieval queries."""
-    progress: bool = True
-    """Show progress bars."""
 
 
 def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
@@ -108,7 +54,7 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise InputNotFoundError(f"run directory {run_dir} does not exist: pass a directory written by vitclt train")
     is_tc = lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file()  # noqa: E731
     if is_tc(run_dir):
         return {run_dir.resolve().name: run_dir}
@@ -118,7 +64,8 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
         found.update({"-".join(p.relative_to(run_dir).parts): p for p in below if is_tc(p)})
         frontier = [p for p in below if not is_tc(p)]
     if not found:
-        raise FileNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its subdirectories")
+        raise InputNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its "
+                                 "subdirectories")
     return dict(sorted(found.items()))
 
 
@@ -130,7 +77,7 @@ def load_transcoders(paths: dict[str, Path], backbone: Backbone) -> dict[str, Tr
         try:
             tc.check_compatible(backbone.n_layers, backbone.d_model)
         except ValueError as e:
-            raise ValueError(f"transcoder {name} ({path}) does not fit backbone {backbone.name}: {e}") from None
+            raise ConfigError(f"transcoder {name} ({path}) does not fit backbone {backbone.name}: {e}") from None
         out[name] = tc.to(backbone.device).eval()
     return out
 
@@ -144,7 +91,7 @@ def backbone_spec(paths: dict[str, Path], override: str | None) -> str:
             print(f"note: the transcoders were trained on {', '.join(sorted(distinct))}; evaluating them on {override}")
         return override
     if len(distinct) != 1:
-        raise ValueError(f"cannot tell the backbone from the transcoders' configs ({specs}): pass --backbone")
+        raise ConfigError(f"cannot tell the backbone from the transcoders' configs ({specs}): pass --backbone")
     return distinct.pop()
 
 
@@ -157,16 +104,16 @@ def describe(tc, path: Path | None = None) -> dict:
         "sparsifier": cfg.sparsifier,
         "k": None if cfg.sparsifier == "jumprelu" else cfg.k,
         "n_features": tc.n_features,
-        "config": _jsonable(asdict(cfg)),
+        "config": jsonable(asdict(cfg)),
     }
 
 
-def _setting_name(name: str, window: Window, tokens: str) -> str:
-    return f"{name}/replace/{window.label}/{tokens}"
+class ReplaceKey(NamedTuple):
+    """A replacement setting of the grid: a transcoder (None: the zero-ablation control), a window, the tokens."""
 
-
-def _zero_name(window: Window, tokens: str) -> str:
-    return f"zero/{window.label}/{tokens}"
+    transcoder: str | None
+    window: Window
+    tokens: str
 
 
 def _clean_codes(transcoders: dict[str, Transcoder], x_BTLD: torch.Tensor, y_BTLD: torch.Tensor) -> dict[str, list]:
@@ -188,21 +135,24 @@ class CleanPass(NamedTuple):
 
 
 def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
-                windows: list[Window], cfg: EvalConfig) -> CleanPass:
+                windows: list[Window], options: EvalOptions, runtime: RuntimeConfig) -> CleanPass:
     """Pass 1: per batch, the clean forward, every accumulator, and every replacement setting."""
     L, T = backbone.n_layers, backbone.n_tokens
     groups = token_groups(backbone)
-    recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device) for n, tc in transcoders.items()}
+    recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device)
+             for n, tc in transcoders.items()}
     attrib = {n: ContributionAccumulator(L, T, groups) for n, tc in transcoders.items() if tc.cfg.topology == "clt"}
-    gallery = {n: CodeGallery(L, tc.n_features, T, backbone.n_prefix_tokens, cfg.retrieval_pool) for n, tc in transcoders.items()}
-    settings = [zero_setting(_zero_name(w, t), w, t) for w in windows for t in cfg.tokens]
-    settings += [transcoder_setting(_setting_name(n, w, t), tc, backbone, w, t)
-                 for n, tc in transcoders.items() for w in windows for t in cfg.tokens]
+    gallery = {n: CodeGallery(L, tc.n_features, T, backbone.n_prefix_tokens, options.retrieval_pool)
+               for n, tc in transcoders.items()}
+    settings = [zero_setting(ReplaceKey(None, w, t), w, t) for w in windows for t in options.replace_tokens]
+    settings += [transcoder_setting(ReplaceKey(n, w, t), tc, backbone, w, t)
+                 for n, tc in transcoders.items() for w in windows for t in options.replace_tokens]
     grid = ReplacementGrid(backbone, classifier_CP, settings)
     n1 = n5 = n = 0
     embeds = []
-    bar = tqdm(total=len(dataset), desc=f"eval 1/2 ({len(settings)} replacement settings)", unit="img", disable=not cfg.progress)
-    for images, labels_B in image_batches(dataset, cfg.batch_size, workers=cfg.workers):
+    bar = tqdm(total=len(dataset), desc=f"eval 1/2 ({len(settings)} replacement settings)", unit="img",
+               disable=not runtime.progress)
+    for images, labels_B in image_batches(dataset, runtime.images_per_forward, workers=runtime.workers):
         pixels = backbone.preprocess(images)
         with backbone.capture() as cap:
             emb_BP = backbone.image_embeds(pixels)
@@ -226,22 +176,24 @@ def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transc
 
 
 def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, clts: dict[str, Transcoder],
-                       attribution: dict[str, dict], baseline: float, cfg: EvalConfig) -> dict[str, dict]:
+                       attribution: dict[str, dict], baseline: float, options: EvalOptions,
+                       runtime: RuntimeConfig) -> dict[str, dict]:
     """Pass 2: rank each CLT's sources by pass 1's scores and run every edit; metrics.json's blocks."""
     if not clts:
         return {}
     last = backbone.n_layers - 1
-    k = cfg.top_k or default_top_k(backbone.n_layers)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    k = options.top_k or default_top_k(backbone.n_layers)
+    seeds = list(range(runtime.seed, runtime.seed + options.seeds))
     settings, plans, rankings, scores = [], {}, {}, {}
     for name, tc in clts.items():
-        rankings[name] = {t: rank_sources(attribution[name][t]["matrix"]) for t in cfg.faith_tokens}
-        scores[name] = {t: [row[last] for row in attribution[name][t]["matrix"]] for t in cfg.faith_tokens}
+        rankings[name] = {t: rank_sources(attribution[name][t]["matrix"]) for t in options.faith_tokens}
+        scores[name] = {t: [row[last] for row in attribution[name][t]["matrix"]] for t in options.faith_tokens}
         mine, plans[name] = faithfulness_settings(name, tc, backbone, rankings[name], k, seeds)
         settings += mine
     grid = ReplacementGrid(backbone, classifier_CP, settings)
-    bar = tqdm(total=len(dataset), desc=f"eval 2/2 ({len(settings)} faithfulness edits)", unit="img", disable=not cfg.progress)
-    for images, labels_B in image_batches(dataset, cfg.batch_size, workers=cfg.workers):
+    bar = tqdm(total=len(dataset), desc=f"eval 2/2 ({len(settings)} faithfulness edits)", unit="img",
+               disable=not runtime.progress)
+    for images, labels_B in image_batches(dataset, runtime.images_per_forward, workers=runtime.workers):
         pixels = backbone.preprocess(images)
         with backbone.capture() as cap:
             backbone.image_embeds(pixels)
@@ -255,32 +207,34 @@ def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor,
 
 @torch.inference_mode()
 def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
-                   cfg: EvalConfig, paths: dict[str, Path] | None = None) -> dict:
-    """Every metric of the suite for `transcoders` on `dataset`, as the metrics.json dict
-    (without `dataset` and `context`, which `run` adds)."""
+                   options: EvalOptions, runtime: RuntimeConfig, paths: dict[str, Path] | None = None) -> dict:
+    """Every metric of the suite for `transcoders` on `dataset`: metrics.json's dict without the run's
+    description (`run_dir`, `dataset`, `config`, `context`, which the command adds)."""
+    options.validate()
     if len(dataset) < 2:
-        raise ValueError("the eval set needs at least two images (retrieval compares images with each other)")
-    windows = parse_windows(cfg.windows, backbone.n_layers)
+        raise ConfigError("the eval set needs at least two images (retrieval compares images with each other): "
+                          "use a larger --eval-images or dataset")
+    windows = parse_windows(options.windows, backbone.n_layers) if options.windows else default_windows(backbone.n_layers)
     t0 = time.perf_counter()
-    clean = _clean_pass(backbone, dataset, classifier_CP, transcoders, windows, cfg)
+    clean = _clean_pass(backbone, dataset, classifier_CP, transcoders, windows, options, runtime)
     t1 = time.perf_counter()
     clts = {name: tc for name, tc in transcoders.items() if tc.cfg.topology == "clt"}
-    faithfulness = _faithfulness_pass(backbone, dataset, classifier_CP, clts, clean.attribution, clean.top1, cfg)
+    faithfulness = _faithfulness_pass(backbone, dataset, classifier_CP, clts, clean.attribution, clean.top1, options, runtime)
     t2 = time.perf_counter()
 
     emb_precision = precision_at_k(F.normalize(clean.embeds_NP.float(), dim=-1), next(iter(clean.gallery.values())).labels_N,
-                                   cfg.retrieval_k)
-    zero = {w.label: {t: clean.grid_top1[_zero_name(w, t)] for t in cfg.tokens} for w in windows}
+                                   options.retrieval_k)
+    top1 = clean.grid_top1
+    zero = {(w, t): top1[ReplaceKey(None, w, t)] for w in windows for t in options.replace_tokens}
     metrics = {
         "schema": SCHEMA,
-        "run_dir": str(cfg.run_dir),
-        "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model, "n_tokens": backbone.n_tokens},
-        "dataset": {},
-        "config": _jsonable(asdict(cfg)),
-        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images, "embedding_precision_at_k": emb_precision},
+        "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model,
+                     "n_tokens": backbone.n_tokens},
+        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images,
+                     "embedding_precision_at_k": emb_precision},
         "windows": [w.label for w in windows],
-        "tokens": list(cfg.tokens),
-        "zero_ablation": zero,
+        "tokens": list(options.replace_tokens),
+        "zero_ablation": {w.label: {t: zero[w, t] for t in options.replace_tokens} for w in windows},
         "transcoders": {},
         "comparison": {},
         "timing": {"pass1_s": t1 - t0, "pass2_s": t2 - t1},
@@ -288,10 +242,10 @@ def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, tra
     for name, tc in transcoders.items():
         entry = describe(tc, (paths or {}).get(name))
         entry["reconstruction"] = {g: r._asdict() for g, r in clean.recon[name].result().items()}
-        entry["replacement"] = {w.label: {t: _replacement_entry(clean.grid_top1[_setting_name(name, w, t)], clean.top1, zero[w.label][t])
-                                          for t in cfg.tokens} for w in windows}
-        entry["retrieval"] = evaluate_retrieval(clean.gallery[name], cfg.retrieval_k, cfg.retrieval_queries,
-                                                cfg.retrieval_neighbours, cfg.seed)._asdict()
+        entry["replacement"] = {w.label: {t: _replacement_entry(top1[ReplaceKey(name, w, t)], clean.top1, zero[w, t])
+                                          for t in options.replace_tokens} for w in windows}
+        entry["retrieval"] = evaluate_retrieval(clean.gallery[name], options.retrieval_k, options.retrieval_queries,
+                                                options.retrieval_neighbours, runtime.seed)._asdict()
         if name in clts:
             entry["attribution"] = clean.attribution[name]
             entry["faithfulness"] = faithfulness[name]
@@ -312,51 +266,3 @@ def _comparison_row(entry: dict) -> dict:
         **{m: rec[m] for m in ("l0", "mse", "r2", "cosine", "fvu", "dead_pct")},
         "replacement": {w: {t: v["top1"] for t, v in row.items()} for w, row in entry["replacement"].items()},
     }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return str(obj) if isinstance(obj, Path) else obj
-
-
-def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict:
-    """metrics.json's description of the zero-shot protocol: the data, its classes and prompts."""
-    return {
-        "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
-        "n_images": len(dataset), "n_classes": len(dataset.classnames),
-        "classnames": list(dataset.classnames), "templates": list(templates),
-        "subset": f"class-stratified {cfg.eval_images} images (seed {cfg.seed})" if cfg.eval_images else "the whole split",
-    }
-
-
-def run(cfg: EvalConfig, context: dict | None = None) -> Path:
-    """Run `vitclt eval`: evaluate, write metrics.json, figures and report.html; return the report's path.
-
-    `context` (e.g. the training run's settings, from `vitclt reproduce`) is stored under `context`.
-    """
-    from vitclt.data.datasets import load_dataset
-    from vitclt.data.prompts import load_templates
-    from vitclt.report.html import write_report
-
-    device = setup(cfg.threads, cfg.seed, cfg.device)
-    paths = find_transcoders(cfg.run_dir)
-    backbone = load_backbone(backbone_spec(paths, cfg.backbone), device=device)
-    transcoders = load_transcoders(paths, backbone)
-    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.eval_images, seed=cfg.seed, classnames=cfg.classnames)
-    templates = load_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
-    classifier = build_classifier(backbone, dataset.classnames, templates)
-    metrics = evaluate_suite(backbone, dataset, classifier, transcoders, cfg, paths)
-    metrics["dataset"] = dataset_protocol(cfg, dataset, templates)
-    metrics["context"] = _jsonable(context or {})
-    missing = check_metric_keys(metrics)
-    if missing:
-        raise RuntimeError(f"metrics.json lacks documented keys {missing}: a bug in vitclt, please report it")
-    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "eval"
-    write_json(out / "metrics.json", metrics)
-    report = write_report(metrics, dataset, out)
-    print(f"metrics: {out / 'metrics.json'}")
-    print(f"report: {report}")
-    return report

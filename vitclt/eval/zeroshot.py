@@ -8,8 +8,6 @@ vector has the largest cosine with its embedding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -17,10 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vitclt.backbones import Backbone, Replacement, load_backbone
+from vitclt.backbones import Backbone, Replacement
 from vitclt.data.batches import image_batches
-from vitclt.io import write_json
-from vitclt.runtime import parse_layers, setup
+from vitclt.errors import ConfigError
 
 
 class ZeroShotResult(NamedTuple):
@@ -43,7 +40,7 @@ def dataset_templates(dataset) -> list[str]:
 def build_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
     """Class vectors (C, P): the renormalised mean of each class's normalised template embeddings."""
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError("every prompt template must contain '{}' where the class name goes")
+        raise ConfigError("every prompt template must contain '{}' where the class name goes: fix the templates file")
     prompts = [t.format(name) for name in classnames for t in templates]
     emb = torch.cat([backbone.text_embeds(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
     emb_CTP = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1)
@@ -70,17 +67,17 @@ def evaluate(
     backbone: Backbone,
     dataset,
     classifier_CP: Tensor,
-    batch_size: int = 64,
+    images_per_forward: int = 64,
     replacement: Replacement | None = None,
     workers: int = 0,
     progress: bool = True,
 ) -> ZeroShotResult:
     """Zero-shot top-1 / top-5 of `backbone` on `dataset` against `classifier_CP`."""
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty: nothing to evaluate")
+        raise ConfigError("the dataset is empty: nothing to evaluate; check --dataset and --split")
     n1 = n5 = n = 0
     bar = tqdm(total=len(dataset), desc="zero-shot", unit="img", disable=not progress)
-    for images, labels_B in image_batches(dataset, batch_size, workers=workers):
+    for images, labels_B in image_batches(dataset, images_per_forward, workers=workers):
         emb_BP = embed_images(backbone, backbone.preprocess(images), replacement)
         hit1, hit5 = topk_correct(emb_BP, classifier_CP, labels_B)
         n1, n5, n = n1 + int(hit1.sum()), n5 + int(hit5.sum()), n + len(labels_B)
@@ -93,70 +90,3 @@ def evaluate(
 def zero_mlp(layer: int, x_BTD: Tensor, y_BTD: Tensor) -> Tensor:
     """A replacement that removes the MLP's contribution: the control every replacement is judged by."""
     return torch.zeros_like(y_BTD)
-
-
-@dataclass
-class ZeroShotConfig:
-    """`vitclt zeroshot`: CLIP zero-shot top-1/top-5 of a backbone on a dataset."""
-
-    backbone: str = "demo"
-    """Backbone: a hub id (openai/clip-vit-base-patch32), a local CLIPModel directory, or `demo`."""
-    dataset: str = "demo"
-    """Dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, coco:/data/coco, folder:DIR."""
-    split: str = "test"
-    """Split to evaluate: test (= val, the held-out labelled split) or train."""
-    templates: str | None = None
-    """Prompt templates: a file (one per line, each containing {}) or a shipped set (cifar100, imagenet, imagenet7, coco); default: the dataset's own."""
-    classnames: Path | None = None
-    """File of class names, one per line in label order; default: the dataset's shipped names."""
-    max_images: int | None = None
-    """Evaluate on a class-stratified subset of this many images (quick runs)."""
-    batch_size: int = 64
-    """Images per backbone forward."""
-    ablate_layers: str = ""
-    """Zero the MLP outputs of these layers (e.g. 3-11, 0,4,7 or all): the control for replacement runs."""
-    ablate_tokens: str = "all"
-    """Tokens whose MLP output is zeroed with --ablate-layers: cls, patches or all."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
-    threads: int = 0
-    """Torch CPU threads (0: torch's default)."""
-    workers: int = 0
-    """Image-decoding worker processes."""
-    seed: int = 0
-    """Seed for the --max-images subset."""
-    out: Path | None = None
-    """Write the result as JSON here."""
-
-
-def run(cfg: ZeroShotConfig) -> dict:
-    """Run `vitclt zeroshot`: print top-1/top-5 and write them to `cfg.out` if given."""
-    from vitclt.data.datasets import load_dataset
-    from vitclt.data.prompts import get_templates
-
-    device = setup(cfg.threads, cfg.seed, cfg.device)
-    # The cheap inputs first, so a wrong path fails before a large model loads.
-    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=cfg.seed, classnames=cfg.classnames)
-    templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
-    backbone = load_backbone(cfg.backbone, device=device)
-    classifier = build_classifier(backbone, dataset.classnames, templates)
-    replacement = None
-    if cfg.ablate_layers:
-        replacement = Replacement(zero_mlp, parse_layers(cfg.ablate_layers, backbone.n_layers), cfg.ablate_tokens)
-    result = evaluate(backbone, dataset, classifier, cfg.batch_size, replacement, workers=cfg.workers)
-    record = {
-        **result._asdict(),
-        "backbone": cfg.backbone,
-        "dataset": cfg.dataset,
-        "split": cfg.split,
-        "n_classes": len(dataset.classnames),
-        "n_templates": len(templates),
-        "ablated_layers": list(replacement.layers) if replacement else [],
-        "ablated_tokens": cfg.ablate_tokens if replacement else None,
-        "config": asdict(cfg),
-    }
-    print(f"{cfg.backbone} on {cfg.dataset} ({cfg.split}, {result.n_images} images, {len(dataset.classnames)} classes): "
-          f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%")
-    if cfg.out:
-        print(f"wrote {write_json(cfg.out, record)}")
-    return record

@@ -116,25 +116,24 @@ def reconstruction_figure(metrics: dict, path: Path, names: Sequence[str] | None
 
 def faithfulness_figure(name: str, faithfulness: dict, path: Path) -> Path:
     """Top-1 of each edit per token set (error bars: std over seeds), with the clean baseline."""
-    from vitclt.eval.faithfulness import EDITS
-
     token_sets = list(faithfulness)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(EDITS) * len(token_sets) / 2, 3.4), layout="constrained")
+    edits = [k for k, v in faithfulness[token_sets[0]].items() if isinstance(v, dict) and "top1" in v]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(edits) * len(token_sets) / 2, 3.4), layout="constrained")
     width = 0.8 / len(token_sets)
-    x = np.arange(len(EDITS))
+    x = np.arange(len(edits))
     for i, tokens in enumerate(token_sets):
         block = faithfulness[tokens]
         colour, _ = TOKEN_STYLE.get(tokens, ("grey", None))
-        ax.bar(x + (i - (len(token_sets) - 1) / 2) * width, [block[e]["top1"] for e in EDITS], width,
-               yerr=[block[e]["std"] for e in EDITS], color=colour, alpha=0.8, capsize=3, label=tokens)
+        ax.bar(x + (i - (len(token_sets) - 1) / 2) * width, [block[e]["top1"] for e in edits], width,
+               yerr=[block[e]["std"] for e in edits], color=colour, alpha=0.8, capsize=3, label=tokens)
     baseline = faithfulness[token_sets[0]]["baseline"]
     ax.axhline(baseline, color="k", lw=1, ls="--", label="clean baseline")
     k = faithfulness[token_sets[0]]["k"]
     ax.set_xticks(x, [e.replace("topk", f"top{k}").replace("bottomk", f"bottom{k}").replace("keep_random", f"keep_{k}_random")
-                      for e in EDITS], rotation=20, fontsize=8)
+                      for e in edits], rotation=20, fontsize=8)
     ax.set_ylabel("zero-shot top-1 (%)")
-    lo = min(min(faithfulness[t][e]["top1"] for e in EDITS) for t in token_sets)
-    ax.set_ylim(max(0.0, lo - 5), max(baseline, *(faithfulness[t][e]["top1"] for t in token_sets for e in EDITS)) + 3)
+    lo = min(min(faithfulness[t][e]["top1"] for e in edits) for t in token_sets)
+    ax.set_ylim(max(0.0, lo - 5), max(baseline, *(faithfulness[t][e]["top1"] for t in token_sets for e in edits)) + 3)
     ax.legend(fontsize=8)
     ax.set_title(f"{name}: necessity / sufficiency of the last layer's sources", fontsize=10)
     return _save(fig, path)
@@ -180,7 +179,8 @@ def retrieval_figure(name: str, retrieval: dict, dataset, path: Path, query: int
         return classnames[int(labels[i])] if labels is not None and classnames else str(i)
 
     query_image = _thumb(dataset[q][0])
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols, 1.35 * len(rows) + 0.3), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols, 1.35 * len(rows) + 0.3), squeeze=False,
+                             layout="constrained")
     for layer, (neigh, sim) in enumerate(zip(rows, sims)):
         axes[layer, 0].imshow(query_image)
         axes[layer, 0].set_ylabel(f"Layer {layer}", fontsize=8)

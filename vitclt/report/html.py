@@ -13,12 +13,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vitclt.eval.faithfulness import EDITS
-from vitclt.eval.reconstruction import METRICS
 from vitclt.report import figures
+from vitclt.report.summary import headline
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:.88em}th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;margin:.5em 0}
@@ -50,7 +50,8 @@ def _delta(x: float) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
     """An HTML table; the first `left` columns are left-aligned text, cells are already HTML."""
     th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r)) + "</tr>" for r in rows)
+    cell = lambda i, c: f'<td class="{"l" if i < left else ""}">{c}</td>'  # noqa: E731
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
@@ -63,10 +64,21 @@ def _clts(metrics: dict) -> list[str]:
     return [n for n, e in metrics["transcoders"].items() if e["topology"] == "clt"]
 
 
+def _metric_names(metrics: dict) -> list[str]:
+    """The reconstruction metrics, in the order metrics.json lists them."""
+    return list(next(iter(metrics["transcoders"].values()))["reconstruction"]["all"]["mean"])
+
+
+def _edits(block: dict) -> list[str]:
+    """The faithfulness edits of one token set's block, in the order metrics.json lists them."""
+    return [k for k, v in block.items() if isinstance(v, dict) and "top1" in v]
+
+
 def _header(metrics: dict) -> str:
     bb, ds, base = metrics["backbone"], metrics["dataset"], metrics["baseline"]
     rows = [[_esc(n), _esc(e["topology"]), _esc(e["sparsifier"]), _fmt(e["k"]), _fmt(e["n_features"])]
             for n, e in metrics["transcoders"].items()]
+    top = headline(metrics)
     return (
         f"<h1>vitclt evaluation: {_esc(bb['name'])} on {_esc(ds.get('name', ds.get('spec')))}</h1>"
         f"<p>{bb['n_layers']} layers, width {bb['d_model']}, {bb['n_tokens']} tokens. "
@@ -74,27 +86,32 @@ def _header(metrics: dict) -> str:
         f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes, {len(ds.get('templates', []))} prompt templates. "
         f"Clean zero-shot top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
         + _table(["transcoder", "topology", "sparsifier", "k", "features / layer"], rows)
+        + "<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); zero-shot top-1 (%) with the full "
+        "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
+        "beside their random controls. Details in the sections below.</p>"
+        + _table([_esc(h) for h in top.header], [[_esc(c) for c in r] for r in top.rows])
     )
 
 
 def _reconstruction(metrics: dict, fig: Path) -> str:
+    names = _metric_names(metrics)
     rows = []
     for name, e in metrics["transcoders"].items():
         for group, r in e["reconstruction"].items():
-            rows.append([_esc(name), group] + [_fmt(r["mean"][m], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS])
+            rows.append([_esc(name), group] + [_fmt(r["mean"][m], 2 if m in ("l0", "dead_pct") else 4) for m in names])
     per_layer = []
     for name, e in metrics["transcoders"].items():
         r = e["reconstruction"]["all"]["per_layer"]
         per_layer.append(f"<h4>{_esc(name)} (all tokens)</h4>" + _table(
-            ["layer"] + [LABELS[m] for m in METRICS],
-            [[str(i)] + [_fmt(r[m][i], 2 if m in ("l0", "dead_pct") else 4) for m in METRICS] for i in range(len(r["mse"]))]))
+            ["layer"] + [LABELS[m] for m in names],
+            [[str(i)] + [_fmt(r[m][i], 2 if m in ("l0", "dead_pct") else 4) for m in names] for i in range(len(r["mse"]))]))
     return (
         "<h2>Reconstruction of MLP outputs</h2>"
         "<p>On clean activations of the eval set. Layer averages (the paper's numbers are layer-averaged). "
         "MSE is in the backbone's raw activation units; R² = 1 − SSE/SST with SST around the per-dimension mean; "
         "FVU = SSE/SST (= 1 − R²); cosine is the mean over tokens; L0 the mean active features per token and layer; "
         "dead % the features never active on the group's tokens.</p>"
-        + _table(["transcoder", "tokens"] + [LABELS[m] for m in METRICS], rows, left=2)
+        + _table(["transcoder", "tokens"] + [LABELS[m] for m in names], rows, left=2)
         + _img(fig, "reconstruction per layer")
         + "<details><summary>Per-layer tables</summary>" + "".join(per_layer) + "</details>"
     )
@@ -106,7 +123,8 @@ def _replacement(metrics: dict, fig: Path) -> str:
     rows = []
     for name, e in metrics["transcoders"].items():
         for t in metrics["tokens"]:
-            rows.append([_esc(name), t] + [f"{e['replacement'][w][t]['top1']:.2f} ({_delta(e['replacement'][w][t]['delta_baseline'])})" for w in windows])
+            rep = e["replacement"]
+            rows.append([_esc(name), t] + [f"{rep[w][t]['top1']:.2f} ({_delta(rep[w][t]['delta_baseline'])})" for w in windows])
     for t in metrics["tokens"]:
         z = metrics["zero_ablation"]
         rows.append(["<i>zero-ablation control</i>", t] + [f"{z[w][t]:.2f} ({_delta(z[w][t] - base)})" for w in windows])
@@ -149,16 +167,17 @@ def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
     if not figs:
         return ""
     first = metrics["transcoders"][next(iter(figs))]["faithfulness"]
+    edits = _edits(next(iter(first.values())))
     k = next(iter(first.values()))["k"]
     seeds = len(next(iter(first.values()))["drop_random"]["runs"])
     names = {"full": "full", "drop_top1": "drop top-1", "keep_topk": f"keep top-{k}", "keep_bottomk": f"keep bottom-{k}",
              "drop_random": "drop a random one", "keep_random": f"keep {k} random"}
-    header = ["transcoder", "tokens", "baseline"] + [names[e] for e in EDITS]
+    header = ["transcoder", "tokens", "baseline"] + [names[e] for e in edits]
     rows = []
     for name in figs:
         for tokens, b in metrics["transcoders"][name]["faithfulness"].items():
             cells = []
-            for e in EDITS:
+            for e in edits:
                 std = f" ± {b[e]['std']:.2f}" if e in ("drop_random", "keep_random") else ""
                 cells.append(f"{b[e]['top1']:.2f}{std}<br>{_delta(b[e]['delta_baseline'])} / {_delta(b[e]['delta_full'])}")
             rows.append([_esc(name), tokens, f"{b['baseline']:.2f}"] + cells)
@@ -169,6 +188,9 @@ def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
         f"(<code>full</code>), all but the top-ranked one (necessity), only the top {k} (sufficiency), and the controls: "
         f"only the bottom {k}, all but a random one, {k} random ones ({seeds} seeds, mean ± std). Cells: top-1 (%), then the "
         "change against the clean model / against <code>full</code>, in pp.</p>"
+        '<p class="note">At the last layer, <code>all</code> and <code>cls</code> give the same numbers: CLIP reads the image '
+        "embedding from the CLS token after the last block, so editing the patch tokens' last-layer MLP output cannot "
+        "change it; only the CLS token's edit matters there.</p>"
         + _table(header, rows, left=2) + "".join(_img(f, f"{n} faithfulness") for n, f in figs.items())
     )
 
@@ -177,7 +199,8 @@ def _retrieval(metrics: dict, precision_fig: Path, neighbour_figs: dict[str, lis
     names = list(metrics["transcoders"])
     first = metrics["transcoders"][names[0]]["retrieval"]
     L = len(first["precision_at_k"])
-    rows = [[str(layer)] + [f"{metrics['transcoders'][n]['retrieval']['precision_at_k'][layer]:.3f}" for n in names] for layer in range(L)]
+    precision = {n: metrics["transcoders"][n]["retrieval"]["precision_at_k"] for n in names}
+    rows = [[str(layer)] + [f"{precision[n][layer]:.3f}" for n in names] for layer in range(L)]
     pool = "the CLS token's dense code" if first["pool"] == "cls" else "the mean of the patch tokens' dense codes"
     figs = "".join(_img(f, f"{n} retrieval") for n, fs in neighbour_figs.items() for f in fs)
     return (
@@ -185,14 +208,16 @@ def _retrieval(metrics: dict, precision_fig: Path, neighbour_figs: dict[str, lis
         f"<p>Each image is represented at layer ℓ by {pool} (F dimensions, inactive features 0); neighbours are the "
         f"gallery images (the eval set, the query excluded) with the highest cosine. Label precision@{first['k']}: the "
         f"fraction of an image's {first['k']} nearest neighbours with its label, over every image as a query "
-        f"(chance {first['chance']:.3f}; CLIP's final image embedding: {metrics['baseline']['embedding_precision_at_k']:.3f}).</p>"
+        f"(chance {first['chance']:.3f}; CLIP's final image embedding: "
+        f"{metrics['baseline']['embedding_precision_at_k']:.3f}).</p>"
         + _table(["layer"] + [_esc(n) for n in names], rows) + _img(precision_fig, "retrieval precision") + figs
     )
 
 
 def _comparison(metrics: dict) -> str:
     windows, tokens = metrics["windows"], metrics["tokens"]
-    header = ["transcoder", "topology", "sparsifier", "k", "L0", "MSE", "R²", "cosine", "dead %"] + [f"{w.replace('-', '→')} {t}" for w in windows for t in tokens]
+    header = (["transcoder", "topology", "sparsifier", "k", "L0", "MSE", "R²", "cosine", "dead %"]
+              + [f"{w.replace('-', '→')} {t}" for w in windows for t in tokens])
     rows = []
     for name, c in metrics["comparison"].items():
         rows.append([_esc(name), _esc(c["topology"]), _esc(c["sparsifier"]), _fmt(c["k"]), _fmt(c["l0"], 2), _fmt(c["mse"]),
@@ -201,7 +226,8 @@ def _comparison(metrics: dict) -> str:
     has_sae = any(c["topology"] == "sae" for c in metrics["comparison"].values())
     note = ('<p class="note">The SAE reads the MLP output y_ℓ itself and reconstructs it (y → y), so its "replacement" '
             "passes the true MLP output through a sparse bottleneck; it does not replace the MLP's computation the way a "
-            "transcoder (x_ℓ → y_ℓ) does, and its numbers are an upper reference rather than a like-for-like rival.</p>") if has_sae else ""
+            "transcoder (x_ℓ → y_ℓ) does, and its numbers are an upper reference rather than a like-for-like rival.</p>"
+            ) if has_sae else ""
     return (
         "<h2>Baselines: CLT vs per-layer transcoder vs SAE</h2>"
         "<p>All trained on the same activation stream; TopK models share k, so L0 is matched. Reconstruction on all tokens "
@@ -210,13 +236,17 @@ def _comparison(metrics: dict) -> str:
     )
 
 
+def _json_details(summary: str, value) -> str:
+    """A collapsed block showing `value` as indented JSON."""
+    return f"<details><summary>{_esc(summary)}</summary><pre>{_esc(json.dumps(value, indent=2, default=str))}</pre></details>"
+
+
 def _protocol(metrics: dict) -> str:
     ds = metrics["dataset"]
     templates = "".join(f"<li><code>{_esc(t)}</code></li>" for t in ds.get("templates", []))
     classes = ", ".join(_esc(c) for c in ds.get("classnames", []))
-    configs = "".join(f"<details><summary>{_esc(n)} config.json</summary><pre>{_esc(json.dumps(e['config'], indent=2, default=str))}</pre></details>"
-                      for n, e in metrics["transcoders"].items())
-    context = f"<details><summary>run context</summary><pre>{_esc(json.dumps(metrics.get('context', {}), indent=2, default=str))}</pre></details>" if metrics.get("context") else ""
+    configs = "".join(_json_details(f"{n} config.json", e["config"]) for n, e in metrics["transcoders"].items())
+    context = _json_details("run context", metrics["context"]) if metrics.get("context") else ""
     return (
         "<h2>Protocol and configuration</h2>"
         f"<p>Dataset <code>{_esc(ds.get('spec'))}</code>, split <b>{_esc(ds.get('split'))}</b>, {ds.get('n_images')} images "
@@ -226,7 +256,7 @@ def _protocol(metrics: dict) -> str:
         f"pass 1 {metrics['timing']['pass1_s']:.1f} s, pass 2 {metrics['timing']['pass2_s']:.1f} s.</p>"
         f"<details><summary>{len(ds.get('templates', []))} prompt templates</summary><ul>{templates}</ul></details>"
         f"<details><summary>{ds.get('n_classes')} class names</summary><p>{classes}</p></details>"
-        f"<details><summary>eval config</summary><pre>{_esc(json.dumps(metrics['config'], indent=2, default=str))}</pre></details>"
+        + _json_details("eval config", metrics["config"])
         + configs + context
         + "<p>Every number on this page is in <code>metrics.json</code> next to this file; its keys are documented in "
         "docs/metrics.md.</p>"
@@ -237,16 +267,17 @@ def draw_figures(metrics: dict, dataset, fig_dir: Path) -> dict:
     """Draw every figure of the report into `fig_dir`; returns their paths by section."""
     fig_dir = Path(fig_dir)
     clts = _clts(metrics)
+    tcs = metrics["transcoders"]
     out = {
         "reconstruction": figures.reconstruction_figure(metrics, fig_dir / "reconstruction.png"),
         "replacement": figures.replacement_figure(metrics, fig_dir / "replacement.png"),
         "retrieval_precision": figures.retrieval_precision_figure(metrics, fig_dir / "retrieval_precision.png"),
-        "attribution": {n: figures.contribution_figure(n, metrics["transcoders"][n]["attribution"], fig_dir / f"contributions_{n}.png")
+        "attribution": {n: figures.contribution_figure(n, tcs[n]["attribution"], fig_dir / f"contributions_{n}.png")
                         for n in clts},
-        "faithfulness": {n: figures.faithfulness_figure(n, metrics["transcoders"][n]["faithfulness"], fig_dir / f"faithfulness_{n}.png")
+        "faithfulness": {n: figures.faithfulness_figure(n, tcs[n]["faithfulness"], fig_dir / f"faithfulness_{n}.png")
                          for n in clts},
-        "retrieval": {n: [figures.retrieval_figure(n, metrics["transcoders"][n]["retrieval"], dataset, fig_dir / f"retrieval_{n}_q{q}.png", q)
-                          for q in range(len(metrics["transcoders"][n]["retrieval"]["queries"]))] for n in clts},
+        "retrieval": {n: [figures.retrieval_figure(n, tcs[n]["retrieval"], dataset, fig_dir / f"retrieval_{n}_q{q}.png", q)
+                          for q in range(len(tcs[n]["retrieval"]["queries"]))] for n in clts},
     }
     return out
 
@@ -267,7 +298,8 @@ def render_html(metrics: dict, figs: dict) -> str:
     # Sections without content for this run (no CLT: no scores) are left out, so number at the end.
     body = parts[0] + "".join(f"<h2>{i}. {part}" for i, part in enumerate(parts[1:], start=1))
     title = f"vitclt eval: {metrics['backbone']['name']} on {metrics['dataset'].get('name', '')}"
-    return f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n'
+    head = f'<head><meta charset="utf-8"><title>{_esc(title)}</title><style>{CSS}</style></head>'
+    return f'<!DOCTYPE html><html lang="en">{head}<body>{body}</body></html>\n'
 
 
 def write_report(metrics: dict, dataset, out_dir: Path) -> Path:

@@ -1,10 +1,25 @@
 """Training transcoders from streamed backbone activations: `train(TrainConfig(...))` or `vitclt train`.
 
-See docs/training.md for the stream, normalisation, schedule, checkpoint layout and resume.
+See docs/training.md for the stream, normalisation, schedule, checkpoint layout and resume. The
+configs import without torch; the loop (`train`, `Trainer`) loads torch on first use.
 """
 
-from vitclt.training.config import TrainConfig, TrainingError, transcoder_configs
-from vitclt.training.runner import build_source, run, train
-from vitclt.training.trainer import Trainer, Window
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "Window", "build_source", "run", "train", "transcoder_configs"]
+import importlib
+
+_EXPORTS = {
+    "OptimConfig": "config", "StreamConfig": "config", "SweepConfig": "config", "TrainConfig": "config",
+    "TrainingError": "config", "transcoder_configs": "config",
+    "build_source": "runner", "train": "runner",
+    "Trainer": "trainer", "Window": "trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,6 +1,6 @@
 """The run directory: what a training run writes, how a checkpoint is made atomic, and resume.
 
-    OUT/run.json                      the TrainConfig and the transcoders' configs, written at start
+    OUT/run.json                      the command that made the run, the TrainConfig and the transcoders' configs
     OUT/training_state.safetensors    everything resume needs, for every transcoder (see `save_state`)
     OUT/<name>/config.json            the transcoder's config (Transcoder.save_pretrained)
     OUT/<name>/model.safetensors      its weights, normalisation folded in
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from vitclt.io import write_json, write_safetensors
-from vitclt.training.config import RESUMABLE, TrainConfig, TrainingError
+from vitclt.training.config import RESUMABLE, TrainConfig, TrainingError, flat_settings
 
 RUN_FILE = "run.json"
 STATE_FILE = "training_state.safetensors"
@@ -95,18 +95,52 @@ def restore_rng(tensors: dict[str, Tensor]) -> None:
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Settings that differ between a saved run and `cfg`, ignoring those a resume may change."""
-    now = cfg.to_json()
-    return [f"{k}: run has {saved.get(k)!r}, now {v!r}" for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v]
+    """Settings (by flag name) that differ between a saved run and `cfg`, ignoring those a resume may change.
+
+    A setting the saved config lacks (it was written by an older vitclt) counts as its default.
+    """
+    now = flat_settings(cfg.to_json())
+    then = {**flat_settings(TrainConfig().to_json()), **flat_settings(saved)}
+    return [f"{k}: run has {then.get(k)!r}, now {v!r}" for k, v in now.items() if k not in RESUMABLE and then.get(k) != v]
 
 
-def prepare_run_dir(cfg: TrainConfig) -> dict | None:
+LEGACY_COMMAND = "an earlier vitclt"
+"""What made a run whose records name no command (vitclt 0.1 did not record it)."""
+
+
+def run_command(out: Path) -> str | None:
+    """The command that made the run in `out` (`train`, `reproduce`, `demo`), or None if `out` holds no run."""
+    try:
+        return json.loads((out / RUN_FILE).read_text()).get("command", LEGACY_COMMAND)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return LEGACY_COMMAND
+    try:
+        meta = read_state_meta(out)
+    except TrainingError:
+        return LEGACY_COMMAND
+    return None if meta is None else meta.get("command", LEGACY_COMMAND)
+
+
+def check_owner(out: Path, command: str) -> None:
+    """Refuse to touch a run in `out` that another command made (a legacy run belongs to `train`)."""
+    maker = run_command(out)
+    if maker is None or maker == command or (maker == LEGACY_COMMAND and command == "train"):
+        return
+    made = "vitclt train or an earlier vitclt" if maker == LEGACY_COMMAND else f"vitclt {maker}"
+    raise TrainingError(f"{out} holds a run made by `{made}`, which `vitclt {command}` will neither overwrite nor resume: "
+                        "choose another --out (or move that run away)")
+
+
+def prepare_run_dir(cfg: TrainConfig, command: str = "train") -> dict | None:
     """Check `cfg.out` against --resume / --overwrite; returns the state metadata to resume from, or None.
 
-    Refuses to start over a run that has a checkpoint unless told to resume or overwrite, and
-    refuses to resume with settings that would change what is trained.
+    Refuses to touch a run another command made, to start over a run that has a checkpoint unless
+    told to resume or overwrite, and to resume with settings that would change what is trained.
     """
     out = Path(cfg.out)
+    check_owner(out, command)
     if cfg.overwrite:
         remove_run(out)
         return None
@@ -116,7 +150,8 @@ def prepare_run_dir(cfg: TrainConfig) -> dict | None:
             if meta["finished"]:
                 what, how = f"a finished run ({meta['step']} steps)", "--resume with a larger --steps to train it further"
             else:
-                what, how = f"an unfinished run (step {meta['step']} of {meta['train_config']['steps']})", "--resume to continue it"
+                total = flat_settings(meta["train_config"]).get("steps")
+                what, how = f"an unfinished run (step {meta['step']} of {total})", "--resume to continue it"
             raise TrainingError(f"{out} already holds {what}: pass {how}, --overwrite to start over, or choose another --out")
         if (out / RUN_FILE).is_file():
             raise TrainingError(f"{out} holds a run that stopped before its first checkpoint: pass --resume or --overwrite "
@@ -128,13 +163,16 @@ def prepare_run_dir(cfg: TrainConfig) -> dict | None:
     if diff:
         raise TrainingError(f"cannot resume the run in {out} with different settings (" + "; ".join(diff)
                             + "): pass the run's original settings, or choose another --out")
-    if meta["step"] > cfg.steps or (meta["step"] == cfg.steps and not meta["finished"]):
+    if meta["step"] > cfg.optim.steps or (meta["step"] == cfg.optim.steps and not meta["finished"]):
         raise TrainingError(f"the run in {out} is at step {meta['step']}: resume it with --steps above that")
     return meta
 
 
 def remove_run(out: Path) -> None:
-    """Delete a run's own files in `out` (run.json, the training state, its transcoder dirs, tb/), nothing else."""
+    """Delete a run's own files in `out` (run.json, the training state, its transcoder dirs, tb/), nothing else.
+
+    Prints each path it removes. Callers check first that the run is theirs (`check_owner`).
+    """
     names: set[str] = set()
     try:
         names |= set(json.loads((out / RUN_FILE).read_text()).get("transcoders", {}))
@@ -144,14 +182,17 @@ def remove_run(out: Path) -> None:
         names |= set((read_state_meta(out) or {}).get("transcoders", {}))
     except TrainingError:
         pass
-    for name in names:
-        if name and Path(name).name == name and name not in (".", ".."):
-            shutil.rmtree(out / name, ignore_errors=True)
-    shutil.rmtree(out / "tb", ignore_errors=True)
-    for f in (RUN_FILE, STATE_FILE):
-        (out / f).unlink(missing_ok=True)
+    dirs = [out / name for name in sorted(names) if name and Path(name).name == name and name not in (".", "..")]
+    for path in [*dirs, out / "tb"]:
+        if path.is_dir():
+            print(f"removing {path}")
+            shutil.rmtree(path, ignore_errors=True)
+    for path in (out / STATE_FILE, out / RUN_FILE):
+        if path.is_file():
+            print(f"removing {path}")
+            path.unlink()
 
 
-def write_run_file(out: Path, cfg: TrainConfig, transcoders: dict[str, dict]) -> Path:
-    """Record at the start of a run what it trains."""
-    return write_json(out / RUN_FILE, {"train_config": cfg.to_json(), "transcoders": transcoders})
+def write_run_file(out: Path, cfg: TrainConfig, transcoders: dict[str, dict], command: str = "train") -> Path:
+    """Record at the start of a run what made it and what it trains."""
+    return write_json(out / RUN_FILE, {"command": command, "train_config": cfg.to_json(), "transcoders": transcoders})

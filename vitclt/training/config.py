@@ -1,21 +1,129 @@
-"""`TrainConfig`: every setting of a training run, which is also the `vitclt train` CLI and its saved record."""
+"""`TrainConfig`: every setting of a training run, which is also the `vitclt train` CLI and its saved record.
+
+It is composed of groups, each the one owner of its settings and their checks: the models to
+train (`SweepConfig`), the transcoder's own settings (`vitclt.nn.TranscoderConfig`), the optimiser
+(`OptimConfig`), the activation stream (`StreamConfig`) and how the process runs
+(`vitclt.runtime.RuntimeConfig`). On the command line every group's flags are flat (`--k`,
+`--expansion`, `--lr`, `--buffer-size`, `--device`); in the saved JSON each group is a nested
+object. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from vitclt.nn import TranscoderConfig
+from tyro.conf import OmitArgPrefixes, Suppress
+
 from vitclt.errors import VitcltError
-
-SparsifierName = Literal["jumprelu", "relu-topk", "abs-topk", "batch-topk"]
+from vitclt.nn.config import SPARSIFIER_NAMES, TOPOLOGIES, SparsifierName, TokenSet, Topology, TranscoderConfig
+from vitclt.runtime import RuntimeConfig
 
 
 class TrainingError(VitcltError, RuntimeError):
     """Training cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class SweepConfig:
+    """Which transcoders a run trains: every --topology × --sparsifier × --k, or the --models pairs × --k."""
+
+    topology: tuple[Topology, ...] = ("clt",)
+    """One or more of clt (layer i writes to every layer j ≥ i), plt (only to i), sae (rebuilds each MLP output from itself)."""
+    sparsifier: tuple[SparsifierName, ...] = ("relu-topk",)
+    """One or more sparsifiers; each gets its own transcoder, all trained on the same stream."""
+    models: tuple[str, ...] = ()
+    """Explicit TOPOLOGY:SPARSIFIER pairs (e.g. clt:jumprelu plt:relu-topk) instead of every --topology × --sparsifier."""
+    k: tuple[int, ...] = (32,)
+    """Active features per row and layer for the TopK sparsifiers; several values train one transcoder each."""
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(topology, sparsifier) of every model, in order."""
+        if self.models:
+            return [tuple(m.split(":", 1)) for m in self.models]  # type: ignore[misc]
+        topologies = (self.topology,) if isinstance(self.topology, str) else tuple(self.topology)
+        return [(t, s) for t in topologies for s in self.sparsifier]
+
+    def validate(self) -> None:
+        """Raise `TrainingError` naming the first bad setting (each transcoder's own checks follow in `transcoder_configs`)."""
+        if isinstance(self.topology, str):
+            self.topology = (self.topology,)
+        if not self.topology:
+            raise TrainingError(f"--topology needs at least one of {', '.join(TOPOLOGIES)}")
+        if not self.sparsifier:
+            raise TrainingError(f"--sparsifier needs at least one of {', '.join(SPARSIFIER_NAMES)}")
+        if not self.k:
+            raise TrainingError("--k needs at least one value")
+        for model in self.models:
+            topology, _, sparsifier = model.partition(":")
+            if topology not in TOPOLOGIES or sparsifier not in SPARSIFIER_NAMES:
+                raise TrainingError(f"--models entry {model!r} is not TOPOLOGY:SPARSIFIER, e.g. clt:relu-topk or sae:jumprelu")
+        for name in ("topology", "sparsifier", "k", "models"):
+            values = list(getattr(self, name))
+            if len(set(values)) != len(values):
+                raise TrainingError(f"--{name} lists a value twice: {values}")
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser and its schedules."""
+
+    steps: int = 10_000
+    """Optimiser steps."""
+    batch_size: int = 4096
+    """Token rows per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate (default: 2e-4 / sqrt(features / 2^14))."""
+    warmup_steps: int | None = 1000
+    """Steps of linear learning-rate warmup from 0, at most --steps (None: 1000, or a tenth of --steps if that is less)."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    sparsity_ramp: float = 1.0
+    """Fraction of the steps over which JumpReLU's λ ramps linearly from 0 to --sparsity-coefficient."""
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps in effect."""
+        return min(1000, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    def validate(self) -> None:
+        """Raise `TrainingError` naming the first bad setting."""
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise TrainingError(f"--warmup-steps cannot be negative, got {self.warmup}")
+        if self.warmup > self.steps:
+            raise TrainingError(f"--warmup-steps {self.warmup} is more than --steps {self.steps}, so the learning rate would "
+                                f"never reach its peak: pass --warmup-steps {self.steps // 10} (a tenth of the run) or fewer")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_ramp <= 1:
+            raise TrainingError("--decay-fraction and --sparsity-ramp are fractions of the run: use values in [0, 1]")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"--lr must be a positive number, got {self.lr}")
+
+
+@dataclass
+class StreamConfig:
+    """The activation stream: shuffle buffer, normalisation sample and optional disk cache."""
+
+    buffer_size: int = 2**17
+    """Token rows held in the shuffle buffer on the training device; batches mix the images it holds."""
+    norm_tokens: int = 2**16
+    """Token rows sampled to estimate the normalisation statistics."""
+    cache_dir: Path | None = None
+    """Read activations from this disk cache, building it first if it does not exist."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of a new disk cache."""
+
+    def validate(self) -> None:
+        """Raise `TrainingError` naming the first bad setting."""
+        for name in ("buffer_size", "norm_tokens"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -30,66 +138,22 @@ class TrainConfig:
     """Dataset split to train on: train, or test (= val)."""
     max_images: int | None = None
     """Train on a class-stratified subset of this many images (quick runs)."""
-    tokens: Literal["cls", "patches", "all"] = "all"
+    tokens: TokenSet = "all"
     """Tokens whose activations are rows: cls, patches or all."""
-
-    topology: tuple[Literal["clt", "plt", "sae"], ...] = ("clt",)
-    """One or more of clt (layer i writes to every layer j ≥ i), plt (only to i), sae (rebuilds each MLP output from itself); all share the stream."""
-    sparsifier: tuple[SparsifierName, ...] = ("relu-topk",)
-    """One or more sparsifiers; each gets its own transcoder, all trained on the same stream."""
-    models: tuple[str, ...] = ()
-    """Explicit TOPOLOGY:SPARSIFIER pairs (e.g. clt:jumprelu plt:relu-topk) instead of every --topology × --sparsifier."""
-    k: tuple[int, ...] = (32,)
-    """Active features per row and layer for the TopK sparsifiers; several values train one transcoder each."""
-    expansion: int = 8
-    """Features per layer as a multiple of the backbone width (unless --n-features is set)."""
-    n_features: int = 0
-    """Features per layer (0: expansion × width)."""
-    sparsity_coefficient: float = 1e-3
-    """JumpReLU L0 penalty λ reached at the end of the ramp (see --sparsity-ramp)."""
-    jumprelu_bandwidth: float = 0.1
-    """JumpReLU straight-through kernel width ε, in normalised units."""
-    auxk_k: int = 0
-    """Dead features per row and layer used by AuxK (0: width // 2)."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss on dead features (TopK sparsifiers)."""
-    dead_tokens: int = 10_000_000
-    """A feature that has not fired for this many training tokens counts as dead."""
-
-    steps: int = 10_000
-    """Optimiser steps."""
-    batch_size: int = 4096
-    """Tokens (rows) per step."""
-    lr: float | None = None
-    """Adam learning rate (default: 2e-4 / sqrt(features / 2^14))."""
-    warmup_steps: int = 1000
-    """Steps of linear learning-rate warmup from 0."""
-    decay_fraction: float = 0.2
-    """Final fraction of the steps over which the learning rate decays linearly to 0."""
-    sparsity_ramp: float = 1.0
-    """Fraction of the steps over which JumpReLU's λ ramps linearly from 0 to --sparsity-coefficient."""
-
-    images_per_forward: int = 64
-    """Images per backbone forward pass."""
-    buffer_size: int = 2**17
-    """Tokens held in the shuffle buffer on the training device; batches mix the images it holds."""
-    norm_tokens: int = 2**16
-    """Tokens sampled to estimate the normalisation statistics."""
-    workers: int = 2
-    """Threads decoding and preprocessing images ahead of the backbone."""
-    cache_dir: Path | None = None
-    """Read activations from this disk cache, building it first if it does not exist."""
-    cache_dtype: Literal["float16", "float32"] = "float16"
-    """Storage type of a new disk cache."""
-
-    seed: int = 0
-    """Seed for the image order, the shuffle, the normalisation sample and the initial weights."""
-    threads: int = 0
-    """Torch CPU threads (0: torch's default)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (CUDA when available)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Backbone, buffer and autocast type (auto: bfloat16 on CUDA, float32 on CPU); weights stay float32."""
+
+    # Groups: on the command line their flags are flat (--lr, not --optim.lr).
+    sweep: Annotated[SweepConfig, OmitArgPrefixes] = field(default_factory=SweepConfig)
+    """The transcoders to train."""
+    transcoder: Annotated[TranscoderConfig, OmitArgPrefixes] = field(default_factory=TranscoderConfig)
+    """Settings every trained transcoder shares (the fields the run fills in itself stay at their defaults)."""
+    optim: Annotated[OptimConfig, OmitArgPrefixes] = field(default_factory=OptimConfig)
+    """Optimiser and schedules."""
+    stream: Annotated[StreamConfig, OmitArgPrefixes] = field(default_factory=StreamConfig)
+    """Activation stream."""
+    runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=RuntimeConfig)
+    """Device, threads, image decoding, seed, progress bars."""
 
     out: Path = Path("runs/train")
     """Run directory; each transcoder is written to a subdirectory named after it."""
@@ -100,98 +164,129 @@ class TrainConfig:
     resume: bool = False
     """Continue the run in --out from its last checkpoint (starts afresh if it has none)."""
     overwrite: bool = False
-    """Delete the run in --out (its own files only) and start over."""
+    """Delete the run in --out (its own files only, and only a run of this command) and start over."""
     tensorboard: bool = False
     """Log to OUT/tb (needs the tensorboard package)."""
-    progress: bool = True
-    """Show progress bars."""
 
     def validate(self) -> None:
-        """Raise `TrainingError` naming the first bad setting."""
-        positive = ("steps", "batch_size", "images_per_forward", "buffer_size", "norm_tokens", "checkpoint_every",
-                    "log_every", "expansion", "dead_tokens")
-        for name in positive:
+        """Raise `TrainingError` naming the first bad setting; every group checks its own."""
+        self.sweep.validate()
+        self.optim.validate()
+        self.stream.validate()
+        try:
+            self.runtime.validate()
+        except VitcltError as err:
+            raise TrainingError(str(err)) from None
+        for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.sparsifier:
-            raise TrainingError("--sparsifier needs at least one of jumprelu, relu-topk, abs-topk, batch-topk")
-        if not self.k or any(k < 1 for k in self.k):
-            raise TrainingError(f"--k needs positive values, got {list(self.k)}")
-        if isinstance(self.topology, str):
-            self.topology = (self.topology,)
-        for model in self.models:
-            topology, _, sparsifier = model.partition(":")
-            if topology not in ("clt", "plt", "sae") or sparsifier not in ("jumprelu", "relu-topk", "abs-topk", "batch-topk"):
-                raise TrainingError(f"--models entry {model!r} is not TOPOLOGY:SPARSIFIER, e.g. clt:relu-topk or sae:jumprelu")
-        if not self.topology:
-            raise TrainingError("--topology needs at least one of clt, plt, sae")
-        for name in ("topology", "sparsifier", "k", "models"):
-            values = list(getattr(self, name))
-            if len(set(values)) != len(values):
-                raise TrainingError(f"--{name} lists a value twice: {values}")
-        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_ramp <= 1:
-            raise TrainingError("--decay-fraction and --sparsity-ramp are fractions of the run: use values in [0, 1]")
-        if self.warmup_steps < 0 or self.seed < 0 or self.n_features < 0 or self.threads < 0:
-            raise TrainingError("--warmup-steps, --seed, --n-features and --threads cannot be negative")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"--lr must be a positive number, got {self.lr}")
+        defaults = TranscoderConfig()
+        for name in run_filled_fields():
+            if getattr(self.transcoder, name) != getattr(defaults, name):
+                raise TrainingError(f"TrainConfig.transcoder.{name} is filled in by the run for each transcoder: leave it at "
+                                    "its default and set the sweep (--topology, --sparsifier, --models, --k) or the run's "
+                                    "--backbone / --tokens instead")
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other: pick one")
 
     def to_json(self) -> dict:
-        """A JSON-ready dict of the settings."""
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        """A JSON-ready dict of the settings, one nested object per group."""
+        return jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainConfig:
-        """Inverse of `to_json`."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        for name in ("topology", "sparsifier", "k", "models"):
-            if isinstance(values.get(name), str):
-                values[name] = [values[name]]
-            if name in values:
-                values[name] = tuple(values[name])
-        for name in ("out", "cache_dir"):
-            if values.get(name) is not None:
-                values[name] = Path(values[name])
-        return cls(**values)
+        """Inverse of `to_json`; also reads the flat configs vitclt 0.1 saved."""
+        return _from_dict(cls, raw)
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` (e.g. `dataclasses.asdict` of a config) with tuples as lists and paths as strings, ready for JSON."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+def _from_dict(cls: type, raw: dict) -> Any:
+    """Build dataclass `cls` from a (possibly flat) dict: groups from their nested object, else from the top level."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = typing.get_origin(hints[f.name]) or hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            if isinstance(raw.get(f.name), dict):
+                values[f.name] = _from_dict(kind, raw[f.name])
+            else:  # a flat config: the group's settings are top-level keys (the run-filled ones belong elsewhere)
+                filled = run_filled_fields() if kind is TranscoderConfig else ()
+                values[f.name] = _from_dict(kind, {k: v for k, v in raw.items() if k not in filled})
+        elif f.name in raw:
+            value = raw[f.name]
+            if isinstance(value, list) or (kind is tuple and isinstance(value, str)):
+                value = tuple(value) if isinstance(value, list) else (value,)
+            elif value is not None and Path in typing.get_args(hints[f.name]) + (hints[f.name],):
+                value = Path(value)
+            values[f.name] = value
+    return cls(**values)
+
+
+def run_filled_fields() -> tuple[str, ...]:
+    """The `TranscoderConfig` fields a training run fills in itself (hidden from the command line)."""
+    hints = typing.get_type_hints(TranscoderConfig, include_extras=True)
+    return tuple(name for name, hint in hints.items() if _SUPPRESS in getattr(hint, "__metadata__", ()))
+
+
+_SUPPRESS = typing.get_args(Suppress[int])[1]
+"""tyro's marker of a field hidden from the command line."""
+
+
+def flat_settings(saved: dict) -> dict[str, Any]:
+    """A saved TrainConfig (nested or flat) as {flag name: value}, with the warmup in effect.
+
+    Flag names are unique across the groups (the flags are flat), so they name a setting alone.
+    The transcoder fields a run fills in itself are not settings and are left out.
+    """
+    filled = set(run_filled_fields())
+    out: dict[str, Any] = {}
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            out.update({k: v for k, v in value.items() if not (key == "transcoder" and k in filled)})
+        else:
+            out[key] = value
+    if out.get("warmup_steps") is None and isinstance(out.get("steps"), int):
+        out["warmup_steps"] = min(1000, out["steps"] // 10)
+    return out
 
 
 RESUMABLE = frozenset({"steps", "threads", "device", "workers", "cache_dir", "cache_dtype", "out", "checkpoint_every",
                        "log_every", "resume", "overwrite", "tensorboard", "progress"})
-"""Settings a resumed run may change; any other difference is refused. A new --steps recomputes the
-schedule for the new total, so only an unchanged one reproduces the uninterrupted run."""
+"""Settings (flag names) a resumed run may change; any other difference is refused. A new --steps
+recomputes the schedule for the new total, so only an unchanged one reproduces the uninterrupted run."""
 
 
 def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: str | None = None) -> dict[str, TranscoderConfig]:
-    """The transcoders a run trains, by subdirectory name.
+    """The transcoders a run trains, by subdirectory name, each checked by `TranscoderConfig.validate`.
 
     One per (topology, sparsifier, k), from `--models` or else every `--topology` × `--sparsifier`;
     JumpReLU ignores k, so it gets one. Names are the sparsifier, with `-k{k}` appended when several
     values of k are swept, prefixed by `{topology}-` when several topologies are.
     """
-    if cfg.models:
-        pairs = [tuple(m.split(":", 1)) for m in cfg.models]
-    else:
-        topologies = (cfg.topology,) if isinstance(cfg.topology, str) else tuple(cfg.topology)
-        pairs = [(t, s) for t in topologies for s in cfg.sparsifier]
+    pairs = cfg.sweep.pairs()
+    ks = cfg.sweep.k
     topologies = sorted({t for t, _ in pairs})
     out: dict[str, TranscoderConfig] = {}
     for topology, sparsifier in pairs:
-        for k in cfg.k[:1] if sparsifier == "jumprelu" else cfg.k:
-            name = sparsifier if len(cfg.k) == 1 or sparsifier == "jumprelu" else f"{sparsifier}-k{k}"
+        for k in ks[:1] if sparsifier == "jumprelu" else ks:
+            name = sparsifier if len(ks) == 1 or sparsifier == "jumprelu" else f"{sparsifier}-k{k}"
             name = f"{topology}-{name}" if len(topologies) > 1 else name
-            features = cfg.n_features or cfg.expansion * d_model
-            if sparsifier != "jumprelu" and k > features:
-                raise TrainingError(f"--k {k} exceeds the {features} features per layer: lower --k or raise --expansion")
-            out[name] = TranscoderConfig(
-                n_layers=n_layers, d_model=d_model, n_features=cfg.n_features, expansion=cfg.expansion,
-                topology=topology, sparsifier=sparsifier, k=k, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-                sparsity_coefficient=cfg.sparsity_coefficient, auxk_k=cfg.auxk_k, auxk_alpha=cfg.auxk_alpha,
-                dead_tokens=cfg.dead_tokens, backbone=cfg.backbone if backbone is None else backbone, tokens=cfg.tokens,
-            )
+            tcfg = dataclasses.replace(cfg.transcoder, n_layers=n_layers, d_model=d_model, topology=topology,
+                                       sparsifier=sparsifier, k=k, backbone=cfg.backbone if backbone is None else backbone,
+                                       tokens=cfg.tokens)
+            try:
+                tcfg.validate()
+            except VitcltError as err:
+                raise TrainingError(f"transcoder {name!r}: {err}") from None
+            out[name] = tcfg
     return out
 
 

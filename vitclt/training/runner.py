@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from tqdm.auto import tqdm
 from vitclt.data.stream import ActivationStream, BackboneSource, NormStats, RowSource, estimate_normalization
 from vitclt.io import write_json
 from vitclt.nn import Transcoder, TranscoderConfig
-from vitclt.runtime import setup
+from vitclt.runtime import check_writable_dir, setup
 from vitclt.training import checkpoint as ckpt
 from vitclt.training.config import TrainConfig, TrainingError, transcoder_configs
-from vitclt.training.trainer import Trainer, Window
+from vitclt.training.trainer import StepMetrics, Trainer
 
 
 def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -30,15 +31,16 @@ def build_source(cfg: TrainConfig, device: torch.device) -> RowSource:
     from vitclt.data.datasets import load_dataset
 
     backbone = load_backbone(cfg.backbone, device=device, dtype=_dtype(cfg, device))
-    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=cfg.seed)
-    source = BackboneSource(backbone, dataset, cfg.tokens, cfg.images_per_forward, workers=cfg.workers)
-    if cfg.cache_dir is None:
+    rt = cfg.runtime
+    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=rt.seed)
+    source = BackboneSource(backbone, dataset, cfg.tokens, rt.images_per_forward, workers=rt.workers)
+    if cfg.stream.cache_dir is None:
         return source
     from vitclt.data.cache import cache_key, open_or_build_cache
 
-    dataset_id = f"{cfg.dataset}|split={cfg.split}|max_images={cfg.max_images}|seed={cfg.seed if cfg.max_images else None}"
-    key = cache_key(source, cfg.backbone, dataset_id, cfg.cache_dtype)
-    return open_or_build_cache(source, key, cfg.cache_dir, progress=cfg.progress)
+    dataset_id = f"{cfg.dataset}|split={cfg.split}|max_images={cfg.max_images}|seed={rt.seed if cfg.max_images else None}"
+    key = cache_key(source, cfg.backbone, dataset_id, cfg.stream.cache_dtype)
+    return open_or_build_cache(source, key, cfg.stream.cache_dir, progress=rt.progress)
 
 
 def _summary_writer():
@@ -58,7 +60,7 @@ class _TensorBoard:
         writer = _summary_writer()
         self.writers = {name: writer(str(out / "tb" / name)) for name in names}
 
-    def log(self, step: int, windows: dict[str, Window], lrs: dict[str, float], tokens_per_s: float) -> None:
+    def log(self, step: int, windows: dict[str, StepMetrics], lrs: dict[str, float], tokens_per_s: float) -> None:
         for name, w in windows.items():
             wr = self.writers[name]
             for tag, value in (("loss", w.loss), ("fvu", w.fvu), ("l0", w.l0), ("dead_frac", w.dead), ("lr", lrs[name]),
@@ -86,19 +88,20 @@ def _make_models(tcfgs: dict[str, TranscoderConfig], stats: NormStats, seed: int
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
-          tcfgs: dict[str, TranscoderConfig], last: dict[str, Window], finished: bool, elapsed: float) -> None:
+          tcfgs: dict[str, TranscoderConfig], last: dict[str, StepMetrics], finished: bool, elapsed: float,
+          command: str) -> None:
     """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file."""
     for name, model in trainer.models.items():
         model.save_pretrained(out / name)
         w = last.get(name)
         write_json(out / name / ckpt.TRAINING_FILE, {
-            "step": trainer.step, "finished": finished, "tokens": trainer.step * cfg.batch_size,
+            "step": trainer.step, "finished": finished, "tokens": trainer.step * cfg.optim.batch_size,
             "elapsed_s": elapsed, "train_config": cfg.to_json(),
             "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
                                                "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
         })
     tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
-    meta = {"step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
+    meta = {"command": command, "step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
             "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
     ckpt.save_state(out, tensors, meta)
 
@@ -114,7 +117,7 @@ def _check_backbone(meta: dict, tcfgs: dict[str, TranscoderConfig], n_layers: in
         raise TrainingError(f"the run in {out} trains {sorted(meta['transcoders'])}, this command asks for {sorted(tcfgs)}")
 
 
-def format_summary(name: str, w: Window, path: Path) -> str:
+def format_summary(name: str, w: StepMetrics, path: Path) -> str:
     """A per-layer table of FVU, L0 and dead % for one transcoder, and where it is saved."""
     lines = [f"{name}: {path}", "  layer      FVU       L0   dead %"]
     for layer, (f, l0, d) in enumerate(zip(w.fvu_L, w.l0_L, w.dead_L)):
@@ -123,18 +126,48 @@ def format_summary(name: str, w: Window, path: Path) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
+def check_batch(batch_size: int, source: RowSource) -> None:
+    """Refuse a batch larger than one pass over the data: every row would repeat within a step."""
+    rows = source.n_images * source.rows_per_image
+    if batch_size > rows:
+        raise TrainingError(f"--batch-size {batch_size} is more than the {rows} token rows of one pass over the "
+                            f"{source.n_images} images, so a step would repeat rows: lower --batch-size to {rows} or "
+                            "fewer, or train on more images (--max-images, --dataset)")
+
+
+DIVERGED_FVU = 2.0
+"""End-of-training FVU above which the run surely diverged: an untrained transcoder is near 1 (measured 1.0-1.4)."""
+
+
+def warn_if_worse_than_mean(last: dict[str, StepMetrics], trainer: Trainer) -> None:
+    """Warn (on stderr) about every transcoder that ends worse than predicting the mean (FVU above 1), with the likely cause."""
+    for name, w in last.items():
+        if not w.fvu > 1:
+            continue
+        lr = f"the learning rate ({trainer.base_lr[name]:.3g}) is too high: retrain with a lower --lr (or the default)"
+        if w.fvu > DIVERGED_FVU:
+            cause = f"training diverged; most likely {lr}"
+        else:
+            cause = f"either the {trainer.step} steps were too few to learn (raise --steps) or {lr}"
+        print(f"warning: {name} ends training with FVU {w.fvu:.3g}, worse than predicting the mean (FVU 1): {cause}",
+              file=sys.stderr)
+
+
+def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "train") -> list[Path]:
     """Train the transcoders `cfg` describes and return their checkpoint directories.
 
     `source` replaces the backbone-over-dataset rows (e.g. a `CacheSource` or custom activations;
     `cfg.backbone` and `cfg.dataset` are then only recorded); by default the rows come from
-    `cfg.backbone` over `cfg.dataset`, through `cfg.cache_dir` if set.
+    `cfg.backbone` over `cfg.dataset`, through `cfg.stream.cache_dir` if set. `command` is recorded
+    in the run directory as what made it: a run only overwrites or resumes runs of its own command.
     """
     cfg.validate()
-    device = setup(cfg.threads, cfg.seed, cfg.device)
+    device = setup(cfg.runtime)
+    rt, opt = cfg.runtime, cfg.optim
     out = Path(cfg.out)
-    meta = ckpt.prepare_run_dir(cfg)
-    if meta is not None and meta["finished"] and meta["step"] >= cfg.steps:
+    check_writable_dir(out)
+    meta = ckpt.prepare_run_dir(cfg, command)
+    if meta is not None and meta["finished"] and meta["step"] >= opt.steps:
         paths = [out / name for name in meta["transcoders"]]
         print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
         return paths
@@ -142,6 +175,7 @@ def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
         _summary_writer()  # fail before any work if tensorboard is missing
     if source is None:
         source = build_source(cfg, device)
+    check_batch(opt.batch_size, source)
     tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model)
     state = None
     if meta is not None:
@@ -149,10 +183,10 @@ def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
         state = ckpt.load_state_tensors(out, device)
         stats = NormStats.from_tensors({k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")})
     else:
-        stats = estimate_normalization(source, cfg.norm_tokens, cfg.seed, progress=cfg.progress)
-    models = _make_models(tcfgs, stats, cfg.seed, device)
+        stats = estimate_normalization(source, cfg.stream.norm_tokens, rt.seed, progress=rt.progress)
+    models = _make_models(tcfgs, stats, rt.seed, device)
     trainer = Trainer(cfg, models, device)
-    stream = ActivationStream(source, cfg.batch_size, cfg.buffer_size, cfg.seed, device)
+    stream = ActivationStream(source, opt.batch_size, cfg.stream.buffer_size, rt.seed, device)
     elapsed = 0.0
     if state is not None:
         trainer.load_state_tensors(state, meta["step"])
@@ -161,30 +195,29 @@ def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
         elapsed = meta["elapsed_s"]
         del state
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()})
+        ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()}, command)
     tb = _TensorBoard(out, list(models)) if cfg.tensorboard else None
-    last: dict[str, Window] = {}
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="train", unit="step", disable=not cfg.progress)
-    t0, tokens0 = time.perf_counter(), trainer.step * cfg.batch_size
+    last: dict[str, StepMetrics] = {}
+    bar = tqdm(total=opt.steps, initial=trainer.step, desc="train", unit="step", disable=not rt.progress)
+    t0, tokens0 = time.perf_counter(), trainer.step * opt.batch_size
     try:
-        while trainer.step < cfg.steps:
+        while trainer.step < opt.steps:
             trainer.train_step(stream.next_batch())
             bar.update(1)
             step = trainer.step
-            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            at_checkpoint = step % cfg.checkpoint_every == 0 or step == opt.steps
             if step % cfg.log_every == 0 or at_checkpoint:
                 trainer.check_finite()
                 last = trainer.window()
                 now = time.perf_counter()
-                rate = (step * cfg.batch_size - tokens0) / max(now - t0, 1e-9)
+                rate = (step * opt.batch_size - tokens0) / max(now - t0, 1e-9)
                 bar.set_postfix_str(" | ".join(f"{n} loss {w.loss:.3f} fvu {w.fvu:.3f} l0 {w.l0:.1f} dead {100 * w.dead:.1f}%"
                                                for n, w in last.items()) + f" | {rate:,.0f} tok/s")
                 if tb is not None:
                     tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
             if at_checkpoint:
                 now = time.perf_counter()
-                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == cfg.steps, elapsed + now - t0)
+                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command)
     finally:
         bar.close()
         if tb is not None:
@@ -192,9 +225,5 @@ def train(cfg: TrainConfig, source: RowSource | None = None) -> list[Path]:
     paths = [out / name for name in models]
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
+    warn_if_worse_than_mean(last, trainer)
     return paths
-
-
-def run(cfg: TrainConfig) -> list[Path]:
-    """Run `vitclt train`: train, print per-layer FVU, L0 and dead %, and say where the checkpoints are."""
-    return train(cfg)

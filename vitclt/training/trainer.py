@@ -45,7 +45,7 @@ def fired_counts(codes: Codes, n_layers: int, n_features: int) -> Tensor:
 
 
 @dataclass
-class Window:
+class StepMetrics:
     """Per-layer training metrics averaged over the steps since the last log."""
 
     steps: int
@@ -79,7 +79,7 @@ class Trainer:
         self.device = device
         self.step = 0
         self.autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-        self.base_lr = {name: cfg.lr or default_lr(m.n_features) for name, m in models.items()}
+        self.base_lr = {name: cfg.optim.lr or default_lr(m.n_features) for name, m in models.items()}
         self.target_lambda = {name: m.sparsity_coefficient for name, m in models.items()}
         self.optimizers = {
             name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=True)
@@ -96,12 +96,12 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> None:
         """One update of every transcoder on `batch`."""
-        cfg, s = self.cfg, self.step
+        opt_cfg, s = self.cfg.optim, self.step
         x_NLD, y_NLD = batch.x_NLD, batch.y_NLD
         n = x_NLD.shape[0]
         flags = [~torch.isfinite(x_NLD).all(dim=0).all(dim=-1), ~torch.isfinite(y_NLD).all(dim=0).all(dim=-1)]
-        factor = lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.decay_fraction)
-        ramp = ramp_factor(s, cfg.steps, cfg.sparsity_ramp)
+        factor = lr_factor(s, opt_cfg.steps, opt_cfg.warmup, opt_cfg.decay_fraction)
+        ramp = ramp_factor(s, opt_cfg.steps, opt_cfg.sparsity_ramp)
         for name, model in self.models.items():
             opt = self.optimizers[name]
             for group in opt.param_groups:
@@ -143,16 +143,16 @@ class Trainer:
             hint = "lower --lr, or use --dtype float32"
         raise TrainingError(f"step {steps[i] + 1}: {what}; training stopped, the last checkpoint is untouched ({hint})")
 
-    def window(self) -> dict[str, Window]:
+    def window(self) -> dict[str, StepMetrics]:
         """Metrics per transcoder averaged since the last call (resets the averages)."""
         out = {}
         for name, model in self.models.items():
             dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
             if name not in self._sums or not self._window_steps:
-                out[name] = Window(0, float("nan"), [float("nan")] * model.n_layers, [float("nan")] * model.n_layers, dead_L)
+                out[name] = StepMetrics(0, float("nan"), [float("nan")] * model.n_layers, [float("nan")] * model.n_layers, dead_L)
                 continue
             means = (self._sums[name] / self._window_steps).cpu()
-            out[name] = Window(self._window_steps, float(means[0, 0]), means[1].tolist(), means[2].tolist(), dead_L)
+            out[name] = StepMetrics(self._window_steps, float(means[0, 0]), means[1].tolist(), means[2].tolist(), dead_L)
         self._sums = {}
         self._window_steps = 0
         return out

@@ -1,0 +1,98 @@
+"""`vitclt eval RUN_DIR`: the evaluation suite on a run's transcoders, written as metrics.json and report.html."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+from tyro.conf import OmitArgPrefixes
+
+from vitclt.eval.options import EvalOptions
+from vitclt.runtime import RuntimeConfig
+
+
+@dataclass
+class EvalConfig:
+    """`vitclt eval RUN_DIR`: reconstruction, replacement, attribution, faithfulness, retrieval, report."""
+
+    run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """A transcoder directory (config.json + model.safetensors) or a directory of several."""
+    dataset: str = "demo"
+    """Eval dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, folder:DIR."""
+    split: str = "test"
+    """Dataset split: test (= val, held out) or train."""
+    backbone: str | None = None
+    """Backbone spec; default: the one named in the transcoders' config."""
+    eval_images: int | None = None
+    """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
+    templates: str | None = None
+    """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
+    classnames: Path | None = None
+    """File of class names (one per line, label order); default: the dataset's shipped names."""
+    options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
+    """What the suite measures: windows, tokens, faithfulness and retrieval settings."""
+    runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
+    """Device, threads, image decoding, seed (of the subset, the random controls and the retrieval queries), progress bars."""
+    out: Path | None = None
+    """Output directory; default: RUN_DIR/eval."""
+
+    @property
+    def out_dir(self) -> Path:
+        """Where metrics.json, figures/ and report.html go."""
+        return Path(self.out) if self.out else Path(self.run_dir) / "eval"
+
+
+def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict:
+    """metrics.json's description of the zero-shot protocol: the data, its classes and prompts."""
+    return {
+        "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
+        "n_images": len(dataset), "n_classes": len(dataset.classnames),
+        "classnames": list(dataset.classnames), "templates": list(templates),
+        "subset": (f"class-stratified {cfg.eval_images} images (seed {cfg.runtime.seed})" if cfg.eval_images
+                   else "the whole split"),
+    }
+
+
+def run(cfg: EvalConfig, context: dict | None = None) -> Path:
+    """Run `vitclt eval`: evaluate, write metrics.json, figures and report.html, print the headline table;
+    return the report's path.
+
+    `context` (e.g. the training run's settings, from `vitclt reproduce`) is stored under `context`.
+    """
+    from vitclt.backbones import load_backbone
+    from vitclt.data.datasets import load_dataset
+    from vitclt.data.prompts import get_templates
+    from vitclt.eval.metric_keys import check_metric_keys
+    from vitclt.eval.suite import backbone_spec, evaluate_suite, find_transcoders, load_transcoders
+    from vitclt.eval.zeroshot import build_classifier, dataset_templates
+    from vitclt.io import write_json
+    from vitclt.report.html import write_report
+    from vitclt.report.summary import headline_table
+    from vitclt.runtime import check_writable_dir, setup
+    from vitclt.training.config import jsonable
+
+    cfg.options.validate()
+    paths = find_transcoders(cfg.run_dir)
+    out = check_writable_dir(cfg.out_dir)
+    device = setup(cfg.runtime)
+    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.eval_images, seed=cfg.runtime.seed, classnames=cfg.classnames)
+    templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
+    backbone = load_backbone(backbone_spec(paths, cfg.backbone), device=device)
+    transcoders = load_transcoders(paths, backbone)
+    classifier = build_classifier(backbone, dataset.classnames, templates)
+    suite = evaluate_suite(backbone, dataset, classifier, transcoders, cfg.options, cfg.runtime, paths)
+    metrics = {"schema": suite.pop("schema"), "run_dir": str(cfg.run_dir), "backbone": suite.pop("backbone"),
+               "dataset": dataset_protocol(cfg, dataset, templates), "config": jsonable(asdict(cfg)), **suite,
+               "context": jsonable(context or {})}
+    missing = check_metric_keys(metrics)
+    if missing:
+        raise RuntimeError(f"metrics.json lacks documented keys {missing}: a bug in vitclt, please report it")
+    write_json(out / "metrics.json", metrics)
+    report = write_report(metrics, dataset, out)
+    print(f"metrics: {out / 'metrics.json'}")
+    print(headline_table(metrics))
+    print(f"report: {report}")
+    return report

@@ -1,0 +1,82 @@
+"""`vitclt zeroshot`: CLIP zero-shot top-1/top-5 of a backbone on a dataset, optionally with MLPs ablated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from tyro.conf import OmitArgPrefixes
+
+from vitclt.nn.config import TokenSet
+from vitclt.runtime import RuntimeConfig
+
+
+@dataclass
+class ZeroShotConfig:
+    """`vitclt zeroshot`: CLIP zero-shot top-1/top-5 of a backbone on a dataset."""
+
+    backbone: str = "demo"
+    """Backbone: a hub id (openai/clip-vit-base-patch32), a local CLIPModel directory, or `demo`."""
+    dataset: str = "demo"
+    """Dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, coco:/data/coco, folder:DIR."""
+    split: str = "test"
+    """Split to evaluate: test (= val, the held-out labelled split) or train."""
+    templates: str | None = None
+    """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
+    classnames: Path | None = None
+    """File of class names, one per line in label order; default: the dataset's shipped names."""
+    max_images: int | None = None
+    """Evaluate on a class-stratified subset of this many images (quick runs)."""
+    ablate_layers: tuple[str, ...] = ()
+    """Zero the MLP outputs of these layer windows (START-END, N, all or last:N; e.g. 3-11 or 0,4,7): the replacement control."""
+    ablate_tokens: TokenSet = "all"
+    """Tokens whose MLP output is zeroed with --ablate-layers: cls, patches or all."""
+    runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
+    """Device, threads, image decoding, seed (of the --max-images subset), progress bars."""
+    out: Path | None = None
+    """Write the result as JSON to this file."""
+
+
+def run(cfg: ZeroShotConfig) -> dict:
+    """Run `vitclt zeroshot`: print top-1/top-5 and write them to `cfg.out` if given."""
+    from vitclt.backbones import Replacement, load_backbone
+    from vitclt.data.datasets import load_dataset
+    from vitclt.data.prompts import get_templates
+    from vitclt.eval.windows import parse_windows, union_layers
+    from vitclt.eval.zeroshot import build_classifier, dataset_templates, evaluate, zero_mlp
+    from vitclt.io import write_json
+    from vitclt.runtime import check_writable_file, setup
+    from vitclt.training.config import jsonable
+
+    if cfg.out:
+        check_writable_file(cfg.out)
+    device = setup(cfg.runtime)
+    rt = cfg.runtime
+    # The cheap inputs first, so a wrong path fails before a large model loads.
+    dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=rt.seed, classnames=cfg.classnames)
+    templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
+    backbone = load_backbone(cfg.backbone, device=device)
+    replacement = None
+    if cfg.ablate_layers:
+        layers = union_layers(parse_windows(cfg.ablate_layers, backbone.n_layers))
+        replacement = Replacement(zero_mlp, layers, cfg.ablate_tokens)
+    classifier = build_classifier(backbone, dataset.classnames, templates)
+    result = evaluate(backbone, dataset, classifier, rt.images_per_forward, replacement, workers=rt.workers,
+                      progress=rt.progress)
+    record = {
+        **result._asdict(),
+        "backbone": cfg.backbone,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "n_classes": len(dataset.classnames),
+        "n_templates": len(templates),
+        "ablated_layers": list(replacement.layers) if replacement else [],
+        "ablated_tokens": cfg.ablate_tokens if replacement else None,
+        "config": jsonable(asdict(cfg)),
+    }
+    print(f"{cfg.backbone} on {cfg.dataset} ({cfg.split}, {result.n_images} images, {len(dataset.classnames)} classes): "
+          f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%")
+    if cfg.out:
+        print(f"wrote {write_json(cfg.out, record)}")
+    return record
