@@ -41,7 +41,7 @@ def config(backbone, folder: Path, out: Path, **overrides) -> TrainConfig:
                 expansion=4, steps=20, batch_size=128, warmup_steps=5, buffer_size=68, norm_tokens=400,
                 images_per_forward=3, workers=1, checkpoint_every=10, log_every=10, threads=1, device="cpu", out=out,
                 progress=False)
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.from_json({**base, **overrides})
 
 
 @pytest.mark.slow
