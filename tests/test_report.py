@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vitclt.cli import main
+from vitclt.errors import VitcltError
 from vitclt.commands.eval import EvalConfig, run
 from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
 from vitclt.eval.options import EvalOptions
@@ -143,3 +144,24 @@ def test_the_report_renders_metrics_without_the_evaluation_library():
             "print(sorted(m for m in sys.modules if m.startswith('vitclt.eval')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_transcoder_trained_on_other_weights_is_refused_unless_allowed_and_then_marked(folder, tiny_clip_dir, tmp_path,
+                                                                                         tiny_backbone):
+    tc = make_transcoder("clt", "relu-topk")
+    tc.cfg.backbone = str(tiny_clip_dir)
+    tc.cfg.backbone_fingerprint = "0" * 16  # trained on weights of the same shape that are not these
+    tc.save_pretrained(tmp_path / "run" / "clt")
+    cfg = EvalConfig(tmp_path / "run", dataset=f"folder:{folder}", out=tmp_path / "eval",
+                     options=EvalOptions(seeds=1, retrieval_k=2, retrieval_queries=1),
+                     runtime=RuntimeConfig(images_per_forward=6, workers=0, progress=False, threads=1))
+    with pytest.raises(VitcltError, match=f"fingerprint 0{{16}}, but .* has fingerprint {tiny_backbone.fingerprint}: .*"
+                                          "--allow-backbone-mismatch"):
+        run(cfg)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    cfg.allow_backbone_mismatch = True
+    report = run(cfg)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["transcoders"]["clt"]["backbone_mismatch"] is True
+    assert metrics["backbone"]["fingerprint"] == tiny_backbone.fingerprint
+    assert "Backbone mismatch:" in report.read_text()

@@ -173,6 +173,19 @@ def test_resume_into_another_backbone_or_settings_is_refused(image_folder, tmp_p
         train(changed(cfg, resume=True, steps=8, k=(16,)))
     with pytest.raises(TrainingError, match=r"expansion: run has 4, now 2"):
         train(changed(cfg, resume=True, steps=8, expansion=2))
+    # A kill while the state was written left a full-size temporary; resuming removes it (its writer is gone).
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    stale = tmp_path / "run" / f".training_state.safetensors.vitclt-{int(dead_pid)}-abcdefgh.tmp"
+    stale.write_bytes((tmp_path / "run" / "training_state.safetensors").read_bytes())
+    users = tmp_path / "run" / "notes.tmp"
+    users.write_text("mine")
+    train(changed(cfg, resume=True, steps=6))
+    assert not stale.exists() and users.read_text() == "mine"
+    fingerprint = load_backbone(backbone_dir).fingerprint
+    assert Transcoder.from_pretrained(tmp_path / "run" / "relu-topk").cfg.backbone_fingerprint == fingerprint
+    build_tiny_clip(backbone_dir, seed=1)  # same shape, other weights
+    with pytest.raises(TrainingError, match=f"fingerprint {fingerprint}, but .* now has fingerprint [0-9a-f]+: resume with"):
+        train(changed(cfg, resume=True, steps=8))
     build_tiny_clip(backbone_dir, seed=0, config=tiny_clip_config(n_layers=2))
     with pytest.raises(TrainingError, match="3 layers × width 32.*now has 2 layers × width 32"):
         train(changed(cfg, resume=True, steps=8, threads=1, workers=2))

@@ -32,6 +32,8 @@ class EvalConfig:
     """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names (one per line, label order); default: the dataset's shipped names."""
+    allow_backbone_mismatch: bool = False
+    """Evaluate transcoders trained on other weights of the same shape (their fingerprint differs); the report marks them."""
     options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
     """What the suite measures: windows, tokens, faithfulness and retrieval settings."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
@@ -51,6 +53,7 @@ def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict
         "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
         "n_images": len(dataset), "n_classes": len(dataset.classnames),
         "classnames": list(dataset.classnames), "templates": list(templates),
+        "split_note": getattr(dataset, "split_note", ""),
         "subset": (f"class-stratified {cfg.eval_images} images (seed {cfg.runtime.seed})" if cfg.eval_images
                    else "the whole split"),
     }
@@ -79,9 +82,11 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     out = check_writable_dir(cfg.out_dir)
     device = setup(cfg.runtime)
     dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.eval_images, seed=cfg.runtime.seed, classnames=cfg.classnames)
+    if getattr(dataset, "split_note", ""):
+        print(f"note: {dataset.split_note}")
     templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
     backbone = load_backbone(backbone_spec(paths, cfg.backbone), device=device)
-    transcoders = load_transcoders(paths, backbone)
+    transcoders = load_transcoders(paths, backbone, cfg.allow_backbone_mismatch)
     classifier = build_classifier(backbone, dataset.classnames, templates)
     suite = evaluate_suite(backbone, dataset, classifier, transcoders, cfg.options, cfg.runtime, paths)
     metrics = {"schema": suite.pop("schema"), "run_dir": str(cfg.run_dir), "backbone": suite.pop("backbone"),

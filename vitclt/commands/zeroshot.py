@@ -55,6 +55,8 @@ def run(cfg: ZeroShotConfig) -> dict:
     rt = cfg.runtime
     # The cheap inputs first, so a wrong path fails before a large model loads.
     dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=rt.seed, classnames=cfg.classnames)
+    if getattr(dataset, "split_note", ""):
+        print(f"note: {dataset.split_note}")
     templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
     backbone = load_backbone(cfg.backbone, device=device)
     replacement = None

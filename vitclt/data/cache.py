@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vitclt.backbones import Backbone
 from vitclt.data.stream import BackboneSource
 from vitclt.data.unreadable import UnreadableImages
 from vitclt.errors import VitcltError
@@ -51,7 +50,7 @@ class CacheKey:
     backbone: str
     """The backbone spec the activations came from."""
     backbone_fingerprint: str
-    """Hash of the first and last MLP's weights, so a changed checkpoint at the same path is noticed."""
+    """`Backbone.fingerprint` of the weights, so a changed checkpoint at the same path is noticed."""
     dataset: str
     """The dataset spec, split and subset."""
     n_images: int
@@ -72,22 +71,12 @@ class CacheKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
-def backbone_fingerprint(backbone: Backbone) -> str:
-    """sha256 of the first and last MLP's parameters (as float32), a cheap identity of the weights."""
-    h = hashlib.sha256()
-    for mlp in (backbone.mlps[0], backbone.mlps[-1]):
-        for name, p in sorted(mlp.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def cache_key(source: BackboneSource, backbone_spec: str, dataset_spec: str, dtype: str = "float16") -> CacheKey:
     """The `CacheKey` of the activations `source` produces."""
     if dtype not in ("float16", "float32"):
         raise CacheError(f"cache dtype must be float16 or float32, got {dtype!r}")
     return CacheKey(
-        backbone=str(backbone_spec), backbone_fingerprint=backbone_fingerprint(source.backbone),
+        backbone=str(backbone_spec), backbone_fingerprint=source.backbone_fingerprint,
         dataset=str(dataset_spec), n_images=source.n_images, tokens=str(source.tokens),
         n_layers=source.n_layers, d_model=source.d_model, rows_per_image=source.rows_per_image, dtype=dtype,
     )
@@ -107,6 +96,8 @@ class CacheSource:
         self.d_model = key["d_model"]
         self.shard_images = metadata["shard_images"]
         self.token_positions = torch.as_tensor(metadata["token_positions"], dtype=torch.long)
+        self.backbone_fingerprint = self.key.backbone_fingerprint
+        """`Backbone.fingerprint` of the weights the cached rows came from."""
         self.unreadable = UnreadableImages(self.n_images)
         """Images skipped as unreadable when the cache was built (their rows are a substitute's)."""
         self.unreadable.restore(metadata.get("unreadable"))

@@ -69,6 +69,8 @@ class RowSource(Protocol):
     d_model: int
     token_positions: Tensor
     """Sequence positions of one image's rows, in row order (rows_per_image,)."""
+    backbone_fingerprint: str
+    """`Backbone.fingerprint` of the weights the rows come from ("" when unknown)."""
 
     def load(self, images: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Rows of `images`, image-major then token: x_NLD, y_NLD with N = len(images) * rows_per_image."""
@@ -143,6 +145,11 @@ class BackboneSource:
                     pending.append(pool.submit(self._pixels, chunks[i + self.workers]))
                 pending[i] = None  # drop the finished future's pixels: only `workers` batches stay in memory
                 yield self._forward(pixels)
+
+    @property
+    def backbone_fingerprint(self) -> str:
+        """The backbone's `fingerprint`: which weights these rows come from."""
+        return self.backbone.fingerprint
 
     def load(self, images: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Rows of `images`, image-major then token: x_NLD, y_NLD.

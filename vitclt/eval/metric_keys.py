@@ -37,6 +37,7 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("backbone.n_layers", "number of transformer blocks L"),
     MetricKey("backbone.d_model", "residual width D"),
     MetricKey("backbone.n_tokens", "sequence length T (CLS + patches)"),
+    MetricKey("backbone.fingerprint", "digest of the backbone's image-path weights (`Backbone.fingerprint`)"),
     MetricKey("dataset.spec", "dataset spec as passed to --dataset"),
     MetricKey("dataset.name", "the dataset's own name"),
     MetricKey("dataset.split", "split evaluated (test = held-out)"),
@@ -45,6 +46,8 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("dataset.classnames", "class names in label order, as put into the prompts"),
     MetricKey("dataset.templates", "prompt templates; class vectors are the renormalised mean over templates"),
     MetricKey("dataset.subset", "how the images were chosen (whole split, or a class-stratified subset and its seed)"),
+    MetricKey("dataset.split_note", "how the split was made when the data has none of its own (e.g. a held-out share of "
+              "a flat folder); empty otherwise"),
     MetricKey("config", "the eval configuration: every `vitclt eval` flag, nested by group (`options`, `runtime`)"),
     MetricKey("context", "extra context of the run, e.g. the training settings from `vitclt reproduce` (may be empty)"),
     MetricKey("baseline.top1", "zero-shot top-1 (%) of the clean model"),
@@ -57,6 +60,8 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("zero_ablation.<window>.<tokens>", "top-1 (%) with the MLP outputs of the window zeroed at those "
               "tokens: the control"),
     MetricKey(f"{TC}.path", "the transcoder's directory"),
+    MetricKey(f"{TC}.backbone_mismatch", "true when the transcoder was trained on other backbone weights than the "
+              "evaluated ones (its config's backbone_fingerprint differs; only with --allow-backbone-mismatch)"),
     MetricKey(f"{TC}.topology", "clt, plt or sae"),
     MetricKey(f"{TC}.sparsifier", "jumprelu, relu-topk, abs-topk or batch-topk"),
     MetricKey(f"{TC}.k", "active features per token and layer for the TopK family (null for JumpReLU)"),

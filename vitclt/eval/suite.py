@@ -69,8 +69,14 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def load_transcoders(paths: dict[str, Path], backbone: Backbone) -> dict[str, Transcoder]:
-    """Load each transcoder onto the backbone's device, checking it fits the backbone."""
+def load_transcoders(paths: dict[str, Path], backbone: Backbone, allow_mismatch: bool = False) -> dict[str, Transcoder]:
+    """Load each transcoder onto the backbone's device, checking it fits the backbone.
+
+    A transcoder whose recorded backbone fingerprint differs from `backbone.fingerprint` was trained
+    on other weights of the same shape; it is refused unless `allow_mismatch` (then `describe`
+    marks it in metrics.json and the report). An empty recorded fingerprint (older checkpoints,
+    custom row sources) cannot be checked and passes.
+    """
     out = {}
     for name, path in paths.items():
         tc = Transcoder.from_pretrained(path, device=backbone.device)
@@ -78,8 +84,19 @@ def load_transcoders(paths: dict[str, Path], backbone: Backbone) -> dict[str, Tr
             tc.check_compatible(backbone.n_layers, backbone.d_model)
         except ValueError as e:
             raise ConfigError(f"transcoder {name} ({path}) does not fit backbone {backbone.name}: {e}") from None
+        if not allow_mismatch and backbone_mismatch(tc, backbone):
+            raise ConfigError(
+                f"transcoder {name} ({path}) was trained on backbone weights with fingerprint {tc.cfg.backbone_fingerprint}, "
+                f"but {backbone.name} has fingerprint {backbone.fingerprint}: evaluate it on the backbone it was trained on "
+                "(--backbone), or pass --allow-backbone-mismatch to evaluate anyway (the report marks it)")
         out[name] = tc.to(backbone.device).eval()
     return out
+
+
+def backbone_mismatch(tc: Transcoder, backbone: Backbone) -> bool:
+    """Whether `tc` records a backbone fingerprint that is not `backbone`'s (False when it records none)."""
+    recorded = tc.cfg.backbone_fingerprint
+    return bool(recorded) and recorded != backbone.fingerprint
 
 
 def backbone_spec(paths: dict[str, Path], override: str | None) -> str:
@@ -95,11 +112,13 @@ def backbone_spec(paths: dict[str, Path], override: str | None) -> str:
     return distinct.pop()
 
 
-def describe(tc, path: Path | None = None) -> dict:
-    """A transcoder's identity for metrics.json: topology, sparsifier, k, width and full config."""
+def describe(tc, path: Path | None = None, backbone: Backbone | None = None) -> dict:
+    """A transcoder's identity for metrics.json: topology, sparsifier, k, width, full config, and
+    whether it was trained on other weights than `backbone`'s."""
     cfg = tc.cfg
     return {
         "path": str(path) if path else None,
+        "backbone_mismatch": backbone is not None and backbone_mismatch(tc, backbone),
         "topology": cfg.topology,
         "sparsifier": cfg.sparsifier,
         "k": None if cfg.sparsifier == "jumprelu" else cfg.k,
@@ -229,7 +248,7 @@ def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, tra
     metrics = {
         "schema": SCHEMA,
         "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model,
-                     "n_tokens": backbone.n_tokens},
+                     "n_tokens": backbone.n_tokens, "fingerprint": backbone.fingerprint},
         "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images,
                      "embedding_precision_at_k": emb_precision},
         "windows": [w.label for w in windows],
@@ -240,7 +259,7 @@ def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, tra
         "timing": {"pass1_s": t1 - t0, "pass2_s": t2 - t1},
     }
     for name, tc in transcoders.items():
-        entry = describe(tc, (paths or {}).get(name))
+        entry = describe(tc, (paths or {}).get(name), backbone)
         entry["reconstruction"] = {g: r._asdict() for g, r in clean.recon[name].result().items()}
         entry["replacement"] = {w.label: {t: _replacement_entry(top1[ReplaceKey(name, w, t)], clean.top1, zero[w, t])
                                           for t in options.replace_tokens} for w in windows}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from vitclt.io import write_text
 from vitclt.report import figures
 from vitclt.report.summary import headline
 
@@ -85,6 +85,11 @@ def _header(metrics: dict) -> str:
         f"Eval set: <b>{ds.get('n_images')}</b> images of the <b>{_esc(ds.get('split'))}</b> split "
         f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes, {len(ds.get('templates', []))} prompt templates. "
         f"Clean zero-shot top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
+        + (f'<p class="note">{_esc(ds["split_note"])}</p>' if ds.get("split_note") else "")
+        + "".join(f'<p class="note"><b>Backbone mismatch:</b> {_esc(n)} was trained on other weights than '
+                  f"{_esc(bb['name'])} (fingerprint {_esc(e['config'].get('backbone_fingerprint'))}, evaluated on "
+                  f"{_esc(bb.get('fingerprint'))}); its numbers describe a transcoder used off its training backbone.</p>"
+                  for n, e in metrics["transcoders"].items() if e.get("backbone_mismatch"))
         + _table(["transcoder", "topology", "sparsifier", "k", "features / layer"], rows)
         + "<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); zero-shot top-1 (%) with the full "
         "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
@@ -306,9 +311,5 @@ def write_report(metrics: dict, dataset, out_dir: Path) -> Path:
     """Draw the figures into OUT/figures and write OUT/report.html; returns the report's path."""
     out_dir = Path(out_dir)
     page = render_html(metrics, draw_figures(metrics, dataset, out_dir / "figures"))
-    path = out_dir / "report.html"
-    # Written beside and renamed, so a crash never leaves half a report over a previous one.
-    tmp = out_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    # Atomic, so a crash never leaves half a report over a previous one.
+    return write_text(out_dir / "report.html", page)

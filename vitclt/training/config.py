@@ -264,12 +264,14 @@ RESUMABLE = frozenset({"steps", "threads", "device", "workers", "cache_dir", "ca
 recomputes the schedule for the new total, so only an unchanged one reproduces the uninterrupted run."""
 
 
-def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: str | None = None) -> dict[str, TranscoderConfig]:
+def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: str | None = None,
+                       fingerprint: str = "") -> dict[str, TranscoderConfig]:
     """The transcoders a run trains, by subdirectory name, each checked by `TranscoderConfig.validate`.
 
     One per (topology, sparsifier, k), from `--models` or else every `--topology` × `--sparsifier`;
     JumpReLU ignores k, so it gets one. Names are the sparsifier, with `-k{k}` appended when several
-    values of k are swept, prefixed by `{topology}-` when several topologies are.
+    values of k are swept, prefixed by `{topology}-` when several topologies are. `fingerprint` is the
+    backbone's `Backbone.fingerprint`, recorded so that evaluation can refuse other weights.
     """
     pairs = cfg.sweep.pairs()
     ks = cfg.sweep.k
@@ -281,7 +283,7 @@ def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: 
             name = f"{topology}-{name}" if len(topologies) > 1 else name
             tcfg = dataclasses.replace(cfg.transcoder, n_layers=n_layers, d_model=d_model, topology=topology,
                                        sparsifier=sparsifier, k=k, backbone=cfg.backbone if backbone is None else backbone,
-                                       tokens=cfg.tokens)
+                                       backbone_fingerprint=fingerprint, tokens=cfg.tokens)
             try:
                 tcfg.validate()
             except VitcltError as err:

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitclt.data.stream import ActivationStream, BackboneSource, NormStats, RowSource, estimate_normalization
-from vitclt.io import write_json
+from vitclt.io import remove_stale_temporaries, write_json
 from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.runtime import check_writable_dir, setup
 from vitclt.training import checkpoint as ckpt
@@ -33,6 +33,8 @@ def build_source(cfg: TrainConfig, device: torch.device) -> RowSource:
     backbone = load_backbone(cfg.backbone, device=device, dtype=_dtype(cfg, device))
     rt = cfg.runtime
     dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=rt.seed)
+    if getattr(dataset, "split_note", ""):
+        print(f"note: {dataset.split_note}")
     source = BackboneSource(backbone, dataset, cfg.tokens, rt.images_per_forward, workers=rt.workers)
     if cfg.stream.cache_dir is None:
         return source
@@ -113,6 +115,12 @@ def _check_backbone(meta: dict, tcfgs: dict[str, TranscoderConfig], n_layers: in
                 f"the run in {out} trained {name!r} on a backbone with {saved['n_layers']} layers × width {saved['d_model']}, "
                 f"but {saved['backbone']!r} now has {n_layers} layers × width {d_model}: resume with the original backbone, "
                 "or start a new run (--overwrite or another --out)")
+        before = saved.get("backbone_fingerprint", "")
+        now = tcfgs[name].backbone_fingerprint if name in tcfgs else ""
+        if before and now and before != now:
+            raise TrainingError(
+                f"the run in {out} trained {name!r} on backbone weights with fingerprint {before}, but {saved['backbone']!r} "
+                f"now has fingerprint {now}: resume with the original weights, or start a new run (--overwrite or another --out)")
     if sorted(meta["transcoders"]) != sorted(tcfgs):
         raise TrainingError(f"the run in {out} trains {sorted(meta['transcoders'])}, this command asks for {sorted(tcfgs)}")
 
@@ -167,6 +175,7 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     out = Path(cfg.out)
     check_writable_dir(out)
     meta = ckpt.prepare_run_dir(cfg, command)
+    remove_stale_temporaries(out)  # a kill mid-write leaves one; its writer is gone, so nothing needs it
     if meta is not None and meta["finished"] and meta["step"] >= opt.steps:
         paths = [out / name for name in meta["transcoders"]]
         print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
@@ -176,7 +185,8 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     if source is None:
         source = build_source(cfg, device)
     check_batch(opt.batch_size, source)
-    tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model)
+    tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model,
+                               fingerprint=getattr(source, "backbone_fingerprint", ""))
     state = None
     if meta is not None:
         _check_backbone(meta, tcfgs, source.n_layers, source.d_model, out)
@@ -226,4 +236,5 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
     warn_if_worse_than_mean(last, trainer)
+    remove_stale_temporaries(out)
     return paths
