@@ -72,3 +72,10 @@ def test_reduced_demo_runs_end_to_end_and_its_report_holds_every_section(tmp_pat
     assert sorted(metrics["transcoders"]) == ["clt-abs-topk", "clt-jumprelu", "clt-relu-topk", "plt-relu-topk", "sae-relu-topk"]
     assert metrics["backbone"]["name"] == "demo" and metrics["dataset"]["n_images"] == 48
     assert json.loads((out / "train" / "run.json").read_text())["command"] == "demo"
+    # The feature browser of the ReLU-TopK CLT is built, its path printed, and the report links to it.
+    site = out / "train" / "browser"
+    assert f"feature browser of clt-relu-topk: {site / 'index.html'}" in printed
+    link = metrics["transcoders"]["clt-relu-topk"]["browser"]
+    assert link.startswith("../train/browser/index.html?tc=") and f'href="{link}"' in html
+    assert (report.parent / link.split("?")[0]).resolve() == (site / "index.html").resolve()
+    assert metrics["transcoders"]["clt-jumprelu"]["browser"] is None

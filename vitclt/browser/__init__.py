@@ -4,6 +4,6 @@
 see docs/browser.md for what the pages show and how the numbers are computed.
 """
 
-from vitclt.browser.build import MARKER, BrowserError, build_browser
+from vitclt.browser.build import MARKER, BrowserError, browser_pages, build_browser
 
-__all__ = ["MARKER", "BrowserError", "build_browser"]
+__all__ = ["MARKER", "BrowserError", "browser_pages", "build_browser"]

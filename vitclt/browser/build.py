@@ -244,6 +244,18 @@ def _backbone_spec(paths: dict[str, Path], override: str | None) -> str:
     return specs.pop()
 
 
+def browser_pages(site: str | Path) -> dict[str, str]:
+    """The index page of each transcoder in a finished browser at `site`, by name (relative to `site`); {} if none."""
+    site = Path(site)
+    try:
+        summary = json.loads((site / "browse.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not (site / MARKER).is_file():
+        return {}
+    return {name: f"index.html?tc={entry['id']}" for name, entry in summary.get("transcoders", {}).items()}
+
+
 def build_browser(
     source: str | Path,
     dataset: str = "demo",
@@ -278,7 +290,8 @@ def build_browser(
     start = time.perf_counter()
     source = Path(source)
     if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0:
-        raise BrowserError("--top-k, --samples and --images-per-forward must be at least 1, --thumb-size at least 8, --vocab-size ≥ 0")
+        raise BrowserError("--top-k, --samples and --images-per-forward must be at least 1, --thumb-size at least 8, "
+                           "--vocab-size ≥ 0")
     paths = _load_transcoders(source, transcoders)
     out = Path(out) if out is not None else source / "browser"
     tmp = prepare_output(out)

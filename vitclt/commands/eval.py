@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     `context` (e.g. the training run's settings, from `vitclt reproduce`) is stored under `context`.
     """
     from vitclt.backbones import load_backbone
+    from vitclt.browser import browser_pages
     from vitclt.data.datasets import load_dataset
     from vitclt.data.prompts import get_templates
     from vitclt.eval.metric_keys import check_metric_keys
@@ -89,6 +91,11 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     transcoders = load_transcoders(paths, backbone, cfg.allow_backbone_mismatch)
     classifier = build_classifier(backbone, dataset.classnames, templates)
     suite = evaluate_suite(backbone, dataset, classifier, transcoders, cfg.options, cfg.runtime, paths)
+    # Link each transcoder to its feature browser when `vitclt browse` (or reproduce) built one in RUN_DIR/browser.
+    pages = browser_pages(Path(cfg.run_dir) / "browser")
+    for name, entry in suite["transcoders"].items():
+        page = pages.get(name)
+        entry["browser"] = os.path.relpath(Path(cfg.run_dir) / "browser", out) + "/" + page if page else None
     metrics = {"schema": suite.pop("schema"), "run_dir": str(cfg.run_dir), "backbone": suite.pop("backbone"),
                "dataset": dataset_protocol(cfg, dataset, templates), "config": jsonable(asdict(cfg)), **suite,
                "context": jsonable(context or {})}

@@ -13,6 +13,7 @@ the evaluation suite runs on all of them and writes the combined report.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ class ReproduceConfig:
     """Resume an unfinished training run in OUT/train."""
     overwrite: bool = False
     """Replace an earlier run of this command in OUT/train (never a run another command made)."""
+    browse: bool = True
+    """Also build the feature browser of the ReLU-TopK CLT (else the first CLT) on the evaluation images, in
+    OUT/train/browser, and link it from the report (`vitclt browse` makes fuller ones, with exports)."""
     quick: bool = False
     """Smoke-test size: at most 400 training images, 100 steps, 160 evaluation images and 2 seeds."""
     command: Suppress[str] = "reproduce"
@@ -103,6 +107,25 @@ class ReproduceConfig:
                           eval_images=self.eval_images, options=self.evaluation, runtime=self.runtime, out=self.out / "eval")
 
 
+def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None:
+    """The feature browser of the study's ReLU-TopK CLT (else its first CLT) on the evaluation images; None without a CLT."""
+    from vitclt.browser import build_browser
+    from vitclt.runtime import resolve_device
+
+    clts = [name for name in trained if (cfg.out / "train" / name / "config.json").is_file()
+            and json.loads((cfg.out / "train" / name / "config.json").read_text()).get("topology") == "clt"]
+    if not clts:
+        return None
+    chosen = next((n for n in clts if n.endswith("relu-topk")), clts[0])
+    rt = cfg.runtime
+    site = build_browser(cfg.out / "train", cfg.dataset, transcoders=[chosen], backbone=cfg.backbone, split=cfg.eval_split,
+                         max_images=cfg.eval_images, images_per_forward=rt.images_per_forward, exports=False,
+                         device=resolve_device(rt.device), workers=rt.workers, seed=rt.seed,
+                         progress=rt.progress)
+    print(f"feature browser of {chosen}: {site / 'index.html'}")
+    return site
+
+
 def run(cfg: ReproduceConfig) -> Path:
     """Run `vitclt reproduce` (or a preset of it): train, evaluate, write the combined report; return its path."""
     from vitclt.commands.eval import run as run_eval
@@ -122,7 +145,9 @@ def run(cfg: ReproduceConfig) -> Path:
     pairs = [f"{t}:{s}" for t, s in tcfg.sweep.pairs()]
     print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
-    train(tcfg, command=cfg.command)
+    paths = train(tcfg, command=cfg.command)
+    if cfg.browse:
+        build_study_browser(cfg, [p.name for p in paths])
     context = {"reproduce": jsonable(dataclasses.asdict(cfg)), "train": tcfg.to_json()}
     report = run_eval(ecfg, context=context)
     print(f"{cfg.command} finished in {time.perf_counter() - start:.0f} s; open the report: {report}")

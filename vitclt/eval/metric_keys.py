@@ -60,6 +60,8 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("zero_ablation.<window>.<tokens>", "top-1 (%) with the MLP outputs of the window zeroed at those "
               "tokens: the control"),
     MetricKey(f"{TC}.path", "the transcoder's directory"),
+    MetricKey(f"{TC}.browser", "its page in the feature browser built in RUN_DIR/browser, relative to metrics.json "
+              "(null when none was built)"),
     MetricKey(f"{TC}.backbone_mismatch", "true when the transcoder was trained on other backbone weights than the "
               "evaluated ones (its config's backbone_fingerprint differs; only with --allow-backbone-mismatch)"),
     MetricKey(f"{TC}.topology", "clt, plt or sae"),

@@ -119,6 +119,7 @@ def describe(tc, path: Path | None = None, backbone: Backbone | None = None) -> 
     return {
         "path": str(path) if path else None,
         "backbone_mismatch": backbone is not None and backbone_mismatch(tc, backbone),
+        "browser": None,
         "topology": cfg.topology,
         "sparsifier": cfg.sparsifier,
         "k": None if cfg.sparsifier == "jumprelu" else cfg.k,

@@ -76,7 +76,8 @@ def _edits(block: dict) -> list[str]:
 
 def _header(metrics: dict) -> str:
     bb, ds, base = metrics["backbone"], metrics["dataset"], metrics["baseline"]
-    rows = [[_esc(n), _esc(e["topology"]), _esc(e["sparsifier"]), _fmt(e["k"]), _fmt(e["n_features"])]
+    rows = [[_esc(n), _esc(e["topology"]), _esc(e["sparsifier"]), _fmt(e["k"]), _fmt(e["n_features"]),
+             f'<a href="{_esc(e["browser"])}">features</a>' if e.get("browser") else "—"]
             for n, e in metrics["transcoders"].items()]
     top = headline(metrics)
     return (
@@ -90,7 +91,7 @@ def _header(metrics: dict) -> str:
                   f"{_esc(bb['name'])} (fingerprint {_esc(e['config'].get('backbone_fingerprint'))}, evaluated on "
                   f"{_esc(bb.get('fingerprint'))}); its numbers describe a transcoder used off its training backbone.</p>"
                   for n, e in metrics["transcoders"].items() if e.get("backbone_mismatch"))
-        + _table(["transcoder", "topology", "sparsifier", "k", "features / layer"], rows)
+        + _table(["transcoder", "topology", "sparsifier", "k", "features / layer", "browser"], rows)
         + "<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); zero-shot top-1 (%) with the full "
         "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
         "beside their random controls. Details in the sections below.</p>"
