@@ -65,7 +65,8 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["plain forward"])
-    print(f"{bb.name}, batch {args.batch}, {bb.n_tokens} tokens/image, device {args.device}, threads {args.threads}, {args.rounds} rounds")
+    print(f"{bb.name}, batch {args.batch}, {bb.n_tokens} tokens/image, device {args.device}, threads {args.threads}, "
+          f"{args.rounds} rounds")
     print(f"{'variant':<22}{'median s':>10}{'images/s':>10}{'ratio':>8}")
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -75,9 +75,11 @@ def main() -> None:
     config = tiny_clip_config(n_layers=args.layers, width=args.width, image_size=args.image_size, patch_size=args.patch,
                               heads=heads, projection_dim=min(512, args.width))
     backbone = HFClipBackbone(CLIPModel(config).eval().to(device), name=f"random-vit-L{args.layers}-D{args.width}-P{args.patch}")
-    tc = Transcoder(TranscoderConfig(n_layers=args.layers, d_model=args.width, expansion=args.expansion, k=args.k), device=device).eval()
+    tc_cfg = TranscoderConfig(n_layers=args.layers, d_model=args.width, expansion=args.expansion, k=args.k)
+    tc = Transcoder(tc_cfg, device=device).eval()
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)) for _ in range(args.images)]
+    shape = (args.image_size, args.image_size, 3)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(args.images)]
     pixels = backbone.preprocess(images)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     L = backbone.n_layers

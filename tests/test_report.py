@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vitclt.cli import main
-from vitclt.errors import VitcltError
 from vitclt.commands.eval import EvalConfig, run
+from vitclt.errors import VitcltError
 from vitclt.eval.metric_keys import METRIC_KEYS, check_metric_keys, markdown_table
 from vitclt.eval.options import EvalOptions
 from vitclt.eval.suite import find_transcoders

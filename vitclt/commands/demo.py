@@ -1,6 +1,6 @@
 """`vitclt demo`: the main job end to end on the embedded default, with no network and no GPU.
 
-A preset of `vitclt reproduce`: the small CLIP shipped in `vitclt/demo/weights`, its generated
+A preset of `vitclt reproduce`: the small CLIP shipped in `vitclt/assets/demo_clip`, its generated
 world, the paper's three CLTs and the PLT and SAE baselines trained on one stream, the whole
 evaluation, the report, sized to finish in a few minutes on 2 CPU cores. Every `reproduce` flag
 works here with these defaults; `--quick` is the CI size (400 training images, 100 steps, 160
