@@ -16,10 +16,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.vitclt-(?P<pid>\d+)-[a-z0-9_]{8}\.tmp$")
 """Names of vitclt's temporaries: ``.NAME.vitclt-PID-XXXXXXXX.tmp`` (XXXXXXXX from ``mkstemp``)."""
@@ -75,6 +75,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Save `tensors` (made contiguous, on CPU) to a safetensors file atomically."""
+    from safetensors.torch import save_file  # imported here: the configs import this module and stay torch-free
+
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
 
@@ -121,3 +123,12 @@ def remove_stale_temporaries(directory: str | Path, quiet: bool = False) -> list
             if not quiet:
                 print(f"removed {path}: a temporary file left by an interrupted write")
     return removed
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` (e.g. `dataclasses.asdict` of a config) with tuples as lists and paths as strings, ready for JSON."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj

@@ -73,11 +73,10 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     from vitclt.eval.metric_keys import check_metric_keys
     from vitclt.eval.suite import backbone_spec, evaluate_suite, find_transcoders, load_transcoders
     from vitclt.eval.zeroshot import build_classifier, dataset_templates
-    from vitclt.io import write_json
+    from vitclt.io import jsonable, write_json
     from vitclt.report.html import write_report
     from vitclt.report.summary import headline_table
     from vitclt.runtime import check_writable_dir, setup
-    from vitclt.training.config import jsonable
 
     cfg.options.validate()
     paths = find_transcoders(cfg.run_dir)

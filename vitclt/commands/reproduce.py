@@ -129,9 +129,9 @@ def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None
 def run(cfg: ReproduceConfig) -> Path:
     """Run `vitclt reproduce` (or a preset of it): train, evaluate, write the combined report; return its path."""
     from vitclt.commands.eval import run as run_eval
+    from vitclt.io import jsonable
     from vitclt.runtime import check_writable_dir
     from vitclt.training.checkpoint import check_owner
-    from vitclt.training.config import jsonable
     from vitclt.training.runner import train
 
     start = time.perf_counter()

@@ -45,9 +45,8 @@ def run(cfg: ZeroShotConfig) -> dict:
     from vitclt.data.prompts import get_templates
     from vitclt.eval.windows import parse_windows, union_layers
     from vitclt.eval.zeroshot import build_classifier, dataset_templates, evaluate, zero_mlp
-    from vitclt.io import write_json
+    from vitclt.io import jsonable, write_json
     from vitclt.runtime import check_writable_file, setup
-    from vitclt.training.config import jsonable
 
     if cfg.out:
         check_writable_file(cfg.out)

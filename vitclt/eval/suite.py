@@ -38,9 +38,9 @@ from vitclt.eval.replacement import GridBatch, ReplacementGrid, encode_rows, tra
 from vitclt.eval.retrieval import CodeGallery, evaluate_retrieval, precision_at_k
 from vitclt.eval.windows import Window, default_windows, parse_windows
 from vitclt.eval.zeroshot import topk_correct
+from vitclt.io import jsonable
 from vitclt.nn import Transcoder
 from vitclt.runtime import RuntimeConfig
-from vitclt.training.config import jsonable
 
 SCHEMA = "vitclt.eval/1"
 """metrics.json format version; bumped when a documented key changes meaning or disappears."""

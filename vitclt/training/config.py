@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from tyro.conf import OmitArgPrefixes, Suppress
 
 from vitclt.errors import VitcltError
+from vitclt.io import jsonable
 from vitclt.nn.config import SPARSIFIER_NAMES, TOPOLOGIES, SparsifierName, TokenSet, Topology, TranscoderConfig
 from vitclt.runtime import RuntimeConfig
 
@@ -197,15 +198,6 @@ class TrainConfig:
     def from_json(cls, raw: dict) -> TrainConfig:
         """Inverse of `to_json`; also reads the flat configs vitclt 0.1 saved."""
         return _from_dict(cls, raw)
-
-
-def jsonable(obj: Any) -> Any:
-    """`obj` (e.g. `dataclasses.asdict` of a config) with tuples as lists and paths as strings, ready for JSON."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return str(obj) if isinstance(obj, Path) else obj
 
 
 def _from_dict(cls: type, raw: dict) -> Any:
