@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vitclt.eval.suite", "EvalConfig"),
     "reproduce": ("vitclt.eval.reproduce", "ReproduceConfig"),
     "browse": ("vitclt.commands.browse", "BrowseConfig"),
+    "explain": ("vitclt.commands.explain", "ExplainConfig"),
+    "intervene": ("vitclt.commands.intervene", "InterveneConfig"),
 }
 """Subcommand → (module, config class); the module's `run(cfg)` executes it."""
 
