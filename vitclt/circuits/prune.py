@@ -66,18 +66,21 @@ def influence(A: Tensor, target: int) -> Tensor:
     raise CircuitError("the graph has a cycle, so influence is undefined: it was not built by vitclt's attribution")
 
 
-def _prefix_mask(scores: Tensor, fraction: float) -> Tensor:
-    """The shortest set of largest scores whose sum reaches `fraction` of the total (all ties broken by order)."""
+def _prefix_mask(scores: Tensor, fraction: float) -> tuple[Tensor, float]:
+    """The shortest set of largest scores whose sum reaches `fraction` of the total, and the share it carries."""
     order = torch.argsort(scores, descending=True, stable=True)
     cum = torch.cumsum(scores[order], 0)
-    total = cum[-1] if len(cum) else scores.new_zeros(())
     mask = torch.zeros(len(scores), dtype=torch.bool)
-    if len(scores) == 0 or float(total) <= 0:
-        return mask
-    # Compare against a slightly lowered bar: the cumulative sum is rounded, the guarantee must not be.
-    need = int(torch.searchsorted(cum, fraction * total * (1 - 1e-12))) + 1
-    mask[order[: min(need, len(scores))]] = True
-    return mask
+    if len(scores) == 0 or float(cum[-1]) <= 0:
+        return mask, 1.0
+    total = float(cum[-1])
+    need = int(torch.searchsorted(cum, fraction * total)) + 1
+    # The share is reported as the cumulative sum that chose the prefix; step past rounding if it fell short.
+    while need < len(cum) and float(cum[need - 1]) / total < fraction:
+        need += 1
+    need = min(need, len(cum))
+    mask[order[:need]] = True
+    return mask, float(cum[need - 1]) / total
 
 
 def prune(A: Tensor, target: int, node_fraction: float = 0.8, edge_fraction: float = 0.98) -> Pruned:
@@ -91,23 +94,26 @@ def prune(A: Tensor, target: int, node_fraction: float = 0.8, edge_fraction: flo
     others = torch.ones(n, dtype=torch.bool)
     others[target] = False
     node_mask = torch.zeros(n, dtype=torch.bool)
-    node_mask[others.nonzero().flatten()[_prefix_mask(infl[others], node_fraction)]] = True
+    chosen, kept_nodes = _prefix_mask(infl[others], node_fraction)
+    node_mask[others.nonzero().flatten()[chosen]] = True
     node_mask[target] = True
-    total_infl = float(infl[others].sum())
-    kept_nodes = float(infl[node_mask & others].sum()) / total_infl if total_infl > 0 else 1.0
 
     pruned = A * node_mask[:, None] * node_mask[None, :]
     An = normalize_rows(pruned)
     infl_p = influence(pruned, target)
     infl_p[target] += 1
     scores = An * infl_p[:, None]
-    flat = scores.flatten()
-    edge_mask = _prefix_mask(flat, edge_fraction).view(n, n) & (scores > 0)
+    chosen, kept_edges = _prefix_mask(scores.flatten(), edge_fraction)
+    edge_mask = chosen.view(n, n) & (scores > 0)
     # Every kept node keeps its strongest outgoing edge into a kept node.
     best_score, best_row = scores.max(0)
     has = (best_score > 0) & node_mask
-    edge_mask[best_row[has], has.nonzero().flatten()] = True
-    total_score = float(flat.sum())
-    kept_edges = float(scores[edge_mask].sum()) / total_score if total_score > 0 else 1.0
+    extra = torch.zeros_like(edge_mask)
+    extra[best_row[has], has.nonzero().flatten()] = True
+    extra &= ~edge_mask
+    total_score = float(scores.sum())
+    if total_score > 0:
+        kept_edges += float(scores[extra].sum()) / total_score
+    edge_mask |= extra
     infl[target] = 1
     return Pruned(node_mask, edge_mask, infl, kept_nodes, kept_edges)
