@@ -51,7 +51,8 @@ def payload(ex: Explanation, meta: dict) -> dict:
         kind = KINDS[int(g.kind_N[i])]
         node = {"id": g.node_id(i), "kind": kind, "layer": int(g.layer_N[i]), "token": int(g.token_N[i]),
                 "feature": int(g.feature_N[i]), "value": _r(float(g.value_N[i])), "influence": _r(float(p.influence[i])),
-                "direct": _r(float(direct[i])), "total": _r(float(total[i]) * (float(g.value_N[i]) if kind == "feature" else 1.0)),
+                "direct": _r(float(direct[i])),
+                "total": _r(float(total[i]) * (float(g.value_N[i]) if kind == "feature" else 1.0)),
                 "norm": _r(float(g.norm_N[i]))}
         if fraction is not None:
             node["images"] = _r(fraction[i], 3)
@@ -66,7 +67,8 @@ def payload(ex: Explanation, meta: dict) -> dict:
                      "full": full, "top": [[c, _r(s, 4)] for c, s in ex.top],
                      "seconds": {k: _r(v, 3) for k, v in ex.seconds.items()}},
             "nodes": nodes, "edges": edges,
-            "effects": {k: {kk: (_r(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in ex.effects.items()}}
+            "effects": {k: {kk: (_r(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                        for k, v in ex.effects.items()}}
 
 
 def browser_link(out: Path, browser: Path | None, transcoder_name: str) -> dict | None:
@@ -89,7 +91,8 @@ def _prepare(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} is a file: pass --out with a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise OutputError(f"output directory {out} exists and was not written by vitclt explain: choose another --out or empty it")
+        raise OutputError(f"output directory {out} exists and was not written by vitclt explain: "
+                          "choose another --out or empty it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -14,7 +14,7 @@ from tyro.conf import Positional
 
 @dataclass
 class ExplainConfig:
-    """`vitclt explain RUN_DIR --image PATH`: which features, errors and patches make a class's zero-shot score, as a pruned graph and a static viewer."""
+    """`vitclt explain RUN_DIR --image PATH`: the features, errors and patches behind a class's zero-shot score, as a viewer."""
 
     run_dir: Positional[Path]
     """A transcoder directory (config.json + model.safetensors) or a run directory holding one (see --transcoder)."""
@@ -51,7 +51,7 @@ class ExplainConfig:
     batch_size: int = 256
     """Graph rows computed per backward sweep (memory ∝ batch × tokens × width)."""
     out: Path | None = None
-    """Output directory of the viewer (default: RUN_DIR/circuits/<image or class>-<target>); an earlier viewer there is replaced."""
+    """Viewer directory (default: RUN_DIR/circuits/<image or class>-<target>); an earlier viewer there is replaced."""
     device: str = "auto"
     """cpu, cuda, cuda:1, or auto (CUDA when available)."""
     threads: int = 0
@@ -122,7 +122,8 @@ def run(cfg: ExplainConfig) -> Path:
             "node_fraction": cfg.node_fraction, "edge_fraction": cfg.edge_fraction}
     write_viewer(out, ex, meta, shown)
     g, p = ex.graph, ex.pruned
-    print(f"target {classnames[ex.target]!r}: score {g.score:.4f}, sum of direct effects {float(g.adjacency[g.target].sum()):.4f}")
+    total = float(g.adjacency[g.target].sum())
+    print(f"target {classnames[ex.target]!r}: score {g.score:.4f}, sum of direct effects {total:.4f}")
     print(f"graph: {graph_summary(g)}; kept {int(p.node_mask.sum())} nodes ({p.node_fraction:.1%} of influence) and "
           f"{int(p.edge_mask.sum())} edges ({p.edge_fraction:.1%}) in {ex.seconds['attribution']:.2f} s + "
           f"{ex.seconds['pruning']:.2f} s pruning")

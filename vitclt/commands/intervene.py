@@ -14,7 +14,7 @@ from tyro.conf import Positional
 
 @dataclass
 class InterveneConfig:
-    """`vitclt intervene RUN_DIR --image PATH --set L:F=V`: change features, run the CLT replacement and the original model, report top classes."""
+    """`vitclt intervene RUN_DIR --image PATH --set L:F=V`: change features, compare top classes before and after."""
 
     run_dir: Positional[Path]
     """A transcoder directory or a run directory holding one (see --transcoder)."""
@@ -93,7 +93,8 @@ def run(cfg: InterveneConfig) -> dict:
         print("  ".join(f"{r.top[k][0][:26]:<26} {r.top[k][1]:+.4f}" for _, r in cols))
     delta = lambda r: r.target - rep.clean.target  # noqa: E731
     predicted = "n/a (a changed feature is inactive there)" if rep.predicted is None else f"{rep.predicted:+.4f}"
-    print(f"target {rep.target!r}: clean {rep.clean.target:.4f}; change predicted by the graph {predicted if cfg.predict else 'not computed'}, "
+    predicted = predicted if cfg.predict else "not computed"
+    print(f"target {rep.target!r}: clean {rep.clean.target:.4f}; change predicted by the graph {predicted}, "
           f"measured {delta(rep.replacement):+.4f} (CLT replacement), {delta(rep.original):+.4f} (original model)")
     record = {**dataclasses.asdict(rep), "image": str(cfg.image), "interventions": list(cfg.set)}
     if cfg.out:
