@@ -33,8 +33,8 @@ def synthetic(device: str):
                                       vocab_size=49408), projection_dim=512)
     backbone = HFClipBackbone(CLIPModel(cfg).eval().to(device), name="random-vit-b-32")
     tc = Transcoder(TranscoderConfig(n_layers=12, d_model=768, n_features=6144, k=32), device=device).eval()
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(3)]

@@ -39,14 +39,14 @@ def viewer(tmp_path_factory, tiny_backbone):
     return out, json.loads((out / "graph.json").read_text()), browser
 
 
-def fresh(driver, url: str) -> None:
+def fresh(browser, url: str) -> None:
     """Open `url` as a new document (a change of the #fragment alone would not reload the page)."""
-    driver.get("about:blank")
-    open_page(driver, url)
+    browser.get("about:blank")
+    open_page(browser, url)
 
 
-def node_ids(driver) -> list[str]:
-    return [e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, "#graph .node")]
+def node_ids(browser) -> list[str]:
+    return [e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")]
 
 
 def test_graph_draws_every_kept_node_and_edge(driver, viewer):  # noqa: F811
