@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NamedTuple, Union
 
-from vitclt.commands import browse, demo, reproduce, train, zeroshot
+from vitclt.commands import browse, demo, explain, intervene, reproduce, train, zeroshot
 from vitclt.commands import eval as eval_command
 from vitclt.errors import VitcltError
 
@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(eval_command.EvalConfig, eval_command.run),
     "reproduce": Command(reproduce.ReproduceConfig, reproduce.run),
     "browse": Command(browse.BrowseConfig, browse.run),
+    "explain": Command(explain.ExplainConfig, explain.run),
+    "intervene": Command(intervene.InterveneConfig, intervene.run),
 }
 """Subcommand name → its config and runner."""
 

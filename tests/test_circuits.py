@@ -1,0 +1,308 @@
+"""Attribution graphs of the local replacement model: exactness, interventions, pruning, aggregation, bad input.
+
+Random tiny CLIPs (tests/conftest.py) and random, untrained transcoders: exactness holds for any weights.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import random_images
+from tests.test_browser import make_run
+from vitclt.circuits import CircuitError, Intervention, LocalReplacement, aggregate, attribute, intervene, prune
+from vitclt.circuits.graph import ERROR, FEATURE
+from vitclt.circuits.inputs import check_transcoder, class_index, read_image
+from vitclt.circuits.intervene import check_interventions, clean_pass, parse_intervention
+from vitclt.circuits.tower import clean_forward, vision_weights
+from vitclt.nn.config import TranscoderConfig
+from vitclt.nn.transcoder import Transcoder
+
+SETTINGS = [("clt", "relu-topk"), ("clt", "abs-topk"), ("clt", "jumprelu"), ("plt", "relu-topk")]
+
+
+def random_transcoder(backbone, topology="clt", sparsifier="relu-topk", seed=0, n_features=24, k=4) -> Transcoder:
+    """An untrained transcoder of `backbone`, normalised on random images (so that features fire)."""
+    torch.manual_seed(seed)
+    cfg = TranscoderConfig(n_layers=backbone.n_layers, d_model=backbone.d_model, n_features=n_features, k=k,
+                           topology=topology, sparsifier=sparsifier, jumprelu_init_threshold=0.5, backbone=backbone.name)
+    tc = Transcoder(cfg)
+    with backbone.capture() as cap:
+        backbone.image_embeds(backbone.preprocess(random_images(4, seed=seed + 50)))
+    tc.set_normalization(*Transcoder.normalization_stats(cap.x_BTLD().flatten(0, 1)),
+                         *Transcoder.normalization_stats(cap.y_BTLD().flatten(0, 1)))
+    with torch.no_grad():
+        tc.b_dec.normal_(0, 0.1)  # a nonzero decoder bias must be attributed too
+        tc.b_enc.normal_(0, 0.1)
+    return tc.eval()
+
+
+def class_vector(backbone, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(backbone.model.config.projection_dim, generator=g), dim=0)
+
+
+@pytest.fixture(scope="module")
+def setup64(tiny_backbone):
+    """(transcoder, pixels, class vector, local model, graph) in float64."""
+    tc = random_transcoder(tiny_backbone)
+    pixels = tiny_backbone.preprocess(random_images(1, seed=3))
+    c = class_vector(tiny_backbone)
+    model = LocalReplacement(tiny_backbone, tc, pixels[0], c, dtype=torch.float64)
+    return tc, pixels, c, model, attribute(model, batch_size=32)
+
+
+def test_clean_forward_reproduces_the_backbone(tiny_backbone):
+    pixels = tiny_backbone.preprocess(random_images(1, seed=1))
+    state = clean_forward(vision_weights(tiny_backbone), pixels[0])
+    with tiny_backbone.capture() as cap:
+        emb = tiny_backbone.image_embeds(pixels)[0]
+    torch.testing.assert_close(F.normalize(state.embed_P, dim=0), emb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(state.x_LTD, cap.x_BTLD()[0].transpose(0, 1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(state.y_LTD, cap.y_BTLD()[0].transpose(0, 1), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("topology,sparsifier", SETTINGS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_completeness_direct_effects_sum_to_the_target(tiny_backbone, topology, sparsifier, seed):
+    tc = random_transcoder(tiny_backbone, topology, sparsifier, seed=seed)
+    pixels = tiny_backbone.preprocess(random_images(1, seed=10 + seed))
+    c = class_vector(tiny_backbone, seed)
+    model = LocalReplacement(tiny_backbone, tc, pixels[0], c, dtype=torch.float64)
+    g = attribute(model, batch_size=16)
+    cos = float(F.normalize(model.state.embed_P, dim=0) @ model.class_P)
+    assert (g.kind_N == FEATURE).sum() > 0
+    # Float64 throughout: the sums agree to rounding (1e-12 relative to the largest edge).
+    scale = float(g.adjacency.abs().max())
+    assert abs(g.score - cos) < 1e-12
+    assert abs(float(g.adjacency[g.target].sum()) - g.score) < 1e-12 * scale
+    feats = g.kind_N == FEATURE
+    torch.testing.assert_close(g.adjacency[feats].sum(1), g.value_N[feats], atol=1e-12 * scale, rtol=0)
+
+
+def test_completeness_in_float32_within_1e_5(tiny_backbone):
+    tc = random_transcoder(tiny_backbone)
+    pixels = tiny_backbone.preprocess(random_images(1, seed=4))
+    model = LocalReplacement(tiny_backbone, tc, pixels[0], class_vector(tiny_backbone), dtype=torch.float32)
+    g = attribute(model)
+    assert abs(float(g.adjacency[g.target].sum()) - g.score) < 1e-5
+    cos = float(tiny_backbone.image_embeds(pixels)[0] @ model.class_P)
+    assert abs(g.score - cos) < 1e-5
+
+
+def test_local_replacement_reproduces_the_original_output(setup64, tiny_backbone):
+    tc, pixels, c, model, g = setup64
+    for features in ("frozen", "linear"):
+        out = model.forward(errors=True, features=features)
+        torch.testing.assert_close(out.embed_P, model.state.embed_P, atol=1e-12, rtol=0)
+        torch.testing.assert_close(out.acts_LTK, model.acts_LTK, atol=1e-12, rtol=0)
+    emb = tiny_backbone.image_embeds(pixels)[0].double()
+    torch.testing.assert_close(F.normalize(out.embed_P, dim=0), emb, atol=1e-6, rtol=0)
+
+
+def test_without_errors_the_difference_is_the_errors_effect(setup64):
+    _, _, _, model, g = setup64
+    errors = g.kind_N == ERROR
+    full = float(model.forward(errors=True).score)
+    # Features frozen: only the errors' direct effects on the target go.
+    frozen = float(model.forward(errors=False, features="frozen").score)
+    assert abs((full - frozen) - float(g.adjacency[g.target, errors].sum())) < 1e-12
+    # Features linear: the errors' total effects through every path go.
+    linear = float(model.forward(errors=False, features="linear").score)
+    assert abs((full - linear) - float(g.total_effect()[errors].sum())) < 1e-12
+    assert abs(frozen - linear) > 1e-6  # the two differ, so each check means something
+
+
+def test_zero_size_interventions_change_nothing(setup64, tiny_backbone):
+    tc, pixels, c, model, g = setup64
+    classifier = torch.stack([c.float(), class_vector(tiny_backbone, 9)])
+    node = int(torch.nonzero(g.kind_N == FEATURE)[0])
+    layer, token, feature = int(g.layer_N[node]), int(g.token_N[node]), int(g.feature_N[node])
+    clean = clean_pass(tiny_backbone, tc, pixels)
+    own = float(clean.codes[layer].to_dense(tc.n_features)[token, feature])
+    for iv in (Intervention(layer, feature, "all", scale=1.0), Intervention(layer, feature, [token], value=own)):
+        rep = intervene(tiny_backbone, tc, pixels, [iv], classifier, ["a", "b"], 0, graph=g, clean=clean)
+        assert rep.original.target == rep.clean.target  # y + 0 is y, bit for bit
+        assert abs(rep.replacement.target - rep.clean.target) < 1e-6  # ŷ + (y − ŷ) is y up to rounding
+        assert rep.predicted == 0.0
+    override = torch.full_like(model.acts_LTK, float("nan"))
+    override[layer, token] = model.acts_LTK[layer, token]
+    assert float(model.forward(features="linear", override_LTK=override).score) == float(model.forward(features="linear").score)
+
+
+def _top_feature_nodes(g, n):
+    feats = torch.nonzero(g.kind_N == FEATURE).flatten()
+    effect = (g.total_effect()[feats] * g.value_N[feats]).abs()
+    return feats[effect.argsort(descending=True)[:n]].tolist()
+
+
+@pytest.mark.parametrize("delta", [1e-3, 0.5, -2.0])
+def test_the_graph_predicts_the_local_models_response_exactly(setup64, delta):
+    """The local replacement model with linear features is what the graph describes: any change, same answer."""
+    _, _, _, model, g = setup64
+    total = g.total_effect()
+    base = float(model.forward(features="linear").score)
+    for node in _top_feature_nodes(g, 5):
+        layer, token, feature = int(g.layer_N[node]), int(g.token_N[node]), int(g.feature_N[node])
+        slot = (model.index_LTK[layer, token] == feature) & model.active_LTK[layer, token]
+        override = torch.full_like(model.acts_LTK, float("nan"))
+        override[layer, token, slot] = model.acts_LTK[layer, token, slot] + delta
+        measured = float(model.forward(features="linear", override_LTK=override).score) - base
+        assert abs(measured - delta * float(total[node])) < 1e-10 * max(1.0, abs(delta))
+
+
+def test_small_intervention_on_the_real_model_matches_the_prediction(setup64, tiny_backbone):
+    """Linear regime: measured change ∝ size, same sign as predicted, and within a factor 2 of it.
+
+    The graph holds attention patterns, LayerNorm scales and the embedding norm fixed; the real model
+    lets them move, which changes the first-order effect itself (on this random tiny CLIP the
+    measured/predicted ratio of the top features is 0.6–1.5), so the tolerance is that factor.
+    """
+    tc, pixels, c, model, g = setup64
+    classifier = c.float()[None]
+    clean = clean_pass(tiny_backbone, tc, pixels)
+    for node in _top_feature_nodes(g, 5):
+        layer, token, feature = int(g.layer_N[node]), int(g.token_N[node]), int(g.feature_N[node])
+        got = {}
+        for eps in (1e-3, 1e-2):
+            rep = intervene(tiny_backbone, tc, pixels, [Intervention(layer, feature, [token], scale=1 + eps)], classifier,
+                            ["c"], 0, graph=g, clean=clean)
+            got[eps] = (rep.predicted, rep.replacement.target - rep.clean.target, rep.original.target - rep.clean.target)
+        for which in (1, 2):
+            small, large = got[1e-3][which], got[1e-2][which]
+            assert abs(large / small - 10) < 0.3  # linear in the size
+            ratio = large / got[1e-2][0]
+            assert 0.5 < ratio < 2, (node, which, ratio)
+
+
+@settings(max_examples=25, deadline=None)
+@given(node_fraction=st.floats(0.05, 1.0), edge_fraction=st.floats(0.05, 1.0))
+def test_pruning_keeps_at_least_the_requested_fraction(setup64, node_fraction, edge_fraction):
+    g = setup64[4]
+    p = prune(g.adjacency, g.target, node_fraction, edge_fraction)
+    assert p.node_fraction >= node_fraction and p.edge_fraction >= edge_fraction
+    assert p.node_mask[g.target]
+    # Minimal: without its weakest kept node the set carries less than asked.
+    others = p.node_mask.clone()
+    others[g.target] = False
+    infl = p.influence.clone()
+    infl[g.target] = 0
+    total = float(infl.sum())
+    weakest = float(infl[others].min())
+    assert (float(infl[others].sum()) - weakest) / total < node_fraction
+    # Kept edges join kept nodes only.
+    rows, cols = torch.nonzero(p.edge_mask, as_tuple=True)
+    assert bool(p.node_mask[rows].all() and p.node_mask[cols].all())
+
+
+def test_class_aggregate_is_complete_and_averages(tiny_backbone):
+    tc = random_transcoder(tiny_backbone)
+    c = class_vector(tiny_backbone)
+    graphs = [attribute(LocalReplacement(tiny_backbone, tc, tiny_backbone.preprocess([im])[0], c, dtype=torch.float64))
+              for im in random_images(3, seed=20)]
+    agg = aggregate(graphs)
+    mean_score = sum(g.score for g in graphs) / 3
+    assert abs(agg.score - mean_score) < 1e-12
+    assert abs(float(agg.adjacency[agg.target].sum()) - mean_score) < 1e-12
+    feats = agg.kind_N == FEATURE
+    torch.testing.assert_close(agg.adjacency[feats].sum(1), agg.value_N[feats], atol=1e-12, rtol=0)
+    # Far fewer nodes: tokens are grouped into CLS and patches.
+    assert agg.n < graphs[0].n
+    assert set(agg.token_N[feats].tolist()) <= {0, -2}
+    p = prune(agg.adjacency, agg.target, 0.8, 0.98)
+    assert p.node_fraction >= 0.8
+
+
+def test_parse_intervention_reads_every_form():
+    assert parse_intervention("3:120=0") == Intervention(3, 120, "all", value=0.0)
+    assert parse_intervention("5:7@cls*2") == Intervention(5, 7, "cls", scale=2.0)
+    assert parse_intervention(" 2:44 @ 0,9,10 = -1.5 ") == Intervention(2, 44, [0, 9, 10], value=-1.5)
+    for bad in ("3=1", "a:b=1", "3:1@x=1", "3:1"):
+        with pytest.raises(CircuitError, match="LAYER:FEATURE|tokens"):
+            parse_intervention(bad)
+
+
+def test_bad_input_is_one_line_naming_the_fix(tiny_backbone, tmp_path):
+    tc = random_transcoder(tiny_backbone)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    errors = []
+    with pytest.raises(CircuitError, match="readable image") as e:
+        read_image(bad)
+    errors.append(e)
+    with pytest.raises(CircuitError, match="did you mean 'red apple'") as e:
+        class_index("red aple", ["red apple", "green apple", "red car"])
+    errors.append(e)
+    tc.cfg.backbone_fingerprint = "0" * 16
+    with pytest.raises(CircuitError, match="another backbone.*--backbone") as e:
+        check_transcoder(tc, tiny_backbone)
+    errors.append(e)
+    tc.cfg.backbone_fingerprint = tiny_backbone.fingerprint
+    check_transcoder(tc, tiny_backbone)
+    for iv, what in ((Intervention(0, 24, value=1.0), "feature 24"), (Intervention(7, 0, value=1.0), "layer 7"),
+                     (Intervention(0, 0, [99], value=1.0), "token")):
+        with pytest.raises(CircuitError, match=what) as e:
+            check_interventions([iv], tc, tiny_backbone)
+        errors.append(e)
+    assert all("\n" not in str(e.value) for e in errors)
+
+
+def test_explain_and_intervene_commands_end_to_end(tiny_backbone, tmp_path, capsys):
+    from vitclt.cli import main
+
+    run, spec = make_run(tmp_path, tiny_backbone)
+    image = tmp_path / "photo.png"
+    random_images(1, seed=5)[0].save(image)
+    out = tmp_path / "viewer"
+    main(["explain", str(run), "--image", str(image), "--classes", spec, "--target", "red car", "--out", str(out),
+          "--effects-top", "3", "--precision", "float64"])
+    data = json.loads((out / "graph.json").read_text())
+    assert data["meta"]["target_name"] == "red car"
+    assert abs(data["meta"]["completeness"]["sum"] - data["meta"]["completeness"]["score"]) < 1e-8
+    assert (out / "index.html").is_file() and (out / "data" / "graph.js").is_file() and data["meta"]["image"]
+    assert len(data["effects"]) == 3 and data["edges"]
+    printed = capsys.readouterr().out
+    assert "open the viewer" in printed
+    feature = next(n for n in data["nodes"] if n["kind"] == "feature")
+    main(["intervene", str(run), "--image", str(image), "--classes", spec, "--target", "red car",
+          "--set", f"{feature['layer']}:{feature['feature']}@{feature['token']}*0", "--out", str(tmp_path / "iv.json")])
+    printed = capsys.readouterr().out
+    assert "CLT replacement" in printed and "original + decoder change" in printed
+    report = json.loads((tmp_path / "iv.json").read_text())
+    assert len(report["clean"]["top"]) == 3 and report["predicted"] is not None
+    # Running again replaces the viewer; a directory it did not write is refused.
+    main(["explain", str(run), "--image", str(image), "--classes", spec, "--out", str(out), "--effects-top", "0"])
+    with pytest.raises(SystemExit):
+        main(["explain", str(run), "--image", str(image), "--classes", spec, "--out", str(tmp_path / "images")])
+    assert "was not written by vitclt explain" in capsys.readouterr().err
+
+
+def test_explain_class_images_aggregates(tiny_backbone, tmp_path):
+    from vitclt.cli import main
+
+    run, spec = make_run(tmp_path, tiny_backbone)
+    out = tmp_path / "class"
+    main(["explain", str(run), "--class-images", "green apple", "--classes", spec, "--max-images", "3", "--out", str(out)])
+    data = json.loads((out / "graph.json").read_text())
+    assert data["meta"]["kind"] == "class" and data["meta"]["n_images"] == 3
+    assert abs(data["meta"]["completeness"]["sum"] - data["meta"]["score"]) < 1e-5
+
+
+def test_command_errors_are_one_line(tiny_backbone, tmp_path, capsys):
+    from vitclt.cli import main
+
+    run, spec = make_run(tmp_path, tiny_backbone)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    for args, expected in (
+        (["explain", str(run), "--image", str(bad), "--classes", spec], "readable image"),
+        (["explain", str(run), "--image", str(bad), "--classes", spec, "--target", "blue car"], "not among"),
+        (["explain", str(run), "--classes", spec], "exactly one of --image"),
+    ):
+        with pytest.raises(SystemExit):
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1
