@@ -29,7 +29,7 @@ def viewer(tmp_path_factory, tiny_backbone):
 
     root = tmp_path_factory.mktemp("circuit_chromium")
     run, spec = make_run(root, tiny_backbone)
-    browser = build_browser(run, spec, backbone=tiny_backbone.name, batch_size=6, top_k=4, samples=4, vocab_size=0,
+    browser = build_browser(run, spec, backbone=tiny_backbone.name, images_per_forward=6, top_k=4, samples=4, vocab_size=0,
                             exports=False, progress=False)
     image = root / "photo.png"
     random_images(1, seed=5)[0].save(image)
