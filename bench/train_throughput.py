@@ -9,11 +9,16 @@ update over 425M parameters is a sizeable, memory-bound share of the step.
     python bench/train_throughput.py --shape paper --batch 1024 --threads 1 --steps 3
     python bench/train_throughput.py --shape paper --variants sparse dense --batch 1024 4096
     python bench/train_throughput.py --device cuda --bf16 --shape paper --batch 4096
+    python bench/train_throughput.py --shape paper --sparsifier jumprelu batch-topk --topology clt plt
 
 Variants: sparse (sparse decode + sparse encoder backward), dense-decode, dense-encoder,
-dense (both plain autograd). On CPU the children run with glibc malloc tuned so freed
-gradients are reused rather than returned to the kernel and page-faulted back every step
-(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_); --no-malloc-tuning shows the default.
+dense (both plain autograd). Sparsifiers and topologies are swept with --sparsifier and
+--topology; a JumpReLU starts from thresholds fitted to k active features on the step's own
+rows (`Transcoder.init_thresholds`), as a run does. The decode then follows the code's width
+(dense when wide: `prefer_dense_decode`); the "width" column is the widest code per row.
+On CPU the children run with glibc malloc tuned so freed gradients are reused rather than
+returned to the kernel and page-faulted back every step (MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_); --no-malloc-tuning shows the default.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def child(spec: dict) -> dict:
     device = torch.device(spec["device"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
-    cfg = TranscoderConfig(**spec["shape"], **VARIANTS[spec["variant"]])
+    cfg = TranscoderConfig(**spec["shape"], **VARIANTS[spec["variant"]], sparsifier=spec["sparsifier"],
+                           topology=spec["topology"])
     model = Transcoder(cfg, device=device)
     params = list(model.parameters())
     if spec["adam"] == "fused":
@@ -65,6 +71,7 @@ def child(spec: dict) -> dict:
     x = torch.randn(n, L, D, device=device)
     y = torch.randn(n, L, D, device=device)
     model.set_normalization(*Transcoder.normalization_stats(x), *Transcoder.normalization_stats(y))
+    model.init_thresholds(x, y)
 
     def sync():
         if device.type == "cuda":
@@ -96,6 +103,8 @@ def child(spec: dict) -> dict:
         tokens_per_s=n / total,
         tokens_per_cpu_s=n / cpu,
         fvu=float(out.fvu),
+        l0=float(out.l0_L.mean()),
+        width=int(out.codes.values_NLK.shape[-1]),
         peak_rss_GB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         peak_rss_delta_GB=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1e6,
     )
@@ -114,6 +123,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="override k")
     ap.add_argument("--batch", type=int, nargs="+", default=[1024], help="rows per step")
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["sparse", "dense"])
+    ap.add_argument("--sparsifier", nargs="+", default=["relu-topk"],
+                    choices=["relu-topk", "jumprelu", "batch-topk", "abs-topk"], help="sparsifiers to sweep")
+    ap.add_argument("--topology", nargs="+", default=["clt"], choices=["clt", "plt", "sae"], help="topologies to sweep")
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads (CPU)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps (Adam state, allocator)")
@@ -140,29 +152,31 @@ def main() -> None:
     print(f"shape {shape} -> {features} features/layer; device {args.device}"
           f"{' bf16 autocast' if args.bf16 else ' float32'}; threads {args.threads}; "
           f"adam {args.adam}; malloc tuning {'off' if args.no_malloc_tuning or args.device != 'cpu' else 'on'}")
-    header = (f"{'batch':>6} {'variant':>14} {'tok/s':>8} {'tok/cpu-s':>9} {'step s':>7} "
+    header = (f"{'batch':>6} {'model':>14} {'variant':>14} {'L0':>6} {'width':>5} {'tok/s':>8} {'tok/cpu-s':>9} {'step s':>7} "
               f"{'fwd s':>6} {'bwd s':>6} {'adam s':>6} {'peak RSS GB':>11} {'Δ RSS GB':>8}")
     print(header, flush=True)
-    for batch in args.batch:
-        for variant in args.variants:
-            spec = dict(shape=shape, variant=variant, batch=batch, threads=args.threads,
-                        steps=args.steps, warmup=args.warmup, device=args.device,
-                        bf16=args.bf16, adam=args.adam)
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                  env=env, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"{batch:>6} {variant:>14}  failed (exit {proc.returncode}): {' | '.join(tail)}")
-                continue
-            r = json.loads(lines[-1][len("RESULT "):])
-            extra = f"  cuda peak {r['peak_cuda_GB']:.2f} GB" if "peak_cuda_GB" in r else ""
-            print(f"{batch:>6} {variant:>14} {r['tokens_per_s']:>8.0f} {r['tokens_per_cpu_s']:>9.0f} "
-                  f"{r['step_s']:>7.2f} {r['fwd_s']:>6.2f} {r['bwd_s']:>6.2f} {r['adam_s']:>6.2f} "
-                  f"{r['peak_rss_GB']:>11.2f} {r['peak_rss_delta_GB']:>8.2f}{extra}", flush=True)
-            if args.json:
-                with open(args.json, "a") as fh:
-                    fh.write(json.dumps(r) + "\n")
+    runs = [(b, t, s, v) for b in args.batch for t in args.topology for s in args.sparsifier for v in args.variants]
+    for batch, topology, sparsifier, variant in runs:
+        model = f"{topology}:{sparsifier}"
+        spec = dict(shape=shape, variant=variant, batch=batch, threads=args.threads,
+                    steps=args.steps, warmup=args.warmup, device=args.device,
+                    bf16=args.bf16, adam=args.adam, sparsifier=sparsifier, topology=topology)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                              env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            print(f"{batch:>6} {model:>14} {variant:>14}  failed (exit {proc.returncode}): {' | '.join(tail)}")
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        extra = f"  cuda peak {r['peak_cuda_GB']:.2f} GB" if "peak_cuda_GB" in r else ""
+        print(f"{batch:>6} {model:>14} {variant:>14} {r['l0']:>6.1f} {r['width']:>5} "
+              f"{r['tokens_per_s']:>8.0f} {r['tokens_per_cpu_s']:>9.0f} {r['step_s']:>7.2f} "
+              f"{r['fwd_s']:>6.2f} {r['bwd_s']:>6.2f} {r['adam_s']:>6.2f} "
+              f"{r['peak_rss_GB']:>11.2f} {r['peak_rss_delta_GB']:>8.2f}{extra}", flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
     print("tok/s = rows per wall-clock second of a full step (median); tok/cpu-s = per second of "
           "process CPU time, which is what the wall clock would read on an otherwise idle machine "
           "when threads=1.")

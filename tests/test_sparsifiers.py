@@ -139,3 +139,24 @@ def test_running_threshold_moves_only_when_asked(cls):
     assert torch.equal(sparsifier.threshold_L, before)
     sparsifier.train().select(5 * torch.randn(128, 64, generator=gen), 0, update_stats=True)
     assert not torch.equal(sparsifier.threshold_L, before)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 300), f=st.integers(2, 200), target=st.floats(0.5, 40))
+def test_jumprelu_fitted_thresholds_give_the_target_l0_on_their_sample(seed, n, f, target):
+    gen = torch.Generator().manual_seed(seed)
+    # Positive features (no floor) of different offsets and scales: one global threshold could not hit the target.
+    pre_NF = torch.rand(n, f, generator=gen) * torch.rand(f, generator=gen) * 3 + torch.rand(f, generator=gen) * 5 + 0.01
+    jump = JumpReLU(1, f).eval()
+    jump.fit_threshold(0, pre_NF, target)
+    l0 = float((_codes(jump, pre_NF)[0] != 0).sum(1).float().mean())
+    k = min(target, f)
+    # Each feature fires on ⌈(1 − q)(n − 1)⌉ or so of the n rows, q = 1 − k/F: the bound is exact.
+    assert abs(l0 - k) <= (k + f) / n + 1e-4, (l0, k)
+
+
+def test_jumprelu_fitted_threshold_floors_at_a_positive_value():
+    jump = JumpReLU(1, 3)
+    jump.fit_threshold(0, -torch.rand(50, 3) - 1, target_l0=1)
+    torch.testing.assert_close(jump.thresholds(), torch.full((1, 3), 1e-3))
+    assert torch.isfinite(jump.log_threshold_LF).all()

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from vitclt.errors import VitcltError
 from vitclt.nn import CheckpointError, Transcoder, TranscoderConfig
+from vitclt.nn import transcoder as transcoder_module
+from vitclt.nn.sparse import dense_decode, prefer_dense_decode, sparse_decode
 from vitclt.training.trainer import fired_counts
 
 FAST = settings(max_examples=10, deadline=None)
@@ -430,3 +432,100 @@ def test_importing_the_config_does_not_import_torch():
     code = "import sys, vitclt.nn.config, vitclt.nn, vitclt.backbones; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@FAST
+@given(
+    topology=st.sampled_from(TOPOLOGIES),
+    L=st.integers(1, 3),
+    D=st.integers(4, 24),
+    expansion=st.integers(2, 8),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_jumprelu_starts_near_its_target_l0(topology, L, D, expansion, k, seed):
+    """Initial L0 on fresh rows within a factor 1.5 of k; a fixed threshold of 1 was 16% of F whatever k."""
+    F = expansion * D
+    torch.manual_seed(seed)
+    model = Transcoder(TranscoderConfig(n_layers=L, d_model=D, n_features=F, k=k, topology=topology, sparsifier="jumprelu"))
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(L, D, generator=gen) * 4 + 0.1
+
+    def rows(n):
+        return torch.randn(n, L, D, generator=gen) * scale + 3, torch.randn(n, L, D, generator=gen) * scale - 1
+
+    x, y = rows(2048)
+    _normalize(model, x, y)
+    model.init_thresholds(x, y)
+    x2, y2 = rows(2048)
+    with torch.no_grad():
+        l0_L = model.eval()(x2, y2).l0_L
+    target = min(k, F)
+    assert ((l0_L >= target / 1.5) & (l0_L <= target * 1.5)).all(), (l0_L, target)
+
+
+def test_init_thresholds_leaves_other_sparsifiers_alone():
+    model = _model("clt", "relu-topk")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_thresholds(*_data())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("sparsifier", SPARSIFIERS)
+def test_dense_and_sparse_decode_choices_give_equal_steps(monkeypatch, sparsifier):
+    """The density-based choice is free: the same loss and gradients either way."""
+    x, y = _data(48)
+    dead = torch.rand(3, 24, generator=torch.Generator().manual_seed(3)) < 0.5
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(transcoder_module, "prefer_dense_decode", lambda *args, dense=dense: dense)
+        model = _model("clt", sparsifier)
+        _normalize(model, x, y)
+        out = model(x, y, dead_mask_LF=dead)
+        out.loss.backward()
+        results.append((out, _grads(model)))
+    (sparse, sparse_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_wide_code_takes_the_dense_decode(monkeypatch):
+    """A JumpReLU whose L0 is most of F decodes densely instead of gathering every row."""
+    calls = []
+    monkeypatch.setattr(transcoder_module, "dense_decode", lambda *a: calls.append("dense") or dense_decode(*a))
+    monkeypatch.setattr(transcoder_module, "sparse_decode", lambda *a: calls.append("sparse") or sparse_decode(*a))
+    model = _model("clt", "jumprelu")
+    x, y = _data()
+    _normalize(model, x, y)
+    model(x, y)
+    assert set(calls) == {"dense"}, "θ = 0.5 keeps ~30% of F: wider than a quarter"
+    calls.clear()
+    model.sparsifier.log_threshold_LF.data.fill_(1.0)  # θ = e: a few features per row
+    model(x, y)
+    assert set(calls) == {"sparse"}
+    assert prefer_dense_decode(7, 24, torch.device("cpu")) and not prefer_dense_decode(6, 24, torch.device("cpu"))
+
+
+class _RandomRows:
+    """A `RowSource` of seeded random rows: 8 rows of 3 layers × width 16 per image."""
+
+    n_images, rows_per_image, n_layers, d_model = 400, 8, 3, 16
+    token_positions = torch.arange(8)
+
+    def load(self, images):
+        rows = [torch.randn(8, 2, 3, 16, generator=torch.Generator().manual_seed(int(i))) for i in images]
+        x_y = torch.cat(rows) * torch.tensor([2.0, 0.5]).view(1, 2, 1, 1) + 1
+        return x_y[:, 0], x_y[:, 1]
+
+
+def test_a_jumprelu_run_starts_near_k_active_features(tmp_path):
+    """The runner fits the thresholds before the first step: the first step's L0 is near k, not 16% of F."""
+    from vitclt.training import TrainConfig, train
+
+    cfg = TrainConfig(backbone="random-rows", dataset="folder:unused", sparsifier=("jumprelu",), k=(4,), expansion=8,
+                      steps=1, batch_size=512, buffer_size=1024, norm_tokens=2048, checkpoint_every=1, log_every=1,
+                      threads=1, device="cpu", out=tmp_path / "run", progress=False)
+    [path] = train(cfg, source=_RandomRows())
+    l0_L = json.loads((path / "training.json").read_text())["metrics"]["l0_L"]
+    assert all(4 / 1.5 <= l0 <= 4 * 1.5 for l0 in l0_L), l0_L

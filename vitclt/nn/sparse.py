@@ -8,17 +8,22 @@
   embedding bag over the rows that used it, and the code gradient as sampled dot products.
 
 Both keep to dense torch ops of moderate size, so they run on CPU and GPU alike; the dense
-reference paths (``dense_decode``, a plain ``F.linear`` + ``gather``) must agree with them.
+reference paths (``dense_decode``, a plain ``F.linear`` + ``gather``) must agree with them. On
+CUDA, when Triton imports, ``sparse_decode`` runs the fused kernels of `vitclt.nn.kernels`
+instead of the embedding bags (the same result; tests/test_kernels.py). ``prefer_dense_decode``
+says when a code is so wide that the dense decode is the cheaper of the two.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vitclt.nn import kernels
 
 
 class LayerCodes(NamedTuple):
@@ -206,27 +211,38 @@ class _SparseDecode(torch.autograd.Function):
     """recon[:, j] = Σ over decoders (i → j) of bag(codes of source layer i, W^{i→j}), j a target layer."""
 
     @staticmethod
-    def forward(ctx, pairs, n_targets, values_NLK, indices_NLK, *W_FD):
+    def forward(ctx, pairs, n_targets, triton, values_NLK, indices_NLK, *W_FD):
         dtype = W_FD[0].dtype
         ctx.values_dtype = values_NLK.dtype
         values_NLK = values_NLK.to(dtype)
+        ctx.pairs, ctx.triton = pairs, triton
+        ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
+        if triton:
+            return kernels.decode_forward(values_NLK, indices_NLK, W_FD, pairs, n_targets)
         n = values_NLK.shape[0]
         out_NJD = values_NLK.new_zeros(n, n_targets, W_FD[0].shape[1])
         sources = sorted({i for i, _ in pairs})
         codes = {i: (values_NLK[:, i].contiguous(), indices_NLK[:, i].contiguous()) for i in sources}
         for (i, j), W in zip(pairs, W_FD):
             out_NJD[:, j] += bag(*codes[i], W)
-        ctx.pairs = pairs
-        ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
         return out_NJD
 
     @staticmethod
     def backward(ctx, grad_NJD):
         values_NLK, indices_NLK, *W_FD = ctx.saved_tensors
         pairs = ctx.pairs
+        if ctx.triton:
+            grad_values, grad_W = kernels.decode_backward(
+                grad_NJD, values_NLK, indices_NLK, W_FD, pairs,
+                need_values=ctx.needs_input_grad[3], need_weights=any(ctx.needs_input_grad[5:]),
+            )
+            if grad_values is not None:
+                grad_values = grad_values.to(ctx.values_dtype)
+            grad_W = grad_W or [None] * len(W_FD)
+            return (None, None, None, grad_values, None, *grad_W)
         # Target-major and contiguous: every (N, D) slice below is then a dense table.
         grad_JND = grad_NJD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
-        need_values = ctx.needs_input_grad[2]
+        need_values = ctx.needs_input_grad[3]
         grad_values = torch.zeros_like(values_NLK) if need_values else None
         grad_W = [None] * len(W_FD)
         for i in sorted({i for i, _ in pairs}):
@@ -236,7 +252,7 @@ class _SparseDecode(torch.autograd.Function):
             by = _by_feature(indices_NK, W_FD[mine[0]].shape[0])
             # Grad w.r.t. each decoder: every feature sums the target gradients of its rows.
             for p in mine:
-                if ctx.needs_input_grad[4 + p]:
+                if ctx.needs_input_grad[5 + p]:
                     grad_W[p] = scatter_rows(
                         values_NK, indices_NK, grad_JND[pairs[p][1]], W_FD[p].shape[0], by
                     )
@@ -246,20 +262,49 @@ class _SparseDecode(torch.autograd.Function):
                 grad_values[:, i] = gathered_dots(indices_NK, terms, by)
         if grad_values is not None:
             grad_values = grad_values.to(ctx.values_dtype)
-        return (None, None, grad_values, None, *grad_W)
+        return (None, None, None, grad_values, None, *grad_W)
 
 
 def sparse_decode(
-    codes: Codes, weights: Sequence[Tensor], pairs: Sequence[tuple[int, int]], n_targets: int
+    codes: Codes,
+    weights: Sequence[Tensor],
+    pairs: Sequence[tuple[int, int]],
+    n_targets: int,
+    backend: Literal["auto", "torch", "triton"] = "auto",
 ) -> Tensor:
     """Σ_i bag(codes_i, W^{i→j}) into every target j (no bias), reading only active rows.
 
     ``weights[p]`` is the (F, D) decoder from source ``pairs[p][0]`` to target ``pairs[p][1]``.
-    Returns (N, n_targets, D) in the decoder's dtype.
+    Returns (N, n_targets, D) in the decoder's dtype. ``backend``: "torch" is the embedding-bag
+    path (the reference, and CPU's); "triton" the fused kernels of `vitclt.nn.kernels` (CUDA, or
+    CPU under TRITON_INTERPRET=1 for tests); "auto" takes Triton on CUDA when it imports.
     """
+    if backend == "auto":
+        triton = weights[0].device.type == "cuda" and kernels.usable(weights[0].device)
+    else:
+        triton = backend == "triton"
     return _SparseDecode.apply(
-        tuple(pairs), n_targets, codes.values_NLK, codes.indices_NLK, *weights
+        tuple(pairs), n_targets, triton, codes.values_NLK, codes.indices_NLK, *weights
     )
+
+
+DENSE_DECODE_FRACTION = {"cpu": 1 / 4, "cuda": 1 / 16}
+"""Code width (slots per row and layer) as a fraction of F above which the dense decode is faster.
+
+CPU: measured at F = 6144, D = 768, one thread (sparse forward + backward 0.53 s vs dense 1.16 s at
+1/12, 0.95 vs 1.35 at 1/6; docs/performance.md). CUDA: an estimate from the issue's H200 timings
+(dense fp32 decode ≈ 136 ms per step at paper shapes whatever the width, the fused sparse decode
+grows with the width); bench/gpu_check.sh measures it.
+"""
+
+
+def prefer_dense_decode(width: int, n_features: int, device: torch.device) -> bool:
+    """Whether codes ``width`` slots wide decode faster densely than sparsely on ``device``.
+
+    Both paths give the same result (sparse equals dense), so this only picks the cheaper one: a
+    JumpReLU whose L0 grows, or AuxK's wide codes, never make a step explode.
+    """
+    return width > DENSE_DECODE_FRACTION.get(device.type, 1 / 16) * n_features
 
 
 def dense_decode(

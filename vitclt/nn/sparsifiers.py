@@ -158,6 +158,29 @@ class JumpReLU(Sparsifier):
     def _threshold_F(self, layer: int) -> Tensor:
         return self.log_threshold_LF[layer].exp()
 
+    @torch.no_grad()
+    def fit_threshold(self, layer: int, pre_NF: Tensor, target_l0: float, floor: float = 1e-3) -> None:
+        """Set layer ``layer``'s θ so that about ``target_l0`` features per row fire on ``pre_NF``.
+
+        Each feature's θ is the (1 − target_l0/F) quantile of its own pre-activations over the
+        sample (linear interpolation, as ``torch.quantile``), so every feature fires on the same
+        fraction of rows and the expected L0 is ``target_l0``. θ is floored at ``floor`` (it is
+        stored as log θ); a floor only lowers L0. A single sorted top slice per feature, not a
+        full sort, so a sample of thousands of rows at F = 6144 costs little.
+        """
+        n, n_features = pre_NF.shape
+        if n < 2:
+            raise ValueError(f"JumpReLU threshold initialisation needs at least 2 rows, got {n}")
+        q = 1.0 - min(max(float(target_l0), 0.0), n_features) / n_features
+        position = q * (n - 1)
+        low = min(math.floor(position), n - 2)
+        frac = position - low
+        # Ascending ranks low and low + 1 are the last two of the top n - low values.
+        top_MF = pre_NF.float().topk(n - low, dim=0).values
+        at_low_F, above_F = top_MF[-1], top_MF[-2]
+        threshold_F = at_low_F + frac * (above_F - at_low_F)
+        self.log_threshold_LF[layer].copy_(threshold_F.clamp_min(floor).log())
+
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: entries above θ − ε/2 (the kernel window included); eval: entries above θ."""
         threshold_F = self._threshold_F(layer).detach()

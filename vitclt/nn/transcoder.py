@@ -36,7 +36,16 @@ from torch import Tensor, nn
 from vitclt.nn import formats
 from vitclt.nn.config import TranscoderConfig
 from vitclt.nn.formats import CheckpointError
-from vitclt.nn.sparse import Codes, LayerCodes, bag, dense_decode, gathered_linear, sparse_decode, stack_codes
+from vitclt.nn.sparse import (
+    Codes,
+    LayerCodes,
+    bag,
+    dense_decode,
+    gathered_linear,
+    prefer_dense_decode,
+    sparse_decode,
+    stack_codes,
+)
 from vitclt.nn.sparsifiers import SPARSIFIERS, JumpReLU, Sparsifier, TopKSparsifier
 
 
@@ -231,6 +240,27 @@ class Transcoder(nn.Module):
         """Decoder bias in raw activation units (equals b_dec once normalisation is folded)."""
         return self.b_dec * self.y_scale_L[:, None] + self.y_mean_LD
 
+    @torch.no_grad()
+    def init_thresholds(self, x_NLD: Tensor, y_NLD: Tensor) -> None:
+        """JumpReLU: start at about k active features per row and layer on this sample of raw rows.
+
+        Per-feature thresholds are quantiles of the initial encoder's pre-activations on the
+        sample (`JumpReLU.fit_threshold`), with the config's k (per layer) as the target L0;
+        a fixed threshold would keep a fixed fraction of F instead (16% at θ = 1, which made
+        the first steps of a wide JumpReLU CLT decode hundreds of features per row). Call it
+        after `set_normalization`, before training, with a few thousand rows (an SAE reads
+        y_NLD, like `forward`). Other sparsifiers are left unchanged.
+        """
+        if not isinstance(self.sparsifier, JumpReLU):
+            return
+        if self.cfg.topology == "sae":
+            x_NLD = y_NLD
+        self._check_shape("x", x_NLD)
+        xn_NLD = self._normalize_input(x_NLD)
+        for layer, k in enumerate(self.cfg.k_layers):
+            pre_NF = F.linear(xn_NLD[:, layer], self.W_enc[layer], self.b_enc[layer])
+            self.sparsifier.fit_threshold(layer, pre_NF, k)
+
     # Encoding --------------------------------------------------------------------------
 
     def _encode_layer(
@@ -288,10 +318,20 @@ class Transcoder(nn.Module):
 
     # Decoding --------------------------------------------------------------------------
 
+    def _decoder(self, codes: Codes, dense: bool = False):
+        """The decode for these codes: sparse unless asked, configured, or cheaper densely.
+
+        The codes' width decides (`prefer_dense_decode`): both paths give the same result, so a
+        wide code (JumpReLU with a large L0, AuxK) takes the dense matmul instead of a slow gather.
+        """
+        width = codes.values_NLK.shape[-1]
+        if dense or not self.cfg.sparse_decode or prefer_dense_decode(width, self.n_features, self.b_dec.device):
+            return dense_decode
+        return sparse_decode
+
     def _decode_normalized(self, codes: Codes, dense: bool = False) -> Tensor:
         """Σ_i z_i W^{i→j} + b_dec_j in normalised units."""
-        decode = sparse_decode if (self.cfg.sparse_decode and not dense) else dense_decode
-        out_NLD = decode(codes, self.decoder_weights(), self.pairs, self.n_layers)
+        out_NLD = self._decoder(codes, dense)(codes, self.decoder_weights(), self.pairs, self.n_layers)
         return out_NLD + self.b_dec
 
     def decode(self, codes: Codes, dense: bool = False) -> Tensor:
@@ -436,8 +476,7 @@ class Transcoder(nn.Module):
         aux_codes = stack_codes([idle if a is None else a for a in aux])
         reach_L = torch.zeros(self.n_layers, dtype=torch.bool, device=total_var_L.device)
         reach_L[[j for _, j in pairs]] = True
-        decode = sparse_decode if self.cfg.sparse_decode else dense_decode
-        ehat_NLD = decode(aux_codes, weights, pairs, self.n_layers)
+        ehat_NLD = self._decoder(aux_codes)(aux_codes, weights, pairs, self.n_layers)
         err_L = (ehat_NLD - residual_NLD).pow(2).sum((0, 2)) / total_var_L
         k_aux = self.cfg.auxk_k or self.d_model // 2
         n_dead = float(dead_mask_LF[sources].sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vitclt.data.stream import ActivationStream, BackboneSource, NormStats, RowSource, estimate_normalization
+from vitclt.data.stream import ActivationStream, BackboneSource, NormStats, RowSource, estimate_normalization, image_order
 from vitclt.io import remove_stale_temporaries, write_json
 from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.runtime import check_writable_dir, setup
@@ -87,6 +88,15 @@ def _make_models(tcfgs: dict[str, TranscoderConfig], stats: NormStats, seed: int
         model.set_normalization(*(t.to(device) for t in (stats.x_mean_LD, stats.x_scale_L, stats.y_mean_LD, stats.y_scale_L)))
         models[name] = model
     return models
+
+
+def _init_thresholds(models: dict[str, Transcoder], source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
+    """JumpReLU models start near k active features per row: thresholds from the rows of the run's first images."""
+    if any(m.cfg.sparsifier == "jumprelu" for m in models.values()):
+        images = image_order(source.n_images, seed, 0)[: max(2, math.ceil(n_rows / source.rows_per_image))]
+        x_NLD, y_NLD = source.load(images)
+        for model in models.values():
+            model.init_thresholds(x_NLD.to(device), y_NLD.to(device))
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
@@ -205,6 +215,7 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
         elapsed = meta["elapsed_s"]
         del state
     else:
+        _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
         ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()}, command)
     tb = _TensorBoard(out, list(models)) if cfg.tensorboard else None
     last: dict[str, StepMetrics] = {}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine (written for one H200; about 10 minutes): kernel equality on CUDA, the decode
+# by width, training-step throughput at the paper's shapes, and the whole pipeline. NOT YET RUN: no session
+# that wrote it had a GPU. Paste the output into docs/performance.md.
+#
+#     bash bench/gpu_check.sh 2>&1 | tee gpu_check.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+run() { echo; echo "== $*"; timeout "${STEP_TIMEOUT:-240}" "$@" || echo "!! exit $? from: $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+# 1. The compiled kernels equal the torch path on CUDA (the same cases the CPU suite runs interpreted).
+VITCLT_KERNEL_DEVICE=cuda run python -m pytest -p no:cacheprovider tests/test_kernels.py
+
+# 2. Decode alone at paper shapes: equality at full size, then torch / dense / triton by code width
+#    (sets DENSE_DECODE_FRACTION["cuda"] in vitclt/nn/sparse.py: the K/F where dense starts to win).
+run python bench/decode_kernels.py --device cuda
+
+# 3. Training steps at paper shapes, bf16 autocast, batch 4096 (issue 12's table): CLT with each sparsifier
+#    (JumpReLU starts at k active features), the dense-decode reference, and the PLT.
+run python bench/train_throughput.py --device cuda --bf16 --shape paper --batch 4096 --steps 5 --warmup 2 \
+    --topology clt --sparsifier relu-topk jumprelu batch-topk --variants sparse dense-decode
+run python bench/train_throughput.py --device cuda --bf16 --shape paper --batch 4096 --steps 5 --warmup 2 \
+    --topology plt --sparsifier relu-topk --variants sparse
+
+# 4. The whole pipeline: random ViT-B/32, synthetic 448 px JPEGs, 5 transcoders, 100 steps of 4096 tokens.
+STEP_TIMEOUT=360 run python bench/pipeline.py --device cuda --steps 100 --workers 12

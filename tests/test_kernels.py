@@ -1,0 +1,171 @@
+"""The fused Triton decode equals the torch path: forward values and every gradient.
+
+The cases run where compiled or interpreted kernels can run: on CPU tensors under Triton's
+interpreter, which must be switched on (TRITON_INTERPRET=1) before anything imports Triton, so
+`test_kernel_cases_in_the_interpreter` runs this file again in a child process with it set; on
+CUDA when VITCLT_KERNEL_DEVICE=cuda (bench/gpu_check.sh). Shapes stay tiny because the
+interpreter runs every program instance in numpy.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vitclt.nn import Transcoder, TranscoderConfig, kernels
+from vitclt.nn import transcoder as transcoder_module
+from vitclt.nn.sparse import Codes, dense_decode, sparse_decode
+
+FAST = settings(max_examples=8, deadline=None)
+DEVICE = torch.device("cuda" if os.environ.get("VITCLT_KERNEL_DEVICE") == "cuda" else "cpu")
+RUNS_KERNELS = os.environ.get("TRITON_INTERPRET") == "1" or DEVICE.type == "cuda"
+kernel_case = pytest.mark.skipif(not RUNS_KERNELS, reason="runs in test_kernel_cases_in_the_interpreter's child")
+
+
+@pytest.mark.skipif(RUNS_KERNELS, reason="this process already runs the kernel cases")
+def test_kernel_cases_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("5 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
+
+
+def _pairs(topology: str, n_layers: int, drop: int) -> list[tuple[int, int]]:
+    if topology == "clt":
+        pairs = [(i, j) for i in range(n_layers) for j in range(i, n_layers)]
+    else:
+        pairs = [(i, i) for i in range(n_layers)]
+    # AuxK decodes only the sources with dead features: drop a source's pairs (but keep one pair).
+    kept = [p for p in pairs if p[0] != drop]
+    return kept or pairs
+
+
+def _codes(gen, n, n_layers, n_features, k, unused, zero_frac, dtype=torch.float32):
+    """Random codes: distinct indices per row avoiding the last `unused` features; a share of values 0."""
+    pool = n_features - unused
+    indices = torch.stack([
+        torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(n_layers)]) for _ in range(n)
+    ]).reshape(n, n_layers, k)
+    values = torch.rand(n, n_layers, k, generator=gen) + 0.1
+    values = values * (torch.rand(n, n_layers, k, generator=gen) >= zero_frac)
+    if n > 1:
+        values[0] = 0  # a row with no active feature at all: k exceeds its active count
+    return Codes(values.to(dtype).to(DEVICE), indices.to(DEVICE))
+
+
+def _run(backend, codes, weights, pairs, n_layers):
+    values = codes.values_NLK.clone().requires_grad_(True)
+    weights = [w.clone().requires_grad_(True) for w in weights]
+    out = sparse_decode(Codes(values, codes.indices_NLK), weights, pairs, n_layers, backend=backend)
+    # Exact in bf16 too, so runs in either dtype see the same output gradient.
+    grad_out = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).bfloat16().to(out.dtype)
+    out.backward(grad_out)
+    return out, values.grad, [w.grad for w in weights]
+
+
+@kernel_case
+@FAST
+@given(
+    n=st.integers(1, 24),
+    n_layers=st.integers(1, 3),
+    n_features=st.integers(4, 12),
+    d=st.integers(1, 40),
+    k_frac=st.floats(0.1, 1.0),
+    topology=st.sampled_from(["clt", "plt"]),
+    drop=st.integers(-1, 2),
+    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac, topology, drop, zero_frac, seed):
+    gen = torch.Generator().manual_seed(seed)
+    unused = 2 if n_features > 5 else 0  # features no row selects: their gradient rows must be 0
+    k = max(1, round(k_frac * (n_features - unused)))
+    codes = _codes(gen, n, n_layers, n_features, k, unused, zero_frac)
+    pairs = _pairs(topology, n_layers, drop)
+    weights = [torch.randn(n_features, d, generator=gen).to(DEVICE) for _ in pairs]
+    ref_out, ref_gv, ref_gw = _run("torch", codes, weights, pairs, n_layers)
+    out, gv, gw = _run("triton", codes, weights, pairs, n_layers)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, dense_decode(codes, weights, pairs, n_layers), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, ref_gv, rtol=1e-5, atol=1e-5)
+    for p, (a, b) in enumerate(zip(gw, ref_gw)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"decoder {pairs[p]}")
+        if unused:
+            assert not a[-unused:].any(), "a feature no row selected got a gradient"
+
+
+@kernel_case
+def test_fused_decode_bf16_is_within_bf16_rounding_of_fp32():
+    gen = torch.Generator().manual_seed(0)
+    n, n_layers, n_features, d, k = 24, 3, 16, 20, 5
+    codes = _codes(gen, n, n_layers, n_features, k, 2, 0.3, dtype=torch.bfloat16)
+    pairs = _pairs("clt", n_layers, -1)
+    weights = [torch.randn(n_features, d, generator=gen).bfloat16().to(DEVICE) for _ in pairs]
+    out, gv, gw = _run("triton", codes, weights, pairs, n_layers)
+    assert out.dtype == gv.dtype == gw[0].dtype == torch.bfloat16
+    # Reference: the same bf16 inputs in float32. The kernels accumulate in float32, so the only
+    # error is the final rounding to bf16 (2^-8 relative), stated as rtol 2^-7.
+    codes32 = Codes(codes.values_NLK.float(), codes.indices_NLK)
+    ref_out, ref_gv, ref_gw = _run("torch", codes32, [w.float() for w in weights], pairs, n_layers)
+    tol = dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    torch.testing.assert_close(gv.float(), ref_gv, **tol)
+    for a, b in zip(gw, ref_gw):
+        torch.testing.assert_close(a.float(), b, **tol)
+
+
+@kernel_case
+@pytest.mark.parametrize("sparsifier", ["relu-topk", "jumprelu"])
+def test_a_training_step_through_the_fused_decode_equals_the_torch_step(monkeypatch, sparsifier):
+    """The whole CLT step (encoder, JumpReLU window entries, AuxK, losses) with either decode."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(24, 3, 8, generator=gen) * 2 + 1).to(DEVICE)
+    y = (torch.randn(24, 3, 8, generator=gen) - 3).to(DEVICE)
+    dead = (torch.rand(3, 16, generator=gen) < 0.5).to(DEVICE)
+    results, calls = [], []
+
+    def counted(*args, backend, **kwargs):
+        calls.append(backend)
+        return sparse_decode(*args, backend=backend, **kwargs)
+
+    # Sparse whatever the width: these codes are wide for 16 features.
+    monkeypatch.setattr(transcoder_module, "prefer_dense_decode", lambda *args: False)
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(transcoder_module, "sparse_decode", functools.partial(counted, backend=backend))
+        torch.manual_seed(0)
+        model = Transcoder(TranscoderConfig(n_layers=3, d_model=8, n_features=16, k=2, sparsifier=sparsifier,
+                                            jumprelu_bandwidth=0.5, auxk_k=2), device=DEVICE)
+        model.set_normalization(*Transcoder.normalization_stats(x), *Transcoder.normalization_stats(y))
+        model.init_thresholds(x, y)
+        out = model(x, y, dead_mask_LF=dead)
+        out.loss.backward()
+        results.append((out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (fused, fused_grads) = results
+    assert calls.count("triton") == calls.count("torch") >= 1, "the step did not take the sparse decode"
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if sparsifier == "jumprelu":
+        assert ref_grads["sparsifier.log_threshold_LF"].any()
+
+
+def test_auto_backend_keeps_cpu_tensors_on_the_torch_path(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton kernels ran on CPU tensors without being asked")
+
+    monkeypatch.setattr(kernels, "decode_forward", refuse)
+    gen = torch.Generator().manual_seed(1)
+    codes = _codes(gen, 4, 2, 8, 3, 0, 0.0)
+    pairs = _pairs("clt", 2, -1)
+    weights = [torch.randn(8, 5, generator=gen) for _ in pairs]
+    torch.testing.assert_close(sparse_decode(codes, weights, pairs, 2), dense_decode(codes, weights, pairs, 2))
