@@ -225,11 +225,21 @@ class Backbone(abc.ABC):
 
             return hook
 
+        def record_both(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                cap.inputs[layer] = args[0].detach()
+                cap.outputs[layer] = output.detach()
+
+            return hook
+
         # Prepended, so that capture sees the true MLP output even under a replacement.
         handles = []
         for i, site in enumerate(self.mlp_sites):
-            handles.append(site.mlp.register_forward_hook(record_input(i), prepend=True))
-            handles.append(site.out.register_forward_hook(record_output(i), prepend=True))
+            if site.mlp is site.out:
+                handles.append(site.mlp.register_forward_hook(record_both(i), prepend=True))
+            else:
+                handles.append(site.mlp.register_forward_hook(record_input(i), prepend=True))
+                handles.append(site.out.register_forward_hook(record_output(i), prepend=True))
         try:
             yield cap
         finally:
