@@ -1,8 +1,9 @@
 """Backbones: frozen vision transformers whose MLPs can be captured and replaced.
 
-`load_backbone(spec)` is the one entry point: a hub id or a local directory of a `transformers`
-CLIPModel (`openai/clip-vit-base-patch32`, `./my-clip`), or `demo`, the small CLIP that ships with
-vitclt. Other families (open_clip, timm, SigLIP, DINOv2) will register here behind the same interface.
+`load_backbone(spec)` is the one entry point: a hub id, a local directory or a weights file of one
+of the supported families (transformers CLIP, SigLIP and DINOv2, open_clip CLIP ViTs, timm-format
+ViTs; see docs/backbones.md), or `demo`, the small CLIP that ships with vitclt. Task heads (zero-shot,
+a linear probe, a checkpoint's classifier) are in `heads`.
 
 Names are imported on first use (PEP 562): importing this package does not import torch or
 transformers until one of them is needed.
@@ -14,9 +15,15 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["Backbone", "BackboneError", "Capture", "Replacement", "ReplaceFn", "TokenSel", "token_index"], "base"),
+    **dict.fromkeys(["Backbone", "BackboneError", "Capture", "MLPSite", "Replacement", "ReplaceFn", "TokenSel",
+                     "token_index"], "base"),
     **dict.fromkeys(["HFClipBackbone"], "hf_clip"),
-    **dict.fromkeys(["ALIASES", "LOADERS", "load_backbone"], "loading"),
+    **dict.fromkeys(["SiglipBackbone"], "hf_siglip"),
+    **dict.fromkeys(["Dinov2Backbone"], "hf_dinov2"),
+    **dict.fromkeys(["OpenClipBackbone"], "open_clip"),
+    **dict.fromkeys(["TimmViTBackbone"], "timm_vit"),
+    **dict.fromkeys(["LinearHead", "TaskHead", "ZeroShotHead", "build_task_head", "fit_probe", "zero_shot_head"], "heads"),
+    **dict.fromkeys(["ALIASES", "FAMILIES", "LOADERS", "detect_family", "load_backbone"], "loading"),
 }
 """Public name → the submodule of vitclt.backbones that defines it."""
 

@@ -2,8 +2,11 @@
 
 A vision transformer block computes ``h = h + attn(ln1(h)); h = h + mlp(ln2(h))``. A transcoder
 reads ``x_ℓ = ln2(h)`` (the MLP's input) and predicts ``y_ℓ = mlp(x_ℓ)`` (the MLP's output), so one
-forward hook on each block's MLP module sees both and serves capture and replacement alike.
-Adapters only say where the MLPs are and how to embed images and text; the hook logic lives here.
+forward hook on each block's MLP module sees both and serves capture and replacement alike. Where a
+layer scale multiplies the MLP output before the residual add (DINOv2, some timm ViTs), y is what is
+added, ``ls(mlp(x))``, read by a second hook on the layer scale (`MLPSite`), so that replacing y is
+still exact. Adapters only say where the MLPs are and how to embed images and text; the hook logic
+lives here.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from vitclt.errors import VitcltError
+
+if TYPE_CHECKING:
+    from .heads import LinearHead
 
 TokenSel = str | Sequence[int]
 """Which token positions: "cls", "patches", "all", or explicit indices into the sequence."""
@@ -42,6 +48,15 @@ class Replacement(NamedTuple):
     """Token positions replaced at those layers; the others keep the true output."""
 
 
+class MLPSite(NamedTuple):
+    """Where block ℓ's MLP is read: its input at `mlp`, its output where it joins the residual stream."""
+
+    mlp: nn.Module
+    """The MLP module; its first argument is the LN2 output x."""
+    out: nn.Module
+    """The module whose output is added to the residual stream: the MLP itself, or a layer scale applied after it."""
+
+
 class BackboneError(VitcltError, ValueError):
     """A backbone could not be loaded or was used wrongly; the message says how to fix it."""
 
@@ -49,12 +64,17 @@ class BackboneError(VitcltError, ValueError):
 def token_index(tokens: TokenSel, n_tokens: int, n_prefix: int) -> slice | Tensor:
     """Positions of the selected tokens in a sequence of `n_tokens` with `n_prefix` prefix tokens.
 
-    Prefix tokens (CLIP's CLS) come first; "cls" means the first prefix token.
+    Prefix tokens (CLIP's CLS, then any register tokens) come first; "cls" means the first prefix token
+    and "patches" the tokens after all prefix tokens. A model without prefix tokens (SigLIP, which
+    pools its patch tokens with an attention head) has no CLS token, so "cls" is an error there.
     """
     if isinstance(tokens, str):
         if tokens == "all":
             return slice(None)
         if tokens == "cls":
+            if n_prefix == 0:
+                raise BackboneError("this model has no CLS token (it pools its patch tokens): "
+                                    "select tokens with 'patches', 'all' or a list of indices")
             return slice(0, 1)
         if tokens == "patches":
             return slice(n_prefix, n_tokens)
@@ -91,7 +111,10 @@ class Backbone(abc.ABC):
     """A frozen vision transformer whose blocks' MLPs can be captured and replaced.
 
     Subclasses set `name`, `n_layers`, `d_model`, `n_prefix_tokens`, `image_size`, `patch_size`
-    and implement `mlps`, `preprocess`, `image_embeds` and (for zero-shot) `text_embeds`.
+    and implement `mlps`, `preprocess`, `image_embeds` and, for models with a text tower,
+    `text_embeds` and `logit_scale_bias`. A model whose MLP output passes through another module
+    (a layer scale) before the residual add overrides `mlp_sites`; a model with its own classifier
+    overrides `own_head`.
     """
 
     name: str
@@ -100,6 +123,8 @@ class Backbone(abc.ABC):
     n_prefix_tokens: int
     image_size: int
     patch_size: int
+    has_text_tower: bool = False
+    """Whether `text_embeds` works, so that the task head can be zero-shot from class names."""
 
     @property
     def n_tokens(self) -> int:
@@ -132,6 +157,16 @@ class Backbone(abc.ABC):
         """The blocks' MLP modules in forward order; their input is the LN2 output."""
 
     @property
+    def mlp_sites(self) -> Sequence[MLPSite]:
+        """Per block, where capture and replacement read the MLP input and its residual-stream output."""
+        return [MLPSite(m, m) for m in self.mlps]
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether token selection "cls" exists (the first prefix token)."""
+        return self.n_prefix_tokens > 0
+
+    @property
     @abc.abstractmethod
     def device(self) -> torch.device:
         """Where the model's weights live."""
@@ -142,11 +177,24 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:
-        """The model's projected, L2-normalised image embeddings (B, P)."""
+        """The image representation the task head reads, (B, P), float32.
+
+        With a text tower (CLIP, SigLIP): the projected, L2-normalised embedding. Without one: the
+        pooled features a classifier reads (DINOv2: the final-norm CLS token; timm: the pre-logits).
+        """
 
     def text_embeds(self, prompts: Sequence[str]) -> Tensor:
         """The model's projected, L2-normalised text embeddings (N, P); vision-only models raise."""
-        raise BackboneError(f"{self.name} has no text tower, so it cannot do zero-shot classification")
+        raise BackboneError(f"{self.name} has no text tower, so it cannot do zero-shot classification: "
+                            "use a linear probe or the checkpoint's own classifier (vitclt.backbones.heads)")
+
+    def logit_scale_bias(self) -> tuple[float, float]:
+        """The model's own zero-shot scoring: logits = scale · cosine + bias (CLIP: bias 0)."""
+        raise BackboneError(f"{self.name} has no text tower, so it has no zero-shot scoring")
+
+    def own_head(self) -> LinearHead | None:
+        """The checkpoint's own classifier as a `LinearHead` on `image_embeds`, or None if it has none."""
+        return None
 
     def token_index(self, tokens: TokenSel) -> slice | Tensor:
         """Positions of `tokens` ("cls", "patches", "all" or indices) in this model's sequence."""
@@ -165,7 +213,19 @@ class Backbone(abc.ABC):
         """
         cap = Capture(inputs=[None] * self.n_layers, outputs=[None] * self.n_layers)
 
-        def make_hook(layer: int):
+        def record_input(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                cap.inputs[layer] = args[0].detach()
+
+            return hook
+
+        def record_output(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                cap.outputs[layer] = output.detach()
+
+            return hook
+
+        def record_both(layer: int):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
                 cap.inputs[layer] = args[0].detach()
                 cap.outputs[layer] = output.detach()
@@ -173,7 +233,13 @@ class Backbone(abc.ABC):
             return hook
 
         # Prepended, so that capture sees the true MLP output even under a replacement.
-        handles = [m.register_forward_hook(make_hook(i), prepend=True) for i, m in enumerate(self.mlps)]
+        handles = []
+        for i, site in enumerate(self.mlp_sites):
+            if site.mlp is site.out:
+                handles.append(site.mlp.register_forward_hook(record_both(i), prepend=True))
+            else:
+                handles.append(site.mlp.register_forward_hook(record_input(i), prepend=True))
+                handles.append(site.out.register_forward_hook(record_output(i), prepend=True))
         try:
             yield cap
         finally:
@@ -197,10 +263,19 @@ class Backbone(abc.ABC):
             raise BackboneError(f"layers {layers} out of range for a backbone with {self.n_layers} layers")
         idx = self.token_index(tokens)
         replaced = set(layers)
+        sites = self.mlp_sites
+        x_seen: dict[int, Tensor] = {}  # the MLP input of the current forward, where the output module is another
+
+        def remember_input(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                x_seen[layer] = args[0]
+
+            return hook
 
         def make_hook(layer: int):
             def hook(module: nn.Module, args: tuple, y_BTD: Tensor) -> Tensor | None:
-                y_new_BTD = fn(layer, args[0], y_BTD)
+                x_BTD = args[0] if sites[layer].mlp is sites[layer].out else x_seen.pop(layer)
+                y_new_BTD = fn(layer, x_BTD, y_BTD)
                 if layer not in replaced:
                     return None
                 if y_new_BTD is None or y_new_BTD.shape != y_BTD.shape:
@@ -214,7 +289,11 @@ class Backbone(abc.ABC):
 
             return hook
 
-        handles = [self.mlps[i].register_forward_hook(make_hook(i)) for i in range(layers[-1] + 1)]
+        handles = []
+        for i in range(layers[-1] + 1):
+            if sites[i].mlp is not sites[i].out:
+                handles.append(sites[i].mlp.register_forward_hook(remember_input(i)))
+            handles.append(sites[i].out.register_forward_hook(make_hook(i)))
         try:
             yield
         finally:

@@ -7,11 +7,9 @@ transformers, block ℓ's MLP is `vision_model.encoder.layers[ℓ].mlp` and its 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import safetensors
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,50 +17,14 @@ from torch import Tensor, nn
 from transformers import CLIPModel, CLIPTokenizer, CLIPTokenizerFast, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .base import Backbone, BackboneError
+from .base import Backbone
+from .hf_files import load_hf_model, load_processor
 from .tokenizer import clip_tokenizer
 
 
 def _pooled(out) -> Tensor:
     """transformers 5 returns a ModelOutput whose pooler_output is the embedding; 4.x a tensor."""
     return out if isinstance(out, Tensor) else out.pooler_output
-
-
-RESAVE = "re-download the model, or load it and save it again with save_pretrained"
-"""The fix for a damaged file in a model directory."""
-
-
-def check_model_files(directory: Path) -> None:
-    """Raise `BackboneError` naming the first unreadable JSON config or safetensors file in `directory`.
-
-    transformers reports these without the file name (safetensors) or the fix; checking the headers
-    first costs a few milliseconds (the weights are memory-mapped, not read).
-    """
-    for name in ("config.json", "preprocessor_config.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise BackboneError(f"{path} is not valid JSON ({err}): {RESAVE}") from None
-            if not isinstance(raw, dict):
-                raise BackboneError(f"{path} holds a JSON {type(raw).__name__}, not a config object: {RESAVE}")
-    for path in sorted(directory.glob("*.safetensors")):
-        try:
-            with safetensors.safe_open(path, framework="pt"):
-                pass
-        except safetensors.SafetensorError as err:
-            raise BackboneError(
-                f"{path} is not a readable safetensors file ({err}), probably empty or truncated by an interrupted "
-                f"download or copy: {RESAVE}"
-            ) from None
-
-
-def _load_processor(source: str) -> CLIPImageProcessorPil:
-    try:
-        return CLIPImageProcessorPil.from_pretrained(source)
-    except OSError:
-        return None
 
 
 def _load_tokenizer(source: str, max_length: int) -> PreTrainedTokenizerBase:
@@ -82,6 +44,7 @@ class HFClipBackbone(Backbone):
     """A `transformers` CLIPModel's vision tower (and text tower, for zero-shot)."""
 
     n_prefix_tokens = 1
+    has_text_tower = True
 
     def __init__(
         self,
@@ -109,27 +72,10 @@ class HFClipBackbone(Backbone):
     ) -> HFClipBackbone:
         """Load a CLIPModel (with its image processor and tokenizer) from a hub id or a directory."""
         source = str(source)
-        is_dir = Path(source).is_dir()
-        if not is_dir and (source.startswith((".", "/", "~")) or Path(source).suffix):
-            raise BackboneError(f"backbone path {source!r} does not exist: pass a directory holding config.json and "
-                                "model.safetensors, or a hub id such as openai/clip-vit-base-patch32")
-        if is_dir:
-            check_model_files(Path(source))
-        try:
-            model = CLIPModel.from_pretrained(source, dtype=dtype or torch.float32)
-        except safetensors.SafetensorError as e:  # a damaged file in the hub cache
-            raise BackboneError(f"a weights file of {source!r} is unreadable ({e}): {RESAVE} "
-                                "(delete the model from the Hugging Face cache to download it again)") from None
-        except (OSError, ValueError) as e:
-            where = "directory" if is_dir else "hub id"
-            raise BackboneError(
-                f"could not load a CLIP model from {where} {source!r}: {str(e).splitlines()[0]}; "
-                "pass a local directory with config.json + model.safetensors (a CLIPModel saved with "
-                "save_pretrained), or a hub id such as openai/clip-vit-base-patch32 on a machine with internet access"
-            ) from None
+        model = load_hf_model(CLIPModel, source, dtype, "CLIP", "openai/clip-vit-base-patch32")
         model.to(device)
         tokenizer = _load_tokenizer(source, model.config.text_config.max_position_embeddings)
-        return cls(model, _load_processor(source), tokenizer, name=source)
+        return cls(model, load_processor(CLIPImageProcessorPil, source), tokenizer, name=source)
 
     def fingerprint_tensors(self) -> Iterable[tuple[str, Tensor]]:
         """The vision tower's parameters (embeddings, blocks, layer norms) and the visual projection."""
@@ -153,6 +99,10 @@ class HFClipBackbone(Backbone):
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:
         pooled = _pooled(self.model.vision_model(pixel_values=pixels_B3HW.to(self.device, self.model.dtype)))
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def logit_scale_bias(self) -> tuple[float, float]:
+        """CLIP scores an image against a class by ``exp(logit_scale) · cosine``, without a bias."""
+        return float(self.model.logit_scale.exp()), 0.0
 
     @torch.inference_mode()
     def text_embeds(self, prompts: Sequence[str]) -> Tensor:

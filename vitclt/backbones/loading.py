@@ -1,18 +1,131 @@
-"""`load_backbone(spec)`: a backbone from a hub id, a directory, a `family:` prefix or an alias."""
+"""`load_backbone(spec)`: a backbone from a hub id, a directory, a weights file, a `family:` prefix or an alias.
+
+Without a prefix the family is read from the files: a directory's (or hub repo's) config.json names
+a transformers `model_type` (clip, siglip, dinov2, dinov2_with_registers) or a timm `architecture`;
+a directory with only open_clip_config.json is an open_clip checkpoint; a weights file is told apart
+by the config beside it. Anything else is one line listing the supported families.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .base import Backbone, BackboneError
+from .checkpoints import WEIGHT_SUFFIXES
 from .hf_clip import HFClipBackbone
+from .hf_dinov2 import Dinov2Backbone
+from .hf_files import check_source
+from .hf_siglip import SiglipBackbone
+from .open_clip import CONFIG_NAME as OPEN_CLIP_CONFIG
+from .open_clip import OpenClipBackbone
+from .timm_vit import TimmViTBackbone
 
-LOADERS: dict[str, Callable[..., Backbone]] = {"hf": HFClipBackbone.from_pretrained}
-"""Backbone families by spec prefix (`hf:openai/clip-vit-base-patch32`); `hf` is the default."""
+FAMILIES: dict[str, str] = {
+    "clip": "transformers CLIPModel (openai/clip-vit-base-patch32)",
+    "siglip": "transformers SiglipModel (google/siglip-base-patch16-224)",
+    "dinov2": "transformers Dinov2Model, with or without registers (facebook/dinov2-base)",
+    "openclip": "open_clip CLIP ViT checkpoints (laion/CLIP-ViT-B-32-laion2B-s34B-b79K)",
+    "timm": "timm-format ViTs (timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)",
+}
+"""The supported backbone families, with an example each; the keys are also spec prefixes."""
+
+MODEL_TYPES: dict[str, str] = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
+"""transformers `model_type` (config.json) → family."""
+
+
+def supported() -> str:
+    """The families as one line, for error messages."""
+    return "; ".join(f"{k}: {v}" for k, v in FAMILIES.items())
+
+
+def read_hf_config(source: str) -> dict[str, Any] | None:
+    """config.json of a directory or hub repo as a dict, or None if it has none."""
+    path = Path(source)
+    if path.is_dir():
+        file = path / "config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # offline without a cached copy, unknown repo, no access, bad id
+        raise BackboneError(f"could not load a model from hub id {source!r}: {str(err).splitlines()[0]}; pass a local "
+                            "directory with config.json + model.safetensors, or a hub id such as "
+                            "openai/clip-vit-base-patch32 on a machine with internet access") from None
+
+
+def _has_open_clip_config(source: str) -> bool:
+    path = Path(source)
+    if path.is_dir():
+        return (path / OPEN_CLIP_CONFIG).is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(source, OPEN_CLIP_CONFIG)
+    except Exception:
+        return False
+    return True
+
+
+def detect_family(source: str) -> str:
+    """The family of a directory, weights file or hub id, read from its config files."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise BackboneError(f"{path} is not a model directory or weights file ({', '.join(WEIGHT_SUFFIXES)})")
+        if (path.parent / OPEN_CLIP_CONFIG).is_file():
+            return "openclip"
+        sibling = read_hf_config(str(path.parent)) or {}
+        if "architecture" in sibling:
+            return "timm"
+        raise BackboneError(f"cannot tell which family the weights file {path} is: prefix it (openclip:FILE or "
+                            f"timm:FILE) or put its config beside it; supported: {supported()}")
+    check_source(source, "openai/clip-vit-base-patch32")
+    where = "directory" if path.is_dir() else "hub id"
+    config = read_hf_config(source)
+    if config is not None:
+        if "model_type" in config:
+            family = MODEL_TYPES.get(config["model_type"])
+            if family is None:
+                arch = ", ".join(config.get("architectures") or []) or config["model_type"]
+                raise BackboneError(f"{where} {source!r} holds a {config['model_type']!r} model ({arch}), which vitclt "
+                                    f"cannot load; supported families: {supported()}")
+            return family
+        if "architecture" in config:
+            return "timm"
+    if _has_open_clip_config(source):
+        return "openclip"
+    if config is not None:
+        raise BackboneError(f"could not load a model from {where} {source!r}: its config.json names no model_type or "
+                            f"architecture; supported families: {supported()}")
+    raise BackboneError(f"could not load a model from {where} {source!r}: it holds no config.json or {OPEN_CLIP_CONFIG}; "
+                        f"pass a model directory (a CLIPModel saved with save_pretrained, ...); "
+                        f"supported families: {supported()}")
+
+
+def _load_auto(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Backbone:
+    source = str(source)
+    return LOADERS[detect_family(source)](source, device=device, dtype=dtype)
+
+
+LOADERS: dict[str, Callable[..., Backbone]] = {
+    "hf": _load_auto,
+    "clip": HFClipBackbone.from_pretrained,
+    "siglip": SiglipBackbone.from_pretrained,
+    "dinov2": Dinov2Backbone.from_pretrained,
+    "openclip": OpenClipBackbone.from_pretrained,
+    "timm": TimmViTBackbone.from_pretrained,
+}
+"""Backbone loaders by spec prefix (`timm:DIR`); `hf` (the default) detects the family from the files."""
 
 
 def _demo_dir() -> Path:
@@ -28,7 +141,11 @@ ALIASES: dict[str, Callable[[], str | Path]] = {"demo": _demo_dir}
 
 
 def load_backbone(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Backbone:
-    """Load a backbone from a spec: `[family:]hub-id-or-directory`, or an alias such as `demo`."""
+    """Load a backbone from a spec: `[family:]hub-id-or-directory-or-file`, or an alias such as `demo`.
+
+    Families: clip, siglip, dinov2, openclip, timm (see `FAMILIES`); without a prefix the family is
+    detected from the model's config files.
+    """
     spec = str(spec)
     if spec in ALIASES:
         backbone = HFClipBackbone.from_pretrained(ALIASES[spec](), device=device, dtype=dtype)
@@ -41,4 +158,4 @@ def load_backbone(spec: str | Path, device: str | torch.device = "cpu", dtype: t
         known = ", ".join(sorted(LOADERS))
         raise BackboneError(f"unknown backbone family {family!r} in {spec!r}: known families are {known} "
                             "(or pass a hub id / directory)")
-    return HFClipBackbone.from_pretrained(spec, device=device, dtype=dtype)
+    return _load_auto(spec, device=device, dtype=dtype)

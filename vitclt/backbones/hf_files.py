@@ -1,0 +1,81 @@
+"""Loading `transformers` models and processors by hub id or directory, with one-line errors.
+
+Shared by the transformers families (CLIP, SigLIP, DINOv2): the same checks of a directory's files,
+the same messages for a missing path, an unknown hub id or a damaged file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+
+from .base import BackboneError
+
+RESAVE = "re-download the model, or load it and save it again with save_pretrained"
+"""The fix for a damaged file in a model directory."""
+
+
+def check_model_files(directory: Path) -> None:
+    """Raise `BackboneError` naming the first unreadable JSON config or safetensors file in `directory`.
+
+    transformers reports these without the file name (safetensors) or the fix; checking the headers
+    first costs a few milliseconds (the weights are memory-mapped, not read).
+    """
+    for name in ("config.json", "preprocessor_config.json", "open_clip_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise BackboneError(f"{path} is not valid JSON ({err}): {RESAVE}") from None
+            if not isinstance(raw, dict):
+                raise BackboneError(f"{path} holds a JSON {type(raw).__name__}, not a config object: {RESAVE}")
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safetensors.safe_open(path, framework="pt"):
+                pass
+        except safetensors.SafetensorError as err:
+            raise BackboneError(
+                f"{path} is not a readable safetensors file ({err}), probably empty or truncated by an interrupted "
+                f"download or copy: {RESAVE}"
+            ) from None
+
+
+def check_source(source: str, example: str) -> bool:
+    """Whether `source` is an existing directory; a path-like string that does not exist raises."""
+    is_dir = Path(source).is_dir()
+    if not is_dir and (source.startswith((".", "/", "~")) or Path(source).suffix):
+        raise BackboneError(f"backbone path {source!r} does not exist: pass a directory holding config.json and "
+                            f"model.safetensors, or a hub id such as {example}")
+    if is_dir:
+        check_model_files(Path(source))
+    return is_dir
+
+
+def load_hf_model(model_cls: Any, source: str, dtype: torch.dtype | None, family: str, example: str):
+    """`model_cls.from_pretrained(source)` in `dtype` (float32 by default), its failures as one-line BackboneErrors."""
+    is_dir = check_source(source, example)
+    try:
+        return model_cls.from_pretrained(source, dtype=dtype or torch.float32)
+    except safetensors.SafetensorError as e:  # a damaged file in the hub cache
+        raise BackboneError(f"a weights file of {source!r} is unreadable ({e}): {RESAVE} "
+                            "(delete the model from the Hugging Face cache to download it again)") from None
+    except (OSError, ValueError) as e:
+        where = "directory" if is_dir else "hub id"
+        raise BackboneError(
+            f"could not load a {family} model from {where} {source!r}: {str(e).splitlines()[0]}; "
+            f"pass a local directory with config.json + model.safetensors (a {model_cls.__name__} saved with "
+            f"save_pretrained), or a hub id such as {example} on a machine with internet access"
+        ) from None
+
+
+def load_processor(processor_cls: Any, source: str):
+    """The image processor saved with the model, or None when there is none."""
+    try:
+        return processor_cls.from_pretrained(source)
+    except OSError:
+        return None
