@@ -140,10 +140,11 @@ def test_a_transcoder_trains_on_the_activations_of_every_family(family, tmp_path
     for i, im in enumerate(random_images(8, seed=5)):
         (folder / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
         im.save(folder / f"class_{i % 2}" / f"{i}.png")
-    cfg = TrainConfig(backbone=str(directory), dataset=f"folder:{folder}", tokens="all", sparsifier=("relu-topk",), k=(4,),
-                      expansion=2, steps=10, batch_size=32, warmup_steps=2, buffer_size=8 * bb.n_tokens, norm_tokens=64,
-                      images_per_forward=8, workers=1, checkpoint_every=10, log_every=5, threads=1, device="cpu",
-                      out=tmp_path / "run", progress=False)
+    cfg = TrainConfig.from_json(dict(
+        backbone=str(directory), dataset=f"folder:{folder}", split="all", tokens="all", sparsifier=["relu-topk"], k=[4],
+        expansion=2, steps=10, batch_size=32, warmup_steps=2, buffer_size=8 * bb.n_tokens, norm_tokens=64,
+        images_per_forward=8, workers=1, checkpoint_every=10, log_every=5, threads=1, device="cpu",
+        out=str(tmp_path / "run"), progress=False))
     [path] = train(cfg)
     model = Transcoder.from_pretrained(path)
     assert (model.n_layers, model.d_model) == (bb.n_layers, bb.d_model)
