@@ -523,9 +523,10 @@ def test_a_jumprelu_run_starts_near_k_active_features(tmp_path):
     """The runner fits the thresholds before the first step: the first step's L0 is near k, not 16% of F."""
     from vitclt.training import TrainConfig, train
 
-    cfg = TrainConfig(backbone="random-rows", dataset="folder:unused", sparsifier=("jumprelu",), k=(4,), expansion=8,
-                      steps=1, batch_size=512, buffer_size=1024, norm_tokens=2048, checkpoint_every=1, log_every=1,
-                      threads=1, device="cpu", out=tmp_path / "run", progress=False)
+    cfg = TrainConfig.from_json(dict(
+        backbone="random-rows", dataset="folder:unused", sparsifier=["jumprelu"], k=[4], expansion=8, steps=1,
+        warmup_steps=0, batch_size=512, buffer_size=1024, norm_tokens=2048, checkpoint_every=1, log_every=1, threads=1,
+        device="cpu", out=str(tmp_path / "run"), progress=False))
     [path] = train(cfg, source=_RandomRows())
     l0_L = json.loads((path / "training.json").read_text())["metrics"]["l0_L"]
     assert all(4 / 1.5 <= l0 <= 4 * 1.5 for l0 in l0_L), l0_L
