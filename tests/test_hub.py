@@ -167,7 +167,8 @@ def run_dir(tmp_path):
 
 
 def _push(run, repo="me/clt", **kw):
-    from vitclt.commands.push import PushConfig, run as push
+    from vitclt.commands.push import PushConfig
+    from vitclt.commands.push import run as push
     from vitclt.runtime import RuntimeConfig
 
     return push(PushConfig(run, repo, runtime=RuntimeConfig(device="cpu", workers=0, progress=False), **kw))
