@@ -40,6 +40,7 @@ from vitclt.eval.windows import Window, default_windows, parse_windows
 from vitclt.eval.zeroshot import topk_correct
 from vitclt.io import jsonable
 from vitclt.nn import Transcoder
+from vitclt.nn.hub import resolve_source
 from vitclt.runtime import RuntimeConfig
 
 SCHEMA = "vitclt.eval/1"
@@ -51,13 +52,15 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
 
     `run_dir` itself if it is one (named after it); else every one below it, named by its path
     relative to `run_dir` with `/` read as `-` (`clt/jumprelu` → `clt-jumprelu`), in sorted order.
+    `run_dir` may be a hub id (`org/repo[@revision]`, `hf:org/repo`): `vitclt.nn.hub.resolve_source`
+    downloads it (or reads the hub cache) and names a transcoder at its top after the repo.
     """
-    run_dir = Path(run_dir)
+    run_dir, top_name, _ = resolve_source(run_dir)
     if not run_dir.is_dir():
         raise InputNotFoundError(f"run directory {run_dir} does not exist: pass a directory written by vitclt train")
     is_tc = lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file()  # noqa: E731
     if is_tc(run_dir):
-        return {run_dir.resolve().name: run_dir}
+        return {top_name: run_dir}
     found, frontier = {}, [run_dir]
     for _ in range(max_depth):
         below = [p for d in frontier for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")]
