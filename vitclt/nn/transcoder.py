@@ -526,6 +526,10 @@ class Transcoder(nn.Module):
         formats.load_weights(model, directory, device)
         return model.eval().requires_grad_(False)
 
-    def export_circuit_tracer(self, directory: str | os.PathLike) -> Path:
-        """Write circuit-tracer's per-layer files (W_enc_{i}, W_dec_{i}.safetensors); see `vitclt.nn.formats`."""
-        return formats.export_circuit_tracer(self, directory)
+    def export_circuit_tracer(self, directory: str | os.PathLike, calibration_x_NLD: Tensor | None = None,
+                              calibration_y_NLD: Tensor | None = None) -> Path:
+        """Write circuit-tracer's per-layer files (W_enc_{i}, W_dec_{i}.safetensors); see `vitclt.nn.formats`.
+
+        With a calibration sample of raw inputs, a TopK model's per-feature JumpReLU thresholds are fitted on it.
+        """
+        return formats.export_circuit_tracer(self, directory, calibration_x_NLD, calibration_y_NLD)
