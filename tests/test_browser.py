@@ -113,7 +113,7 @@ def test_streaming_top_k_equals_the_dense_reference_for_any_batching(tiny_backbo
     s_valid = torch.isfinite(st.sample.score_LFK)
     fires_LFB = (act != 0).any(2).permute(1, 2, 0)
     assert fires_LFB.gather(2, st.sample.image_LFK.clamp_min(0))[s_valid].all()
-    assert torch.allclose(st.hist_LFH.sum(-1).float(), st.fire_LF.float())
+    assert torch.allclose(st.hist_LFG.sum(-1).float(), st.fire_LF.float())
 
 
 def test_write_direction_is_the_embedding_change_per_unit_activation(tiny_backbone, images):

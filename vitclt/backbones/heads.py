@@ -154,9 +154,9 @@ def zero_shot_head(backbone: Backbone, classnames: Sequence[str], templates: Seq
         raise BackboneError("every prompt template must contain '{}' where the class name goes")
     prompts = [t.format(name) for name in classnames for t in templates]
     emb = torch.cat([backbone.text_embeds(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
-    emb_CTP = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1)
+    emb_CMP = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1)
     scale, bias = backbone.logit_scale_bias()
-    return ZeroShotHead(F.normalize(emb_CTP.mean(dim=1), dim=-1), scale=scale, bias=bias)
+    return ZeroShotHead(F.normalize(emb_CMP.mean(dim=1), dim=-1), scale=scale, bias=bias)
 
 
 @torch.inference_mode()

@@ -56,7 +56,7 @@ class TranscoderPages:
     """(dataset spec, split) it was trained on; ("unknown", "") if not recorded."""
     stats: FeatureStats
     """The streaming pass's statistics."""
-    norms_LFT: torch.Tensor
+    norms_LFJ: torch.Tensor
     """Decoder norm per target layer."""
     later_LF: torch.Tensor
     """Share of decoder norm written to later layers."""
@@ -68,8 +68,8 @@ class TranscoderPages:
     """The vocabulary the word labels index."""
     classnames: list[str]
     """The class names the class labels index."""
-    majority_LF3: np.ndarray
-    """(class, count, of) of each feature's top images by max activation; class −1 when none."""
+    majority: np.ndarray
+    """(L, F, 3): (class, count, of) of each feature's top images by max activation; class −1 when none."""
     check: LabelCheck | None
     """The measured label check over all layers."""
     check_layers: list[LabelCheck]
@@ -141,7 +141,7 @@ def _feature_record(p: TranscoderPages, layer: int, f: int, views: dict[str, Lis
     top, top_tok = views["top"].entries(layer, f)
     cls, cls_tok = views["cls"].entries(layer, f)
     samples, samples_tok = views["sample"].entries(layer, f, by_value=True)
-    hist = st.hist_LFH[layer, f]
+    hist = st.hist_LFG[layer, f]
     nz = torch.nonzero(hist).flatten()
     first, last = (int(nz[0]), int(nz[-1])) if len(nz) else (0, 0)
     labels = {"classes": [], "words": []}
@@ -152,12 +152,12 @@ def _feature_record(p: TranscoderPages, layer: int, f: int, views: dict[str, Lis
             "words": [[p.words[i], s] for i, s in zip(lab.word_LFK[layer, f].tolist(), cols["word_score"][layer][f])],
         }
     nb = p.neighbours
-    near = [[i, c] for i, c in zip(nb.same_LFN[layer, f].tolist(), cols["same_cos"][layer][f]) if i >= 0]
+    near = [[i, c] for i, c in zip(nb.same_LFK[layer, f].tolist(), cols["same_cos"][layer][f]) if i >= 0]
     near_other = [
-        [ly, i, c] for ly, i, c in zip(nb.other_layer_LFN[layer, f].tolist(), nb.other_LFN[layer, f].tolist(),
+        [ly, i, c] for ly, i, c in zip(nb.other_layer_LFK[layer, f].tolist(), nb.other_LFK[layer, f].tolist(),
                                        cols["other_cos"][layer][f]) if i >= 0
     ]
-    maj = p.majority_LF3[layer, f].tolist()
+    maj = p.majority[layer, f].tolist()
     return {
         "freq": cols["freq"][layer][f], "img_freq": cols["img_freq"][layer][f], "mean": cols["mean"][layer][f],
         "max": cols["max"][layer][f], "later": cols["later"][layer][f], "norms": cols["norms"][layer][f],
@@ -176,9 +176,9 @@ def _columns(p: TranscoderPages) -> dict:
     cols = {
         "freq": r(st.fire_LF.double() / max(st.n_tokens, 1), 7),
         "img_freq": r(st.image_fire_LF.double() / max(st.n_images, 1), 6),
-        "mean": r(st.mean_LF), "max": r(st.max_LF), "later": r(p.later_LF, 3), "norms": r(p.norms_LFT),
-        "same_cos": r(p.neighbours.same_cos_LFN.nan_to_num(neginf=0.0), 3),
-        "other_cos": r(p.neighbours.other_cos_LFN.nan_to_num(neginf=0.0), 3),
+        "mean": r(st.mean_LF), "max": r(st.max_LF), "later": r(p.later_LF, 3), "norms": r(p.norms_LFJ),
+        "same_cos": r(p.neighbours.same_cos_LFK.nan_to_num(neginf=0.0), 3),
+        "other_cos": r(p.neighbours.other_cos_LFK.nan_to_num(neginf=0.0), 3),
     }
     if p.labels is not None:
         cols.update(class_score=r(p.labels.class_score_LFK), word_score=r(p.labels.word_score_LFK),
@@ -368,8 +368,8 @@ def build_browser(
                                 for i in range(tc.n_layers)]
             p = TranscoderPages(
                 id=_safe_id(name, taken), name=name, config=dict(tc.cfg.__dict__), trained_on=_trained_on(paths[name]),
-                stats=st, norms_LFT=norms, later_LF=later_fraction(norms), neighbours=neighbours, labels=labels,
-                words=vocab.words if vocab else [], classnames=list(data.classnames), majority_LF3=majority, check=check,
+                stats=st, norms_LFJ=norms, later_LF=later_fraction(norms), neighbours=neighbours, labels=labels,
+                words=vocab.words if vocab else [], classnames=list(data.classnames), majority=majority, check=check,
                 check_layers=check_layers,
             )
             used |= write_transcoder(tmp, p)

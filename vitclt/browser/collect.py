@@ -61,8 +61,9 @@ class TopList:
         K = self.score_LFK.shape[2]
         F, B = score_FB.shape
         T = act_BTF.shape[1]
-        score_FC = torch.cat([self.score_LFK[layer], score_FB], 1)
-        best_FK, sel_FK = score_FC.topk(K, dim=1)
+        # The K kept entries, then the B candidates: (F, K + B).
+        scores = torch.cat([self.score_LFK[layer], score_FB], 1)
+        best_FK, sel_FK = scores.topk(K, dim=1)
         old_FK = sel_FK < K
         self.score_LFK[layer] = best_FK
         self.value_LFK[layer] = torch.cat([self.value_LFK[layer], value_FB], 1).gather(1, sel_FK)
@@ -93,7 +94,7 @@ class FeatureStats:
     """Sum of the feature's activations over the tokens where it fired."""
     max_LF: Tensor
     """Largest activation over every token seen (0 for a dead feature)."""
-    hist_LFH: Tensor
+    hist_LFG: Tensor
     """Counts of the nonzero activations' magnitudes in log2 bins (see HIST_*)."""
     top_max: TopList
     """Top images by maximum over tokens."""
@@ -126,7 +127,7 @@ class FeatureCollector:
         self.image_fire_LF = torch.zeros(L, F, dtype=torch.long, device=dev)
         self.sum_LF = torch.zeros(L, F, device=dev)
         self.max_LF = torch.zeros(L, F, device=dev)
-        self.hist_LFH = torch.zeros(L, F * HIST_BINS, dtype=torch.long, device=dev)
+        self.hist_LFG = torch.zeros(L, F * HIST_BINS, dtype=torch.long, device=dev)
         self.top_max = TopList.empty(L, F, top_k, n_tokens, dev)
         self.top_cls = TopList.empty(L, F, top_k, n_tokens, dev)
         self.sample = TopList.empty(L, F, n_samples, n_tokens, dev)
@@ -149,7 +150,7 @@ class FeatureCollector:
             self.fire_LF[layer] += torch.bincount(idx, minlength=F)
             self.sum_LF[layer] += torch.bincount(idx, weights=vals, minlength=F).float()
             bins = ((vals.abs().log2() - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE).floor().clamp(0, HIST_BINS - 1).long()
-            self.hist_LFH[layer] += torch.bincount(idx * HIST_BINS + bins, minlength=F * HIST_BINS)
+            self.hist_LFG[layer] += torch.bincount(idx * HIST_BINS + bins, minlength=F * HIST_BINS)
             max_BF = act_BTF.amax(1)
             fires_BF = (act_BTF != 0).any(1)
             self.image_fire_LF[layer] += fires_BF.sum(0)
@@ -170,7 +171,7 @@ class FeatureCollector:
             image_fire_LF=self.image_fire_LF.cpu(),
             sum_LF=self.sum_LF.cpu(),
             max_LF=self.max_LF.cpu(),
-            hist_LFH=self.hist_LFH.view(self.L, self.F, HIST_BINS).cpu(),
+            hist_LFG=self.hist_LFG.view(self.L, self.F, HIST_BINS).cpu(),
             top_max=self.top_max.to_cpu(),
             top_cls=self.top_cls.to_cpu(),
             sample=self.sample.to_cpu(),

@@ -77,7 +77,7 @@ def write_circuit_tracer(out: Path, pages, tokens: list[str]) -> Path:
             "act_min": 0.0,
             "act_max": round(float(st.max_LF[layer, feature]), 4),
             "quantile_values": [],
-            "histogram": st.hist_LFH[layer, feature].tolist(),
+            "histogram": st.hist_LFG[layer, feature].tolist(),
             "activation_frequency": float(freq_LF[layer, feature]),
         }
         (scan / f"{cantor(layer, feature)}.json").write_text(json.dumps(record, separators=(",", ":")))
@@ -115,10 +115,10 @@ def write_neuronpedia(out: Path, pages, tokens: list[str], model_id: str, datase
                     "neg_str": neg_str, "neg_values": neg_values, "pos_str": pos_str, "pos_values": pos_values,
                     "frac_nonzero": float(freq_LF[layer, feature]),
                     "freq_hist_data_bar_values": centres,
-                    "freq_hist_data_bar_heights": st.hist_LFH[layer, feature].tolist(),
+                    "freq_hist_data_bar_heights": st.hist_LFG[layer, feature].tolist(),
                     "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
                     "n_prompts_total": st.n_images, "n_tokens_in_prompt": len(tokens), "dataset": dataset,
-                    "decoder_weights_dist": np.round(pages.norms_LFT[layer, feature].double().numpy(), 4).tolist(),
+                    "decoder_weights_dist": np.round(pages.norms_LFJ[layer, feature].double().numpy(), 4).tolist(),
                     "activations": acts,
                 })
             batch = {"model_id": model_id, "layer": layer, "sae_set": pages.id, "features": features}

@@ -29,7 +29,7 @@ def residual_writes(transcoder: Transcoder) -> Tensor:
 
 @torch.no_grad()
 def decoder_norms(transcoder: Transcoder) -> Tensor:
-    """norms_LFT: ‖W^{i→j}‖ of every feature in raw units (zero where layer i does not write to j)."""
+    """norms_LFJ: ‖W^{i→j}‖ of every feature in raw units (zero where layer i does not write to j)."""
     tc = transcoder
     out = torch.zeros(tc.n_layers, tc.n_features, tc.n_layers)
     for i in range(tc.n_layers):
@@ -38,26 +38,26 @@ def decoder_norms(transcoder: Transcoder) -> Tensor:
     return out
 
 
-def later_fraction(norms_LFT: Tensor) -> Tensor:
+def later_fraction(norms_LFJ: Tensor) -> Tensor:
     """later_LF: the share of a feature's decoder norm that goes to layers after its own."""
-    L = norms_LFT.shape[0]
-    later_LT = torch.arange(L)[None, :] > torch.arange(L)[:, None]
-    total = norms_LFT.sum(-1).clamp_min(1e-12)
-    return (norms_LFT * later_LT[:, None, :]).sum(-1) / total
+    L = norms_LFJ.shape[0]
+    later_LJ = torch.arange(L)[None, :] > torch.arange(L)[:, None]
+    total = norms_LFJ.sum(-1).clamp_min(1e-12)
+    return (norms_LFJ * later_LJ[:, None, :]).sum(-1) / total
 
 
 class Neighbours(NamedTuple):
     """Nearest features by cosine of their residual write directions; index −1 where there is none."""
 
-    same_LFN: Tensor
+    same_LFK: Tensor
     """Feature indices in the same layer."""
-    same_cos_LFN: Tensor
+    same_cos_LFK: Tensor
     """Their cosines."""
-    other_layer_LFN: Tensor
+    other_layer_LFK: Tensor
     """Layers of the nearest features in other layers."""
-    other_LFN: Tensor
+    other_LFK: Tensor
     """Their feature indices."""
-    other_cos_LFN: Tensor
+    other_cos_LFK: Tensor
     """Their cosines."""
 
 

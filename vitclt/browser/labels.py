@@ -139,12 +139,12 @@ def label_features(w_LFP: Tensor, vocab: Vocabulary, k: int = 5) -> Labels:
     """The k best class names and words of every feature by cosine with its write direction."""
     w = F.normalize(w_LFP.float().cpu(), dim=-1)
 
-    def best(emb_VP: Tensor, sign: float = 1.0) -> tuple[Tensor, Tensor]:
-        n = min(k, emb_VP.shape[0])
+    def best(text_emb: Tensor, sign: float = 1.0) -> tuple[Tensor, Tensor]:
+        n = min(k, text_emb.shape[0])
         if n == 0:
             empty = torch.zeros(*w.shape[:2], 0)
             return empty.long(), empty
-        scores, index = (sign * (w @ emb_VP.T)).topk(n, dim=-1)
+        scores, index = (sign * (w @ text_emb.T)).topk(n, dim=-1)
         return index, sign * scores
 
     ci, cs = best(vocab.class_CP)

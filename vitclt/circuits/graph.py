@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from vitclt.circuits.local import LocalReplacement
-from vitclt.circuits.tower import frozen_attention_T
+from vitclt.circuits.tower import frozen_attention_transposed
 
 KINDS = ("feature", "error", "embedding", "bias", "target")
 """Node kinds; `Graph.kind_N` holds indices into this tuple."""
@@ -140,7 +140,7 @@ def attribute(model: LocalReplacement, batch_size: int = 256) -> Graph:
     for i in range(L):
         sel = feat[:, 0] == i
         rows = model.encoder_rows(i)[feat[sel, 1], feat[sel, 2]]
-        read_vec[:n_f][sel] = model.w.blocks[i].ln2.frozen_T(rows, model.state.sigma2_LT[i, feat[sel, 1]])
+        read_vec[:n_f][sel] = model.w.blocks[i].ln2.frozen_transposed(rows, model.state.sigma2_LT[i, feat[sel, 1]])
         const[:n_f][sel] = rows @ model.w.blocks[i].ln2.beta_D + model.b_enc_LF[i, model.index_LTK[i, feat[sel, 1], feat[sel, 2]]]
     read_vec[-1] = model.target_vector()
     row_index = torch.cat([torch.arange(n_f, device=dev), torch.tensor([n - 1], device=dev)])
@@ -178,7 +178,8 @@ def attribute(model: LocalReplacement, batch_size: int = 256) -> Graph:
                 g_sum = g.sum(1)
             out[:, bias0 + ell] += g_sum @ attn_bias[ell]
             b = model.w.blocks[ell]
-            g = g + b.ln1.frozen_T(frozen_attention_T(b, g, model.state.A_LHTT[ell]), model.state.sigma1_LT[ell])
+            g_attn = frozen_attention_transposed(b, g, model.state.pattern_LATT[ell])
+            g = g + b.ln1.frozen_transposed(g_attn, model.state.sigma1_LT[ell])
         out[:, emb0 : emb0 + T] = torch.einsum("btd,td->bt", g, model.state.h0_TD)
         out[:, :n_f] = feat_edges[:, feat[:, 0], feat[:, 1], feat[:, 2]]
         A[row_index[idx]] += out

@@ -118,7 +118,8 @@ class LocalReplacement:
 
     def target_vector(self) -> Tensor:
         """u_D: ∂s/∂h_L[CLS] with LN_post's σ and |e₀| frozen."""
-        return self.w.post_ln.frozen_T((self.class_P @ self.w.W_proj_PD)[None], self.state.sigma_post[None])[0] / self.norm0
+        read_D = self.class_P @ self.w.W_proj_PD
+        return self.w.post_ln.frozen_transposed(read_D[None], self.state.sigma_post[None])[0] / self.norm0
 
     def target_constant(self) -> Tensor:
         """The part of s that no node writes: c · (P β_post + b_proj) / |e₀|."""
@@ -143,7 +144,7 @@ class LocalReplacement:
         h = st.h0_TD.clone()
         acts = torch.zeros_like(self.acts_LTK)
         for ell, b in enumerate(w.blocks):
-            h = h + frozen_attention(b, b.ln1.frozen(h, st.sigma1_LT[ell]), st.A_LHTT[ell])
+            h = h + frozen_attention(b, b.ln1.frozen(h, st.sigma1_LT[ell]), st.pattern_LATT[ell])
             if features == "linear":
                 acts[ell] = self.preactivation(ell, b.ln2.frozen(h, st.sigma2_LT[ell])) * self.active_LTK[ell]
             else:

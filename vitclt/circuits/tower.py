@@ -39,7 +39,7 @@ class Norm:
         """LN with σ held at `sigma_T`: affine in h (equal to the true LN when sigma_T = σ(h))."""
         return (h_TD - h_TD.mean(-1, keepdim=True)) / sigma_T[..., None] * self.gamma_D + self.beta_D
 
-    def frozen_T(self, g_TD: Tensor, sigma_T: Tensor) -> Tensor:
+    def frozen_transposed(self, g_TD: Tensor, sigma_T: Tensor) -> Tensor:
         """The transpose of the frozen LN's linear part applied to adjoints g (…, T, D): centre(γ ⊙ g / σ)."""
         out = g_TD * self.gamma_D / sigma_T[:, None]
         return out - out.mean(-1, keepdim=True)
@@ -115,28 +115,28 @@ def vision_weights(backbone, dtype: torch.dtype = torch.float32) -> VisionWeight
 
 
 def attention_pattern(block: Block, a_TD: Tensor) -> Tensor:
-    """A_HTT: softmax(q kᵀ / √d_head) per head (row t: where token t reads from)."""
+    """pattern_ATT: softmax(q kᵀ / √d_head) per head (row t: where token t reads from)."""
     T, D = a_TD.shape
-    H = block.n_heads
-    q = (a_TD @ block.W_q.T + block.b_q).view(T, H, -1).transpose(0, 1)
-    k = (a_TD @ block.W_k.T + block.b_k).view(T, H, -1).transpose(0, 1)
-    return torch.softmax(q @ k.transpose(1, 2) * (D // H) ** -0.5, dim=-1)
+    A = block.n_heads
+    q_ATE = (a_TD @ block.W_q.T + block.b_q).view(T, A, -1).transpose(0, 1)
+    k_ATE = (a_TD @ block.W_k.T + block.b_k).view(T, A, -1).transpose(0, 1)
+    return torch.softmax(q_ATE @ k_ATE.transpose(1, 2) * (D // A) ** -0.5, dim=-1)
 
 
-def frozen_attention(block: Block, a_TD: Tensor, A_HTT: Tensor) -> Tensor:
-    """Attention output with the pattern held at A_HTT: affine in the LN1 output a."""
+def frozen_attention(block: Block, a_TD: Tensor, pattern_ATT: Tensor) -> Tensor:
+    """Attention output with the pattern held at pattern_ATT: affine in the LN1 output a."""
     T, D = a_TD.shape
     v = (a_TD @ block.W_v.T + block.b_v).view(T, block.n_heads, -1).transpose(0, 1)
-    return (A_HTT @ v).transpose(0, 1).reshape(T, D) @ block.W_o.T + block.b_o
+    return (pattern_ATT @ v).transpose(0, 1).reshape(T, D) @ block.W_o.T + block.b_o
 
 
-def frozen_attention_T(block: Block, g_BTD: Tensor, A_HTT: Tensor) -> Tensor:
+def frozen_attention_transposed(block: Block, g_BTD: Tensor, pattern_ATT: Tensor) -> Tensor:
     """The transpose of the frozen attention's linear part (value → output path) applied to adjoints g."""
     B, T, D = g_BTD.shape
-    H = block.n_heads
-    go = (g_BTD @ block.W_o).view(B, T, H, D // H)
-    gv = torch.einsum("hts,bthd->bshd", A_HTT, go).reshape(B, T, D)
-    return gv @ block.W_v
+    A = block.n_heads
+    go_BTAE = (g_BTD @ block.W_o).view(B, T, A, D // A)
+    gv_BTD = torch.einsum("ats,btae->bsae", pattern_ATT, go_BTAE).reshape(B, T, D)
+    return gv_BTD @ block.W_v
 
 
 def mlp(block: Block, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
@@ -152,7 +152,7 @@ class CleanState:
 
     h0_TD: Tensor
     """Residual stream entering block 0 (after LN_pre): the token embeddings."""
-    A_LHTT: Tensor
+    pattern_LATT: Tensor
     """Attention pattern of every layer and head."""
     sigma1_LT: Tensor
     """LN1 scale per layer and token."""
@@ -174,20 +174,20 @@ def clean_forward(w: VisionWeights, pixels_3HW: Tensor) -> CleanState:
     emb = w.embeddings(pixels_3HW[None].to(w.embeddings.patch_embedding.weight.dtype))[0].to(w.dtype)
     h = w.pre_ln.frozen(emb, w.pre_ln.sigma(emb))
     h0 = h
-    As, s1, s2, xs, ys = [], [], [], [], []
+    patterns, s1, s2, xs, ys = [], [], [], [], []
     for b in w.blocks:
         sig1 = b.ln1.sigma(h)
         a = b.ln1.frozen(h, sig1)
-        A = attention_pattern(b, a)
-        h = h + frozen_attention(b, a, A)
+        pattern = attention_pattern(b, a)
+        h = h + frozen_attention(b, a, pattern)
         sig2 = b.ln2.sigma(h)
         x = b.ln2.frozen(h, sig2)
         y = mlp(b, x, w.dtype)
         h = h + y
-        As.append(A), s1.append(sig1), s2.append(sig2), xs.append(x), ys.append(y)
+        patterns.append(pattern), s1.append(sig1), s2.append(sig2), xs.append(x), ys.append(y)
     cls = h[0]
     sig_post = w.post_ln.sigma(cls)
     e = w.post_ln.frozen(cls, sig_post) @ w.W_proj_PD.T
     if w.b_proj_P is not None:
         e = e + w.b_proj_P
-    return CleanState(h0, torch.stack(As), torch.stack(s1), torch.stack(s2), torch.stack(xs), torch.stack(ys), sig_post, e)
+    return CleanState(h0, torch.stack(patterns), torch.stack(s1), torch.stack(s2), torch.stack(xs), torch.stack(ys), sig_post, e)

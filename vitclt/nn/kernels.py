@@ -50,11 +50,11 @@ def usable(device: torch.device) -> bool:
 class _PairTable(NamedTuple):
     """The decoder pairs as device tensors the kernels index."""
 
-    w_ptr_P: Tensor
+    w_ptrs: Tensor
     """Data pointer of each pair's (F, D) decoder (int64)."""
-    src_P: Tensor
+    pair_src: Tensor
     """Source layer of each pair (int32)."""
-    tgt_P: Tensor
+    pair_tgt: Tensor
     """Target layer of each pair (int32)."""
     by_tgt_ptr: Tensor
     """(n_targets + 1,) CSR over targets into ``by_tgt_pair``."""
@@ -133,7 +133,7 @@ def decode_forward(
     fwd, _, _ = _kernels()
     block_n, block_d = 32, _block(d, 128)
     grid = (-(-n // block_n), -(-d // block_d), n_targets)
-    fwd[grid](values_NLK.contiguous(), indices_NLK.contiguous(), table.w_ptr_P, table.src_P,
+    fwd[grid](values_NLK.contiguous(), indices_NLK.contiguous(), table.w_ptrs, table.pair_src,
               table.by_tgt_ptr, table.by_tgt_pair, out_NJD, n, n_layers, k, d, n_targets,
               W_DTYPE=_tl_dtype(weights[0].dtype), BLOCK_N=block_n, BLOCK_D=block_d)
     return out_NJD
@@ -150,7 +150,7 @@ def decode_backward(
 ) -> tuple[Tensor | None, list[Tensor] | None]:
     """Gradients of ``decode_forward``: (grad of values_NLK in float32, grad of each decoder in its dtype).
 
-    The decoder gradients are views of one (P, F, D) buffer, one per pair.
+    The decoder gradients are views of one (pairs, F, D) buffer, one per pair.
     """
     _check(weights)
     n, n_layers, k = values_NLK.shape
@@ -169,7 +169,7 @@ def decode_backward(
         block_e = 32
         if n * k:
             grid = (-(-(n * k) // block_e), n_layers)
-            grad_values_kernel[grid](indices_NLK, grad_NJD, table.w_ptr_P, table.tgt_P, table.by_src_ptr,
+            grad_values_kernel[grid](indices_NLK, grad_NJD, table.w_ptrs, table.pair_tgt, table.by_src_ptr,
                                      table.by_src_pair, grad_values, n, n_layers, k, d, n_targets,
                                      W_DTYPE=_tl_dtype(weights[0].dtype), BLOCK_E=block_e, BLOCK_D=block_d)
     if need_weights:
@@ -179,9 +179,9 @@ def decode_backward(
         order = flat.argsort()
         crow = torch.zeros(n_layers * n_features + 1, dtype=torch.long, device=device)
         torch.cumsum(torch.bincount(flat, minlength=n_layers * n_features), 0, out=crow[1:])
-        grad_PFD = torch.empty(len(pairs), n_features, d, dtype=weights[0].dtype, device=device)
+        grad_buffer = torch.empty(len(pairs), n_features, d, dtype=weights[0].dtype, device=device)
         grad_weights_kernel[(n_features, n_layers)](
-            values_NLK, order, crow, grad_NJD, table.tgt_P, table.by_src_ptr, table.by_src_pair, grad_PFD,
+            values_NLK, order, crow, grad_NJD, table.pair_tgt, table.by_src_ptr, table.by_src_pair, grad_buffer,
             n_layers, k, n_features, d, n_targets, BLOCK_E=32, BLOCK_D=block_d)
-        grad_weights = list(grad_PFD.unbind(0))
+        grad_weights = list(grad_buffer.unbind(0))
     return grad_values, grad_weights

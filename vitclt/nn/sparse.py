@@ -182,18 +182,18 @@ class _GatheredLinear(torch.autograd.Function):
     def backward(ctx, grad_NK):
         x_ND, W_FD, indices_NK = ctx.saved_tensors
         grad_NK = grad_NK.to(W_FD.dtype)
-        grad_x = grad_W = grad_b = None
+        grad_x = grad_weight = grad_b = None
         # Grad w.r.t. the input: each row sums its selected encoder rows.
         if ctx.needs_input_grad[0]:
             grad_x = bag(grad_NK, indices_NK, W_FD.detach()).to(x_ND.dtype)
         # Grad w.r.t. the weight: each selected feature sums the input rows that selected it.
         if ctx.needs_input_grad[1]:
-            grad_W = scatter_rows(grad_NK, indices_NK, x_ND.to(W_FD.dtype), W_FD.shape[0])
+            grad_weight = scatter_rows(grad_NK, indices_NK, x_ND.to(W_FD.dtype), W_FD.shape[0])
         # Grad w.r.t. the bias: a histogram of the selected features weighted by the gradient.
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_FD.shape[0], dtype=W_FD.dtype, device=W_FD.device)
             grad_b.index_add_(0, indices_NK.reshape(-1), grad_NK.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, grad_weight, grad_b, None, None
 
 
 def gathered_linear(
@@ -232,19 +232,19 @@ class _SparseDecode(torch.autograd.Function):
         values_NLK, indices_NLK, *W_FD = ctx.saved_tensors
         pairs = ctx.pairs
         if ctx.triton:
-            grad_values, grad_W = kernels.decode_backward(
+            grad_values, grad_weights = kernels.decode_backward(
                 grad_NJD, values_NLK, indices_NLK, W_FD, pairs,
                 need_values=ctx.needs_input_grad[3], need_weights=any(ctx.needs_input_grad[5:]),
             )
             if grad_values is not None:
                 grad_values = grad_values.to(ctx.values_dtype)
-            grad_W = grad_W or [None] * len(W_FD)
-            return (None, None, None, grad_values, None, *grad_W)
+            grad_weights = grad_weights or [None] * len(W_FD)
+            return (None, None, None, grad_values, None, *grad_weights)
         # Target-major and contiguous: every (N, D) slice below is then a dense table.
         grad_JND = grad_NJD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
         need_values = ctx.needs_input_grad[3]
         grad_values = torch.zeros_like(values_NLK) if need_values else None
-        grad_W = [None] * len(W_FD)
+        grad_weights = [None] * len(W_FD)
         for i in sorted({i for i, _ in pairs}):
             mine = [p for p, (src, _) in enumerate(pairs) if src == i]
             values_NK = values_NLK[:, i].contiguous()
@@ -253,7 +253,7 @@ class _SparseDecode(torch.autograd.Function):
             # Grad w.r.t. each decoder: every feature sums the target gradients of its rows.
             for p in mine:
                 if ctx.needs_input_grad[5 + p]:
-                    grad_W[p] = scatter_rows(
+                    grad_weights[p] = scatter_rows(
                         values_NK, indices_NK, grad_JND[pairs[p][1]], W_FD[p].shape[0], by
                     )
             # Grad w.r.t. the code values: dot of each target gradient with the feature's row.
@@ -262,7 +262,7 @@ class _SparseDecode(torch.autograd.Function):
                 grad_values[:, i] = gathered_dots(indices_NK, terms, by)
         if grad_values is not None:
             grad_values = grad_values.to(ctx.values_dtype)
-        return (None, None, None, grad_values, None, *grad_W)
+        return (None, None, None, grad_values, None, *grad_weights)
 
 
 def sparse_decode(

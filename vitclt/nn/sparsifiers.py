@@ -176,8 +176,8 @@ class JumpReLU(Sparsifier):
         low = min(math.floor(position), n - 2)
         frac = position - low
         # Ascending ranks low and low + 1 are the last two of the top n - low values.
-        top_MF = pre_NF.float().topk(n - low, dim=0).values
-        at_low_F, above_F = top_MF[-1], top_MF[-2]
+        top = pre_NF.float().topk(n - low, dim=0).values  # (n - low, F)
+        at_low_F, above_F = top[-1], top[-2]
         threshold_F = at_low_F + frac * (above_F - at_low_F)
         self.log_threshold_LF[layer].copy_(threshold_F.clamp_min(floor).log())
 

@@ -5,7 +5,7 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_fwd(values, indices, w_ptrs, src_P, by_tgt_ptr, by_tgt_pair, out,
+def decode_fwd(values, indices, w_ptrs, pair_src, by_tgt_ptr, by_tgt_pair, out,
                N, L, K, D, J,
                W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -19,7 +19,7 @@ def decode_fwd(values, indices, w_ptrs, src_P, by_tgt_ptr, by_tgt_pair, out,
     acc = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
     for q in range(tl.load(by_tgt_ptr + j), tl.load(by_tgt_ptr + j + 1)):
         p = tl.load(by_tgt_pair + q)
-        i = tl.load(src_P + p)
+        i = tl.load(pair_src + p)
         w = tl.load(w_ptrs + p).to(tl.pointer_type(W_DTYPE))
         for k in range(K):
             v = tl.load(values + code_row + i * K + k, mask=row_ok, other=0.0).to(tl.float32)
@@ -31,7 +31,7 @@ def decode_fwd(values, indices, w_ptrs, src_P, by_tgt_ptr, by_tgt_pair, out,
     tl.store(dst, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 @triton.jit
-def decode_grad_values(indices, grad_out, w_ptrs, tgt_P, by_src_ptr, by_src_pair, grad_values,
+def decode_grad_values(indices, grad_out, w_ptrs, pair_tgt, by_src_ptr, by_src_pair, grad_values,
                        N, L, K, D, J,
                        W_DTYPE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -44,7 +44,7 @@ def decode_grad_values(indices, grad_out, w_ptrs, tgt_P, by_src_ptr, by_src_pair
     acc = tl.full((BLOCK_E,), 0.0, tl.float32)
     for q in range(tl.load(by_src_ptr + i), tl.load(by_src_ptr + i + 1)):
         p = tl.load(by_src_pair + q)
-        j = tl.load(tgt_P + p)
+        j = tl.load(pair_tgt + p)
         w = tl.load(w_ptrs + p).to(tl.pointer_type(W_DTYPE))
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -55,7 +55,7 @@ def decode_grad_values(indices, grad_out, w_ptrs, tgt_P, by_src_ptr, by_src_pair
     tl.store(grad_values + slot, acc, mask=e_ok)
 
 @triton.jit
-def decode_grad_weights(values, order, crow, grad_out, tgt_P, by_src_ptr, by_src_pair, grad_w,
+def decode_grad_weights(values, order, crow, grad_out, pair_tgt, by_src_ptr, by_src_pair, grad_w,
                         L, K, F, D, J,
                         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     f = tl.program_id(0)
@@ -64,7 +64,7 @@ def decode_grad_weights(values, order, crow, grad_out, tgt_P, by_src_ptr, by_src
     stop = tl.load(crow + i * F + f + 1)
     for q in range(tl.load(by_src_ptr + i), tl.load(by_src_ptr + i + 1)):
         p = tl.load(by_src_pair + q)
-        j = tl.load(tgt_P + p)
+        j = tl.load(pair_tgt + p)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D

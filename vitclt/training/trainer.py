@@ -127,12 +127,13 @@ class Trainer:
         """Raise `TrainingError` naming the first step, layer and transcoder that saw NaN/inf since the last check."""
         if not self._flags:
             return
-        flags_SRL = torch.stack(self._flags).cpu()
+        # (checked step, flag row, layer): rows 0-1 the batch's x and y, then FVU and loss of each transcoder.
+        flags = torch.stack(self._flags).cpu()
         steps = self._flag_steps
         self._flags, self._flag_steps = [], []
-        if not flags_SRL.any():
+        if not flags.any():
             return
-        i, row, layer = (int(v) for v in torch.nonzero(flags_SRL)[0])
+        i, row, layer = (int(v) for v in torch.nonzero(flags)[0])
         if row < 2:
             what = f"the input batch has NaN/inf {'LN2 outputs' if row == 0 else 'MLP outputs'} at layer {layer}"
             hint = "check the backbone and --dtype (float16 activations can overflow)"
