@@ -30,8 +30,7 @@ class EvalConfig:
     eval_images: int | None = None
     """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
     templates: str | None = None
-    """Prompt templates of a zero-shot head: a file (one per line, with {}) or a shipped set: cifar100, imagenet,
-    imagenet7, coco."""
+    """Prompt templates (zero-shot head): a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names (one per line, label order); default: the dataset's shipped names."""
     allow_backbone_mismatch: bool = False

@@ -61,8 +61,7 @@ class ReproduceConfig:
     stream: Annotated[StreamConfig, OmitArgPrefixes] = field(default_factory=StreamConfig)
     """Activation stream."""
     evaluation: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
-    """What the evaluation measures, and its task head (a linear probe is fitted on --probe-split, by default on
-    as many images as training used: --max-images)."""
+    """What the evaluation measures, and its task head (a probe fits on --probe-split, by default on at most --max-images)."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=RuntimeConfig)
     """Device, threads, image decoding, seed, progress bars."""
     out: Path = Path("runs/reproduce")

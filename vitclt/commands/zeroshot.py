@@ -24,8 +24,7 @@ class ZeroShotConfig:
     split: str = "test"
     """Split to evaluate: test (= val, the held-out labelled split) or train."""
     templates: str | None = None
-    """Prompt templates of a zero-shot head: a file (one per line, with {}) or a shipped set: cifar100, imagenet,
-    imagenet7, coco."""
+    """Prompt templates (zero-shot head): a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names, one per line in label order; default: the dataset's shipped names."""
     max_images: int | None = None

@@ -49,18 +49,15 @@ class EvalOptions:
     windows: tuple[str, ...] = ()
     """Replacement windows: START-END, a layer N, all, or last:N (e.g. 0-11 3-11 last:2); default: the paper's, scaled."""
     replace_tokens: tuple[TokenSet, ...] | None = None
-    """Token subsets whose MLP outputs each window's cascaded replacement replaces; default: cls patches all (no cls
-    on a model without a CLS token, e.g. SigLIP)."""
+    """Token subsets each window's cascaded replacement replaces; default: cls patches all (no cls without a CLS token)."""
     faith_tokens: tuple[TokenSet, ...] | None = None
-    """Token subsets whose last-layer reconstruction the faithfulness edits replace; default: all cls (all only
-    without a CLS token)."""
+    """Token subsets whose last-layer reconstruction the faithfulness edits replace; default: all cls (no cls without one)."""
     top_k: int | None = None
     """Sources kept for sufficiency; default: L/3 rounded (4 for 12 layers)."""
     seeds: int = 5
     """Seeds for the faithfulness random-source controls."""
     retrieval_pool: Literal["cls", "patches"] | None = None
-    """Retrieval vector: the CLS token's code, or the mean of the patch tokens' codes; default: cls (patches without
-    a CLS token)."""
+    """Retrieval vector: the CLS token's code, or the mean of the patch tokens' codes; default: cls (without one: patches)."""
     retrieval_k: int = 5
     """Neighbours counted by label precision@k."""
     retrieval_queries: int = 1
