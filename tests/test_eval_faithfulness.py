@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vitclt.backbones.heads import ZeroShotHead
 from vitclt.eval.faithfulness import EDITS, default_top_k, edit_name, faithfulness_settings, plan_edits, summarize
 from vitclt.eval.replacement import CascadedReplacement, GridBatch, ReplacementGrid, encode_rows
 
@@ -86,8 +87,8 @@ def test_settings_and_summary_fit_together(tiny_backbone):
     rankings = {"all": [2, 0, 1], "cls": [1, 2, 0]}
     settings, plans = faithfulness_settings("m", tc, bb, rankings, k=1, seeds=[0, 1])
     assert len(settings) == 2 * (4 + 2 * 2)
-    classifier = torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
-    grid = ReplacementGrid(bb, classifier, settings)
+    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1))
+    grid = ReplacementGrid(bb, head, settings)
     pixels = bb.preprocess(random_images(4, seed=6))
     grid.update(GridBatch(pixels, torch.tensor([0, 1, 2, 0]), {}))
     out = summarize("m", grid.top1(), plans, 50.0, rankings, {t: [0.2, 0.3, 0.5] for t in rankings}, 1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vitclt.backbones import Replacement
+from vitclt.backbones.heads import ZeroShotHead
 from vitclt.errors import ConfigError
 from vitclt.eval.replacement import (
     CascadedReplacement,
@@ -79,7 +80,7 @@ def test_one_window_grammar_for_windows_and_ablated_layers():
 
 def test_true_mlp_output_gives_clean_accuracy_in_every_setting(tiny_backbone, pixels):
     bb = tiny_backbone
-    classifier = torch.nn.functional.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=-1))
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     identity = lambda layer, x, y: y  # noqa: E731
     settings = [clean_setting()]
@@ -87,7 +88,7 @@ def test_true_mlp_output_gives_clean_accuracy_in_every_setting(tiny_backbone, pi
         for t in TOKENS:
             settings.append(Setting(f"id/{w.label}/{t}", lambda codes, w=w, t=t: Replacement(identity, w.layers, t)))
             settings.append(zero_setting(f"zero/{w.label}/{t}", w, t))
-    grid = ReplacementGrid(bb, classifier, settings)
+    grid = ReplacementGrid(bb, head, settings)
     grid.update(GridBatch(pixels, labels, {}))
     top1 = grid.top1()
     assert all(v == top1["clean"] for k, v in top1.items() if k.startswith("id/"))
@@ -177,15 +178,15 @@ def test_plt_and_sae_replace_from_their_own_layer(tiny_backbone, pixels, topolog
 
 def test_grid_runs_transcoder_settings_with_clean_codes(tiny_backbone, pixels):
     bb, tc = tiny_backbone, make_transcoder()
-    classifier = torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=-1))
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     _, cap = _clean(bb, pixels)
     clean_codes = [encode_rows(tc, layer, cap.inputs[layer], cap.outputs[layer]) for layer in range(bb.n_layers)]
     settings = [transcoder_setting(f"{w.label}/{t}", tc, bb, w, t) for w in default_windows(3) for t in TOKENS]
-    grid = ReplacementGrid(bb, classifier, settings)
+    grid = ReplacementGrid(bb, head, settings)
     grid.update(GridBatch(pixels, labels, {id(tc): clean_codes}))
     grid.update(GridBatch(pixels, labels, {}))  # without clean codes the transcoder encodes itself
     top1 = grid.top1()
     assert grid.n == 12 and set(top1) == {s.key for s in settings}
     with pytest.raises(ValueError, match="duplicate"):
-        ReplacementGrid(bb, classifier, settings + settings[:1])
+        ReplacementGrid(bb, head, settings + settings[:1])

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from vitclt.cli import parse
 from vitclt.commands.reproduce import PAPER_MODELS, ReproduceConfig, run
-from vitclt.eval.options import EvalOptions
+from vitclt.eval.options import EvalOptions, HeadOptions
 from vitclt.nn import TranscoderConfig
 from vitclt.runtime import RuntimeConfig
 from vitclt.training.config import OptimConfig, SweepConfig
@@ -35,6 +36,17 @@ def test_quick_caps_the_sizes():
     cfg = ReproduceConfig(quick=True, max_images=96, optim=OptimConfig(steps=1000)).sized()
     assert (cfg.max_images, cfg.optim.steps, cfg.eval_images, cfg.evaluation.seeds, cfg.quick) == (96, 100, 160, 2, False)
     assert ReproduceConfig().sized() == ReproduceConfig()
+
+
+def test_one_head_flag_for_eval_reproduce_and_zeroshot_and_the_studys_probe_sees_its_training_images():
+    flags = ["--head", "probe", "--probe-split", "val", "--probe-images", "7"]
+    tasks = {"eval": parse(["eval", "run", *flags])[1].options.task,
+             "reproduce": parse(["reproduce", *flags])[1].evaluation.task,
+             "zeroshot": parse(["zeroshot", *flags])[1].task}
+    assert all(t == HeadOptions(head="probe", probe_split="val", probe_images=7) for t in tasks.values()), tasks
+    assert ReproduceConfig(max_images=50).eval_config().options.task.probe_images == 50
+    explicit = EvalOptions(task=HeadOptions(head="probe", probe_images=7))
+    assert ReproduceConfig(max_images=50, evaluation=explicit).eval_config().options.task.probe_images == 7
 
 
 @pytest.mark.slow

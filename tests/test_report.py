@@ -81,7 +81,7 @@ def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, f
     assert sorted(p.name for p in (out / "figures").iterdir())[:3] == ["contributions_clt-jumprelu.png",
                                                                       "contributions_clt-relu-topk.png",
                                                                       "faithfulness_clt-jumprelu.png"]
-    assert "CLIP reads the image embedding from the CLS token after the last block" in html
+    assert "reads its image embedding from the CLS token after the last block" in html
     # The printed headline table and the report's carry the numbers of metrics.json.
     table = headline(metrics)
     assert headline_table(metrics) in printed

@@ -1,4 +1,4 @@
-"""Zero-shot classification equals an independent computation of CLIP's protocol."""
+"""Classification under a task head: zero-shot equals an independent computation of CLIP's protocol."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vitclt.backbones import Replacement
+from vitclt.backbones.heads import zero_shot_head
 from vitclt.cli import main
 from vitclt.data.datasets import load_dataset
 from vitclt.eval.zeroshot import build_classifier, evaluate, zero_mlp
@@ -48,8 +49,8 @@ def _reference_top1(bb, images, labels, classnames, templates) -> float:
 def test_zeroshot_accuracy_equals_an_independent_computation(tiny_backbone, folder):
     ds = load_dataset(f"folder:{folder}")
     images, labels = zip(*[ds[i] for i in range(len(ds))])
-    classifier = build_classifier(tiny_backbone, ds.classnames, TEMPLATES)
-    got = evaluate(tiny_backbone, ds, classifier, images_per_forward=5, progress=False)
+    head = zero_shot_head(tiny_backbone, ds.classnames, TEMPLATES)
+    got = evaluate(tiny_backbone, ds, head, images_per_forward=5, progress=False)
     assert got.n_images == 24
     assert got.top1 == pytest.approx(_reference_top1(tiny_backbone, list(images), labels, ds.classnames, TEMPLATES))
     assert got.top1 <= got.top5 <= 100
@@ -57,9 +58,9 @@ def test_zeroshot_accuracy_equals_an_independent_computation(tiny_backbone, fold
 
 def test_identity_replacement_gives_the_clean_accuracy_and_zeroing_changes_embeddings(tiny_backbone, folder):
     ds = load_dataset(f"folder:{folder}")
-    classifier = build_classifier(tiny_backbone, ds.classnames, TEMPLATES)
-    clean = evaluate(tiny_backbone, ds, classifier, progress=False)
-    same = evaluate(tiny_backbone, ds, classifier, replacement=Replacement(lambda layer, x, y: y, [0, 1, 2]), progress=False)
+    head = zero_shot_head(tiny_backbone, ds.classnames, TEMPLATES)
+    clean = evaluate(tiny_backbone, ds, head, progress=False)
+    same = evaluate(tiny_backbone, ds, head, replacement=Replacement(lambda layer, x, y: y, [0, 1, 2]), progress=False)
     assert same == clean
     px = tiny_backbone.preprocess([ds[i][0] for i in range(4)])
     with tiny_backbone.replace(zero_mlp, [0, 1, 2]):

@@ -30,13 +30,13 @@ class EvalConfig:
     eval_images: int | None = None
     """Evaluate on a class-stratified subset of this many images (default: the whole split)."""
     templates: str | None = None
-    """Prompt templates: a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
+    """Prompt templates (zero-shot head): a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
     """File of class names (one per line, label order); default: the dataset's shipped names."""
     allow_backbone_mismatch: bool = False
     """Evaluate transcoders trained on other weights of the same shape (their fingerprint differs); the report marks them."""
     options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
-    """What the suite measures: windows, tokens, faithfulness and retrieval settings."""
+    """What the suite measures: task head, windows, tokens, faithfulness and retrieval settings."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
     """Device, threads, image decoding, seed (of the subset, the random controls and the retrieval queries), progress bars."""
     out: Path | None = None
@@ -49,7 +49,7 @@ class EvalConfig:
 
 
 def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict:
-    """metrics.json's description of the zero-shot protocol: the data, its classes and prompts."""
+    """metrics.json's description of the task: the data, its classes and (for a zero-shot head) prompts."""
     return {
         "spec": cfg.dataset, "name": getattr(dataset, "name", cfg.dataset), "split": cfg.split,
         "n_images": len(dataset), "n_classes": len(dataset.classnames),
@@ -72,7 +72,8 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     from vitclt.data.prompts import get_templates
     from vitclt.eval.metric_keys import check_metric_keys
     from vitclt.eval.suite import backbone_spec, evaluate_suite, find_transcoders, load_transcoders
-    from vitclt.eval.zeroshot import build_classifier, dataset_templates
+    from vitclt.eval.task import task_head
+    from vitclt.eval.zeroshot import dataset_templates
     from vitclt.io import jsonable, write_json
     from vitclt.report.html import write_report
     from vitclt.report.summary import headline_table
@@ -87,9 +88,18 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
         print(f"note: {dataset.split_note}")
     templates = get_templates(cfg.templates) if cfg.templates else dataset_templates(dataset)
     backbone = load_backbone(backbone_spec(paths, cfg.backbone), device=device)
+    options, note = cfg.options.for_backbone(backbone.has_cls_token, backbone.name)
+    if note:
+        print(f"note: {note}")
     transcoders = load_transcoders(paths, backbone, cfg.allow_backbone_mismatch)
-    classifier = build_classifier(backbone, dataset.classnames, templates)
-    suite = evaluate_suite(backbone, dataset, classifier, transcoders, cfg.options, cfg.runtime, paths)
+    # The head is built once from the clean model, before any replacement (a probe: on the training split).
+    task = task_head(backbone, dataset, templates, options.task, cfg.dataset, cfg.split, cfg.runtime, cfg.classnames)
+    print(task.note)
+    if task.kind != "zeroshot":
+        templates = []
+    suite = evaluate_suite(backbone, dataset, task.head, transcoders, options, cfg.runtime, paths)
+    suite["baseline"] = {"head": task.kind, "probe_split": task.probe_split, "probe_images": task.probe_images,
+                         **suite["baseline"]}
     # Link each transcoder to its feature browser when `vitclt browse` (or reproduce) built one in RUN_DIR/browser.
     pages = browser_pages(Path(cfg.run_dir) / "browser")
     for name, entry in suite["transcoders"].items():

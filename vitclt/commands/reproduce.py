@@ -38,7 +38,7 @@ class ReproduceConfig:
     """`vitclt reproduce`: train JumpReLU / ReLU-TopK / Abs-TopK CLTs plus PLT and SAE baselines, evaluate all, report."""
 
     backbone: str = "demo"
-    """Backbone: a hub id (openai/clip-vit-base-patch32), a local CLIPModel directory, or `demo`."""
+    """Backbone: a hub id (openai/clip-vit-base-patch32), a local model directory or checkpoint, or `demo`."""
     dataset: str = "demo"
     """Dataset spec for training and evaluation, e.g. cifar100:/data/cifar-100-python."""
     train_split: str = "train"
@@ -61,7 +61,7 @@ class ReproduceConfig:
     stream: Annotated[StreamConfig, OmitArgPrefixes] = field(default_factory=StreamConfig)
     """Activation stream."""
     evaluation: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
-    """What the evaluation measures."""
+    """What the evaluation measures, and its task head (a probe fits on --probe-split, by default on at most --max-images)."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=RuntimeConfig)
     """Device, threads, image decoding, seed, progress bars."""
     out: Path = Path("runs/reproduce")
@@ -100,11 +100,16 @@ class ReproduceConfig:
                            overwrite=self.overwrite)
 
     def eval_config(self):
-        """The evaluation of every trained model on the held-out split, into OUT/eval."""
+        """The evaluation of every trained model on the held-out split, into OUT/eval (a linear probe, where the
+        backbone needs one, on at most as many training images as the transcoders saw)."""
         from vitclt.commands.eval import EvalConfig
 
+        task = self.evaluation.task
+        if task.probe_images is None:
+            task = dataclasses.replace(task, probe_images=self.max_images)
         return EvalConfig(run_dir=self.out / "train", dataset=self.dataset, split=self.eval_split, backbone=self.backbone,
-                          eval_images=self.eval_images, options=self.evaluation, runtime=self.runtime, out=self.out / "eval")
+                          eval_images=self.eval_images, options=dataclasses.replace(self.evaluation, task=task),
+                          runtime=self.runtime, out=self.out / "eval")
 
 
 def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None:

@@ -1,7 +1,8 @@
 """Every key of metrics.json with its meaning: the source of docs/metrics.md and of its check.
 
 A key is a dotted path; `<...>` segments stand for every key at that level: `<name>` a transcoder
-(its directory name), `<group>` a token group (cls, patches, all), `<window>` a replacement window
+(its directory name), `<group>` a token group (those of `token_groups`: cls, patches, all, without cls
+on a model without a CLS token), `<window>` a replacement window
 ("3-11"), `<tokens>` a replaced token subset, `<metric>` a reconstruction metric, `<edit>` a
 faithfulness edit. Keys marked CLT-only exist only for cross-layer transcoders.
 """
@@ -36,27 +37,35 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("backbone.name", "backbone spec the model was loaded from"),
     MetricKey("backbone.n_layers", "number of transformer blocks L"),
     MetricKey("backbone.d_model", "residual width D"),
-    MetricKey("backbone.n_tokens", "sequence length T (CLS + patches)"),
+    MetricKey("backbone.n_tokens", "sequence length T (prefix tokens: CLS and any registers, then patches)"),
     MetricKey("backbone.fingerprint", "digest of the backbone's image-path weights (`Backbone.fingerprint`)"),
     MetricKey("dataset.spec", "dataset spec as passed to --dataset"),
     MetricKey("dataset.name", "the dataset's own name"),
     MetricKey("dataset.split", "split evaluated (test = held-out)"),
     MetricKey("dataset.n_images", "images evaluated"),
-    MetricKey("dataset.n_classes", "number of classes of the zero-shot classifier"),
-    MetricKey("dataset.classnames", "class names in label order, as put into the prompts"),
-    MetricKey("dataset.templates", "prompt templates; class vectors are the renormalised mean over templates"),
+    MetricKey("dataset.n_classes", "number of classes of the task head"),
+    MetricKey("dataset.classnames", "class names in label order (as put into the prompts of a zero-shot head)"),
+    MetricKey("dataset.templates", "prompt templates of a zero-shot head (class vectors are the renormalised mean over "
+              "templates); empty for other heads"),
     MetricKey("dataset.subset", "how the images were chosen (whole split, or a class-stratified subset and its seed)"),
     MetricKey("dataset.split_note", "how the split was made when the data has none of its own (e.g. a held-out share of "
               "a flat folder); empty otherwise"),
-    MetricKey("config", "the eval configuration: every `vitclt eval` flag, nested by group (`options`, `runtime`)"),
+    MetricKey("config", "the eval configuration: every `vitclt eval` flag, nested by group (`options` with its `task`, "
+              "`runtime`)"),
     MetricKey("context", "extra context of the run, e.g. the training settings from `vitclt reproduce` (may be empty)"),
-    MetricKey("baseline.top1", "zero-shot top-1 (%) of the clean model"),
-    MetricKey("baseline.top5", "zero-shot top-5 (%) of the clean model"),
+    MetricKey("baseline.head", "the task head every accuracy is measured with: zeroshot (text tower), own (the "
+              "checkpoint's classifier) or probe (a linear probe fitted on the clean embeddings of the training split)"),
+    MetricKey("baseline.probe_split", "split the probe was fitted on (null unless the head is a probe)"),
+    MetricKey("baseline.probe_images", "images the probe was fitted on (null unless the head is a probe)"),
+    MetricKey("baseline.top1", "top-1 (%) of the clean model under the task head (for a probe: the probe's accuracy)"),
+    MetricKey("baseline.top5", "top-5 (%) of the clean model under the task head"),
     MetricKey("baseline.n_images", "images the accuracies are over"),
-    MetricKey("baseline.embedding_precision_at_k", "label precision@k of retrieval by the clean model's final image "
-              "embedding (a reference for the per-layer code retrieval)"),
+    MetricKey("baseline.embedding_precision_at_k", "label precision@k of retrieval by the cosine of the clean model's "
+              "final image embeddings (a reference for the per-layer code retrieval)"),
+    MetricKey("token_groups", "token groups reconstruction and contribution scores are reported for: cls, patches, all "
+              "(no cls on a model without a CLS token, e.g. SigLIP)"),
     MetricKey("windows", "replacement windows evaluated, as `start-end` labels"),
-    MetricKey("tokens", "token subsets replaced in the cascade"),
+    MetricKey("tokens", "token subsets replaced in the cascade (the default leaves out cls on a model without a CLS token)"),
     MetricKey("zero_ablation.<window>.<tokens>", "top-1 (%) with the MLP outputs of the window zeroed at those "
               "tokens: the control"),
     MetricKey(f"{TC}.path", "the transcoder's directory"),
@@ -73,12 +82,13 @@ METRIC_KEYS: list[MetricKey] = [
               "on clean activations"),
     MetricKey(f"{REC}.per_layer.<metric>", "the metric per layer (list of L)"),
     MetricKey(f"{REC}.n_tokens", "tokens of the group the metrics are over"),
-    MetricKey(f"{REP}.top1", "zero-shot top-1 (%) with the window's MLP outputs at those tokens replaced by the "
+    MetricKey(f"{REP}.top1", "top-1 (%) with the window's MLP outputs at those tokens replaced by the "
               "cascaded reconstruction"),
     MetricKey(f"{REP}.delta_baseline", "top1 minus the clean top-1 (percentage points)"),
     MetricKey(f"{REP}.recovered", "(top1 − zero-ablation top1) / (clean − zero-ablation top1): share of the "
               "ablation's loss the transcoder recovers (null if ablation costs nothing)"),
-    MetricKey(f"{RET}.pool", "retrieval vector: cls (the CLS token's dense code) or patches (mean patch code)"),
+    MetricKey(f"{RET}.pool", "retrieval vector: cls (the CLS token's dense code) or patches (mean patch code; the "
+              "default without a CLS token)"),
     MetricKey(f"{RET}.k", "neighbours counted by precision@k"),
     MetricKey(f"{RET}.precision_at_k", "per layer: mean fraction of an image's k nearest neighbours (cosine of codes) "
               "sharing its label"),
@@ -113,10 +123,11 @@ METRIC_KEYS: list[MetricKey] = [
 """Every documented key of metrics.json."""
 
 FIXED = {"<group>": TOKEN_SETS, "<metric>": METRICS, "<edit>": EDITS}
-"""Placeholders whose values are fixed; the others stand for whatever keys are present."""
+"""Placeholders whose values are fixed (`<group>`: those `token_groups` lists); the others stand for whatever keys
+are present."""
 
 
-def _expand(node, parts: list[str], path: str, out: list[str]) -> None:
+def _expand(node, parts: list[str], path: str, out: list[str], fixed: dict = FIXED) -> None:
     """Append to `out` every concrete path of `parts` (below `path`) that `node` lacks."""
     if not parts:
         return
@@ -125,12 +136,12 @@ def _expand(node, parts: list[str], path: str, out: list[str]) -> None:
     if not isinstance(node, dict):
         out.append(where)
         return
-    keys = list(FIXED[head]) if head in FIXED else list(node) if head.startswith("<") else [head]
+    keys = list(fixed[head]) if head in fixed else list(node) if head.startswith("<") else [head]
     if not keys:
         out.append(where)
     for key in keys:
         if key in node:
-            _expand(node[key], rest, f"{path}.{key}", out)
+            _expand(node[key], rest, f"{path}.{key}", out, fixed)
         else:
             out.append(f"{path}.{key}".lstrip("."))
 
@@ -138,15 +149,17 @@ def _expand(node, parts: list[str], path: str, out: list[str]) -> None:
 def check_metric_keys(metrics: dict) -> list[str]:
     """Documented keys missing from `metrics` (as concrete paths); empty when all are there."""
     missing: list[str] = []
+    groups = metrics.get("token_groups")
+    fixed = {**FIXED, "<group>": groups} if isinstance(groups, list) and groups else FIXED
     clts = {n: e for n, e in metrics.get("transcoders", {}).items() if isinstance(e, dict) and e.get("topology") == "clt"}
     for mk in METRIC_KEYS:
         parts = mk.key.split(".")
         if mk.clt_only:
             # CLT-only keys live under transcoders.<name>: check them for the CLTs only.
             for name, entry in clts.items():
-                _expand(entry, parts[2:], f"transcoders.{name}", missing)
+                _expand(entry, parts[2:], f"transcoders.{name}", missing, fixed)
         else:
-            _expand(metrics, parts, "", missing)
+            _expand(metrics, parts, "", missing, fixed)
     return missing
 
 

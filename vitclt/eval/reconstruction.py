@@ -101,6 +101,9 @@ class ReconstructionAccumulator:
         return out
 
 
-def token_groups(backbone, groups: Sequence[str] = TOKEN_SETS) -> dict[str, slice | Tensor]:
-    """Positions of each named token group in the backbone's sequence."""
+def token_groups(backbone, groups: Sequence[str] | None = None) -> dict[str, slice | Tensor]:
+    """Positions of each named token group in the backbone's sequence; default: every group it has
+    (`TOKEN_SETS`, without "cls" on a model without a CLS token)."""
+    if groups is None:
+        groups = [g for g in TOKEN_SETS if g != "cls" or backbone.has_cls_token]
     return {g: backbone.token_index(g) for g in groups}

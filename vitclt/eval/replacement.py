@@ -1,4 +1,4 @@
-"""Cascaded replacement: zero-shot accuracy with MLP outputs replaced by a transcoder's reconstruction.
+"""Cascaded replacement: accuracy under the task head with MLP outputs replaced by a transcoder's reconstruction.
 
 A window of layers `start→end` and a token subset (`cls`, `patches`, `all`) are replaced. Inside the
 window the transcoder encodes the *replaced* model's own LN2 outputs as the forward proceeds, so
@@ -16,12 +16,13 @@ from typing import NamedTuple
 from torch import Tensor
 
 from vitclt.backbones import Backbone, Replacement
+from vitclt.backbones.heads import TaskHead
 from vitclt.eval.windows import Window, default_windows
-from vitclt.eval.zeroshot import embed_images, topk_correct, zero_mlp
+from vitclt.eval.zeroshot import embed_images, zero_mlp
 from vitclt.nn import LayerCodes, Transcoder
 
 TOKEN_SETS = ("cls", "patches", "all")
-"""The token subsets the paper replaces and attributes separately."""
+"""The token subsets the paper replaces and attributes separately (no "cls" on a model without a CLS token)."""
 
 __all__ = ["TOKEN_SETS", "CascadedReplacement", "GridBatch", "ReplacementGrid", "Setting", "Window", "clean_setting",
            "default_windows", "encode_rows", "reads_output", "select_rows", "transcoder_setting", "zero_setting"]
@@ -92,7 +93,7 @@ MakeReplacement = Callable[[list[LayerCodes] | None], Replacement | None]
 
 
 class Setting(NamedTuple):
-    """One zero-shot run of the grid: its key and how it builds its replacement for a batch.
+    """One accuracy run of the grid: its key and how it builds its replacement for a batch.
 
     `key` is any hashable value that names the setting in `ReplacementGrid.top1()`, e.g. a tuple
     (transcoder name, `Window`, tokens). `make(clean_codes)` gets the clean forward's codes of the
@@ -137,14 +138,18 @@ class GridBatch(NamedTuple):
 
 
 class ReplacementGrid:
-    """Top-1 counts of many settings, accumulated batch by batch (one forward per setting)."""
+    """Top-1 counts of many settings under one task head, accumulated batch by batch (one forward per setting).
 
-    def __init__(self, backbone: Backbone, classifier_CP: Tensor, settings: Sequence[Setting]):
+    The head is built from the clean model before the grid runs and stays fixed: only the image
+    embeddings move under a setting's replacement.
+    """
+
+    def __init__(self, backbone: Backbone, head: TaskHead, settings: Sequence[Setting]):
         keys = [s.key for s in settings]
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate setting keys in the replacement grid: {keys}")
         self.backbone = backbone
-        self.classifier_CP = classifier_CP
+        self.head = head
         self.settings = list(settings)
         self.correct = dict.fromkeys(keys, 0)
         self.n = 0
@@ -154,7 +159,7 @@ class ReplacementGrid:
         for s in self.settings:
             codes = batch.clean_codes.get(id(s.transcoder)) if s.transcoder is not None else None
             emb_BP = embed_images(self.backbone, batch.pixels_BCHW, s.make(codes))
-            hit1, _ = topk_correct(emb_BP, self.classifier_CP, batch.labels_B, k=1)
+            hit1, _ = self.head.correct(emb_BP, batch.labels_B, k=1)
             self.correct[s.key] += int(hit1.sum())
         self.n += len(batch.labels_B)
 

@@ -3,7 +3,8 @@
 Two passes over the eval set, each looping over image batches outermost (a batch is decoded and
 preprocessed once per pass):
 
-1. the clean forward (with capture) gives the baseline accuracy and every transcoder's codes,
+1. the clean forward (with capture) gives the baseline accuracy under the task head (built once from
+   the clean model, before this, and fixed) and every transcoder's codes,
    from which reconstruction metrics, contribution scores and the retrieval gallery accumulate;
    then every replacement setting (window × tokens, per transcoder, plus the zero-ablation
    control) runs one forward on the same pixels;
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone
+from vitclt.backbones.heads import TaskHead
 from vitclt.data.batches import image_batches
 from vitclt.errors import ConfigError, InputNotFoundError
 from vitclt.eval.attribution import ContributionAccumulator, rank_sources
@@ -37,7 +39,6 @@ from vitclt.eval.reconstruction import ReconstructionAccumulator, token_groups
 from vitclt.eval.replacement import GridBatch, ReplacementGrid, encode_rows, transcoder_setting, zero_setting
 from vitclt.eval.retrieval import CodeGallery, evaluate_retrieval, precision_at_k
 from vitclt.eval.windows import Window, default_windows, parse_windows
-from vitclt.eval.zeroshot import topk_correct
 from vitclt.io import jsonable
 from vitclt.nn import Transcoder
 from vitclt.nn.hub import resolve_source
@@ -157,11 +158,11 @@ class CleanPass(NamedTuple):
     grid_top1: dict[str, float]
 
 
-def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
+def _clean_pass(backbone: Backbone, dataset, head: TaskHead, transcoders: dict[str, Transcoder],
                 windows: list[Window], options: EvalOptions, runtime: RuntimeConfig) -> CleanPass:
     """Pass 1: per batch, the clean forward, every accumulator, and every replacement setting."""
     L, T = backbone.n_layers, backbone.n_tokens
-    groups = token_groups(backbone)
+    groups = token_groups(backbone)  # without cls where the model has no CLS token
     recon = {n: ReconstructionAccumulator(L, backbone.d_model, tc.n_features, groups, backbone.device)
              for n, tc in transcoders.items()}
     attrib = {n: ContributionAccumulator(L, T, groups) for n, tc in transcoders.items() if tc.cfg.topology == "clt"}
@@ -170,7 +171,7 @@ def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transc
     settings = [zero_setting(ReplaceKey(None, w, t), w, t) for w in windows for t in options.replace_tokens]
     settings += [transcoder_setting(ReplaceKey(n, w, t), tc, backbone, w, t)
                  for n, tc in transcoders.items() for w in windows for t in options.replace_tokens]
-    grid = ReplacementGrid(backbone, classifier_CP, settings)
+    grid = ReplacementGrid(backbone, head, settings)
     n1 = n5 = n = 0
     embeds = []
     bar = tqdm(total=len(dataset), desc=f"eval 1/2 ({len(settings)} replacement settings)", unit="img",
@@ -179,7 +180,7 @@ def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transc
         pixels = backbone.preprocess(images)
         with backbone.capture() as cap:
             emb_BP = backbone.image_embeds(pixels)
-        hit1, hit5 = topk_correct(emb_BP, classifier_CP, labels_B)
+        hit1, hit5 = head.correct(emb_BP, labels_B)
         n1, n5, n = n1 + int(hit1.sum()), n5 + int(hit5.sum()), n + len(labels_B)
         embeds.append(emb_BP.cpu())
         x_BTLD, y_BTLD = cap.x_BTLD(), cap.y_BTLD()
@@ -198,7 +199,7 @@ def _clean_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transc
     return CleanPass(100 * n1 / n, 100 * n5 / n, n, torch.cat(embeds), recon, attribution, gallery, grid.top1())
 
 
-def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor, clts: dict[str, Transcoder],
+def _faithfulness_pass(backbone: Backbone, dataset, head: TaskHead, clts: dict[str, Transcoder],
                        attribution: dict[str, dict], baseline: float, options: EvalOptions,
                        runtime: RuntimeConfig) -> dict[str, dict]:
     """Pass 2: rank each CLT's sources by pass 1's scores and run every edit; metrics.json's blocks."""
@@ -213,7 +214,7 @@ def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor,
         scores[name] = {t: [row[last] for row in attribution[name][t]["matrix"]] for t in options.faith_tokens}
         mine, plans[name] = faithfulness_settings(name, tc, backbone, rankings[name], k, seeds)
         settings += mine
-    grid = ReplacementGrid(backbone, classifier_CP, settings)
+    grid = ReplacementGrid(backbone, head, settings)
     bar = tqdm(total=len(dataset), desc=f"eval 2/2 ({len(settings)} faithfulness edits)", unit="img",
                disable=not runtime.progress)
     for images, labels_B in image_batches(dataset, runtime.images_per_forward, workers=runtime.workers):
@@ -229,22 +230,27 @@ def _faithfulness_pass(backbone: Backbone, dataset, classifier_CP: torch.Tensor,
 
 
 @torch.inference_mode()
-def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, transcoders: dict[str, Transcoder],
+def evaluate_suite(backbone: Backbone, dataset, head: TaskHead, transcoders: dict[str, Transcoder],
                    options: EvalOptions, runtime: RuntimeConfig, paths: dict[str, Path] | None = None) -> dict:
-    """Every metric of the suite for `transcoders` on `dataset`: metrics.json's dict without the run's
-    description (`run_dir`, `dataset`, `config`, `context`, which the command adds)."""
-    options.validate()
+    """Every metric of the suite for `transcoders` on `dataset`, accuracies under `head` (built from the clean
+    model, e.g. by `vitclt.eval.task.task_head`): metrics.json's dict without the run's description (`run_dir`,
+    `dataset`, `config`, `context`, and the probe's split and size, which the command adds).
+
+    Token choices left to their defaults in `options` are filled in for the backbone (`EvalOptions.for_backbone`).
+    """
+    options, _ = options.for_backbone(backbone.has_cls_token, backbone.name)
     if len(dataset) < 2:
         raise ConfigError("the eval set needs at least two images (retrieval compares images with each other): "
                           "use a larger --eval-images or dataset")
     windows = parse_windows(options.windows, backbone.n_layers) if options.windows else default_windows(backbone.n_layers)
     t0 = time.perf_counter()
-    clean = _clean_pass(backbone, dataset, classifier_CP, transcoders, windows, options, runtime)
+    clean = _clean_pass(backbone, dataset, head, transcoders, windows, options, runtime)
     t1 = time.perf_counter()
     clts = {name: tc for name, tc in transcoders.items() if tc.cfg.topology == "clt"}
-    faithfulness = _faithfulness_pass(backbone, dataset, classifier_CP, clts, clean.attribution, clean.top1, options, runtime)
+    faithfulness = _faithfulness_pass(backbone, dataset, head, clts, clean.attribution, clean.top1, options, runtime)
     t2 = time.perf_counter()
 
+    # Cosine, so normalised: DINOv2's and timm's embeddings are not (CLIP's and SigLIP's already are).
     emb_precision = precision_at_k(F.normalize(clean.embeds_NP.float(), dim=-1), next(iter(clean.gallery.values())).labels_N,
                                    options.retrieval_k)
     top1 = clean.grid_top1
@@ -253,8 +259,9 @@ def evaluate_suite(backbone: Backbone, dataset, classifier_CP: torch.Tensor, tra
         "schema": SCHEMA,
         "backbone": {"name": backbone.name, "n_layers": backbone.n_layers, "d_model": backbone.d_model,
                      "n_tokens": backbone.n_tokens, "fingerprint": backbone.fingerprint},
-        "baseline": {"top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images,
+        "baseline": {"head": head.kind, "top1": clean.top1, "top5": clean.top5, "n_images": clean.n_images,
                      "embedding_precision_at_k": emb_precision},
+        "token_groups": list(token_groups(backbone)),
         "windows": [w.label for w in windows],
         "tokens": list(options.replace_tokens),
         "zero_ablation": {w.label: {t: zero[w, t] for t in options.replace_tokens} for w in windows},

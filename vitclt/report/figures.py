@@ -17,6 +17,8 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vitclt.report.summary import accuracy_label  # noqa: E402
+
 TOKEN_STYLE = {"cls": ("tab:blue", "o"), "patches": ("tab:orange", "s"), "all": ("tab:green", "^")}
 """Colour and marker per token subset, shared by every figure."""
 
@@ -56,7 +58,7 @@ def replacement_figure(metrics: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    axes[0, 0].set_ylabel("zero-shot top-1 (%)")
+    axes[0, 0].set_ylabel(f"{accuracy_label(metrics)} top-1 (%)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], ls="--", color="grey"))
     labels.append("zero-ablation control")
@@ -65,8 +67,10 @@ def replacement_figure(metrics: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def contribution_figure(name: str, attribution: dict, path: Path, groups: Sequence[str] = ("cls", "patches")) -> Path:
-    """C_proj heatmaps (source × target), diverging colours centred at 0 (blue = destructive)."""
+def contribution_figure(name: str, attribution: dict, path: Path, groups: Sequence[str] | None = None) -> Path:
+    """C_proj heatmaps (source × target), diverging colours centred at 0 (blue = destructive); by default of the
+    CLS token and the patches (the patches alone on a model without a CLS token, where they are all tokens)."""
+    groups = groups or [g for g in attribution if g != "all"]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups) + 1, 4.6), squeeze=False, layout="constrained")
     lim = max(max(float(np.abs(np.array(attribution[g]["matrix"])).max()) for g in groups), 1e-6)
     for ax, group in zip(axes[0], groups):
@@ -90,10 +94,10 @@ def contribution_figure(name: str, attribution: dict, path: Path, groups: Sequen
 
 
 def reconstruction_figure(metrics: dict, path: Path, names: Sequence[str] | None = None) -> Path:
-    """Per-layer R², cosine and MSE (rows) for CLS, patches and all tokens (columns), a line per transcoder."""
+    """Per-layer R², cosine and MSE (rows) per token group (columns: CLS, patches, all), a line per transcoder."""
     names = list(names or metrics["transcoders"])
     shown = ("r2", "cosine", "mse")
-    groups = ("cls", "patches", "all")
+    groups = metrics["token_groups"]
     fig, axes = plt.subplots(len(shown), len(groups), figsize=(4 * len(groups), 2.6 * len(shown)), squeeze=False, sharex=True,
                              layout="constrained")
     for j, group in enumerate(groups):
@@ -114,8 +118,9 @@ def reconstruction_figure(metrics: dict, path: Path, names: Sequence[str] | None
     return _save(fig, path)
 
 
-def faithfulness_figure(name: str, faithfulness: dict, path: Path) -> Path:
-    """Top-1 of each edit per token set (error bars: std over seeds), with the clean baseline."""
+def faithfulness_figure(name: str, faithfulness: dict, path: Path, accuracy: str) -> Path:
+    """Top-1 of each edit per token set (error bars: std over seeds), with the clean baseline; `accuracy` names
+    the task head's accuracy (`vitclt.report.summary.accuracy_label`)."""
     token_sets = list(faithfulness)
     edits = [k for k, v in faithfulness[token_sets[0]].items() if isinstance(v, dict) and "top1" in v]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(edits) * len(token_sets) / 2, 3.4), layout="constrained")
@@ -131,7 +136,7 @@ def faithfulness_figure(name: str, faithfulness: dict, path: Path) -> Path:
     k = faithfulness[token_sets[0]]["k"]
     ax.set_xticks(x, [e.replace("topk", f"top{k}").replace("bottomk", f"bottom{k}").replace("keep_random", f"keep_{k}_random")
                       for e in edits], rotation=20, fontsize=8)
-    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_ylabel(f"{accuracy} top-1 (%)")
     lo = min(min(faithfulness[t][e]["top1"] for e in edits) for t in token_sets)
     ax.set_ylim(max(0.0, lo - 5), max(baseline, *(faithfulness[t][e]["top1"] for t in token_sets for e in edits)) + 3)
     ax.legend(fontsize=8)
@@ -149,7 +154,7 @@ def retrieval_precision_figure(metrics: dict, path: Path) -> Path:
         ax.plot(range(len(ret["precision_at_k"])), ret["precision_at_k"], marker=".", label=name)
         chance = ret["chance"]
     ax.axhline(chance, color="grey", ls=":", label="chance")
-    ax.axhline(metrics["baseline"]["embedding_precision_at_k"], color="k", ls="--", lw=1, label="CLIP image embedding")
+    ax.axhline(metrics["baseline"]["embedding_precision_at_k"], color="k", ls="--", lw=1, label="final image embedding")
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"label precision@{k}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vitclt.io import write_text
 from vitclt.report import figures
-from vitclt.report.summary import headline
+from vitclt.report.summary import accuracy_label, headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;
@@ -60,6 +60,30 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
 
 
+HEAD_PROTOCOL = {
+    "zeroshot": "Task head: zero-shot; for each class, the text embeddings of every template filled with the class name, "
+                "normalised, averaged and renormalised; an image gets the class with the highest cosine (scored the "
+                "model's own way, scale · cosine + bias).",
+    "probe": "Task head: a linear probe, ridge regression of one-hot labels on the clean image embeddings of the training "
+             "split (closed form, no seed); its accuracy on the evaluated split is the baseline.",
+    "own": "Task head: the checkpoint's own classifier on its pre-logits, restricted to the dataset's classes by name.",
+}
+"""The protocol paragraph's sentence per task head."""
+
+_CLS_NOTE = ('<p class="note">A model that reads its image embedding from the CLS token after the last block (CLIP, '
+             "open_clip, DINOv2) cannot be changed by an edit of the patch tokens' last-layer MLP output, so there the "
+             "<code>all</code> edits act through the CLS token alone (with the all-token ranking).</p>")
+
+
+def _head_description(metrics: dict) -> str:
+    """The task head in a few words: which kind, and for a probe what it was fitted on."""
+    base = metrics["baseline"]
+    if base["head"] == "probe":
+        return f"a linear probe fitted on {base['probe_images']} images of the {base['probe_split']} split"
+    return {"zeroshot": f"zero-shot with {len(metrics['dataset'].get('templates', []))} prompt templates",
+            "own": "the checkpoint's own classifier"}[base["head"]]
+
+
 def _clts(metrics: dict) -> list[str]:
     return [n for n, e in metrics["transcoders"].items() if e["topology"] == "clt"]
 
@@ -84,15 +108,16 @@ def _header(metrics: dict) -> str:
         f"<h1>vitclt evaluation: {_esc(bb['name'])} on {_esc(ds.get('name', ds.get('spec')))}</h1>"
         f"<p>{bb['n_layers']} layers, width {bb['d_model']}, {bb['n_tokens']} tokens. "
         f"Eval set: <b>{ds.get('n_images')}</b> images of the <b>{_esc(ds.get('split'))}</b> split "
-        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes, {len(ds.get('templates', []))} prompt templates. "
-        f"Clean zero-shot top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
+        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes. Task head: {_esc(_head_description(metrics))}. "
+        f"Clean {accuracy_label(metrics)} top-1 <b>{base['top1']:.2f}%</b>, top-5 {base['top5']:.2f}%.</p>"
         + (f'<p class="note">{_esc(ds["split_note"])}</p>' if ds.get("split_note") else "")
         + "".join(f'<p class="note"><b>Backbone mismatch:</b> {_esc(n)} was trained on other weights than '
                   f"{_esc(bb['name'])} (fingerprint {_esc(e['config'].get('backbone_fingerprint'))}, evaluated on "
                   f"{_esc(bb.get('fingerprint'))}); its numbers describe a transcoder used off its training backbone.</p>"
                   for n, e in metrics["transcoders"].items() if e.get("backbone_mismatch"))
         + _table(["transcoder", "topology", "sparsifier", "k", "features / layer", "browser"], rows)
-        + "<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); zero-shot top-1 (%) with the full "
+        + f"<p><b>Headline.</b> Reconstruction R² and cosine (all tokens, layer means); {accuracy_label(metrics)} top-1 (%) "
+        "with the full "
         "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
         "beside their random controls. Details in the sections below.</p>"
         + _table([_esc(h) for h in top.header], [[_esc(c) for c in r] for r in top.rows])
@@ -136,7 +161,8 @@ def _replacement(metrics: dict, fig: Path) -> str:
         rows.append(["<i>zero-ablation control</i>", t] + [f"{z[w][t]:.2f} ({_delta(z[w][t] - base)})" for w in windows])
     return (
         "<h2>Cascaded replacement</h2>"
-        f"<p>Zero-shot top-1 (%) with the MLP outputs of a window of layers replaced by the transcoder's reconstruction at "
+        f"<p>{accuracy_label(metrics).capitalize()} top-1 (%) with the MLP outputs of a window of layers replaced by the "
+        "transcoder's reconstruction at "
         f"the given tokens; in parentheses the change against the clean model ({base:.2f}%). Inside the window the codes are "
         "computed from the replaced model's own LN2 outputs, so errors cascade; sources before the window read the clean "
         "model. The zero-ablation rows set the same MLP outputs to zero: the gap between the two is what the transcoder "
@@ -156,9 +182,9 @@ def _attribution(metrics: dict, figs: dict[str, Path]) -> str:
              "listed below each matrix.</p>"]
     for name, fig in figs.items():
         att = metrics["transcoders"][name]["attribution"]
-        L = len(att["cls"]["matrix"])
+        L = len(next(iter(att.values()))["matrix"])
         tops = []
-        for g in ("cls", "patches", "all"):
+        for g in att:
             col = [att[g]["matrix"][s][L - 1] for s in range(L)]
             order = sorted(range(L), key=lambda s: -col[s])[:4]
             tops.append(f"{g}: " + ", ".join(f"L{s} {col[s]:.3f}" for s in order))
@@ -194,9 +220,7 @@ def _faithfulness(metrics: dict, figs: dict[str, Path]) -> str:
         f"(<code>full</code>), all but the top-ranked one (necessity), only the top {k} (sufficiency), and the controls: "
         f"only the bottom {k}, all but a random one, {k} random ones ({seeds} seeds, mean ± std). Cells: top-1 (%), then the "
         "change against the clean model / against <code>full</code>, in pp.</p>"
-        '<p class="note">At the last layer, <code>all</code> and <code>cls</code> give the same numbers: CLIP reads the image '
-        "embedding from the CLS token after the last block, so editing the patch tokens' last-layer MLP output cannot "
-        "change it; only the CLS token's edit matters there.</p>"
+        + (_CLS_NOTE if {"all", "cls"} <= set(first) else "")
         + _table(header, rows, left=2) + "".join(_img(f, f"{n} faithfulness") for n, f in figs.items())
     )
 
@@ -214,7 +238,7 @@ def _retrieval(metrics: dict, precision_fig: Path, neighbour_figs: dict[str, lis
         f"<p>Each image is represented at layer ℓ by {pool} (F dimensions, inactive features 0); neighbours are the "
         f"gallery images (the eval set, the query excluded) with the highest cosine. Label precision@{first['k']}: the "
         f"fraction of an image's {first['k']} nearest neighbours with its label, over every image as a query "
-        f"(chance {first['chance']:.3f}; CLIP's final image embedding: "
+        f"(chance {first['chance']:.3f}; the model's final image embedding, by cosine: "
         f"{metrics['baseline']['embedding_precision_at_k']:.3f}).</p>"
         + _table(["layer"] + [_esc(n) for n in names], rows) + _img(precision_fig, "retrieval precision") + figs
     )
@@ -256,12 +280,12 @@ def _protocol(metrics: dict) -> str:
     return (
         "<h2>Protocol and configuration</h2>"
         f"<p>Dataset <code>{_esc(ds.get('spec'))}</code>, split <b>{_esc(ds.get('split'))}</b>, {ds.get('n_images')} images "
-        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes. Zero-shot classifier: for each class, the text embeddings "
-        "of every template filled with the class name, normalised, averaged and renormalised; an image gets the class with "
-        "the highest cosine. Timing: "
+        f"({_esc(ds.get('subset'))}), {ds.get('n_classes')} classes. {HEAD_PROTOCOL[metrics['baseline']['head']]} The head "
+        "is built once from the clean model and kept fixed: under a replacement only the image embeddings change. Timing: "
         f"pass 1 {metrics['timing']['pass1_s']:.1f} s, pass 2 {metrics['timing']['pass2_s']:.1f} s.</p>"
-        f"<details><summary>{len(ds.get('templates', []))} prompt templates</summary><ul>{templates}</ul></details>"
-        f"<details><summary>{ds.get('n_classes')} class names</summary><p>{classes}</p></details>"
+        + (f"<details><summary>{len(ds['templates'])} prompt templates</summary><ul>{templates}</ul></details>"
+           if ds.get("templates") else "")
+        + f"<details><summary>{ds.get('n_classes')} class names</summary><p>{classes}</p></details>"
         + _json_details("eval config", metrics["config"])
         + configs + context
         + "<p>Every number on this page is in <code>metrics.json</code> next to this file; its keys are documented in "
@@ -280,8 +304,8 @@ def draw_figures(metrics: dict, dataset, fig_dir: Path) -> dict:
         "retrieval_precision": figures.retrieval_precision_figure(metrics, fig_dir / "retrieval_precision.png"),
         "attribution": {n: figures.contribution_figure(n, tcs[n]["attribution"], fig_dir / f"contributions_{n}.png")
                         for n in clts},
-        "faithfulness": {n: figures.faithfulness_figure(n, tcs[n]["faithfulness"], fig_dir / f"faithfulness_{n}.png")
-                         for n in clts},
+        "faithfulness": {n: figures.faithfulness_figure(n, tcs[n]["faithfulness"], fig_dir / f"faithfulness_{n}.png",
+                                                        accuracy_label(metrics)) for n in clts},
         "retrieval": {n: [figures.retrieval_figure(n, tcs[n]["retrieval"], dataset, fig_dir / f"retrieval_{n}_q{q}.png", q)
                           for q in range(len(tcs[n]["retrieval"]["queries"]))] for n in clts},
     }

@@ -1,14 +1,23 @@
 """The headline table of an evaluation, read from metrics.json: what `vitclt demo` ends with and the report opens with.
 
-Per model: reconstruction R² and cosine (all tokens, layer averages), zero-shot top-1 with the full
-cascade and with only the last layers replaced (all tokens), and for CLTs the faithfulness edits
-beside their random controls (necessity: drop the top-ranked source vs drop a random one;
-sufficiency: keep the top k vs keep k random ones). Numbers are exactly those of metrics.json.
+Per model: reconstruction R² and cosine (all tokens, layer averages), top-1 under the task head
+(zero-shot, a linear probe or the checkpoint's own classifier) with the full cascade and with only
+the last layers replaced (all tokens), and for CLTs the faithfulness edits beside their random controls
+(necessity: drop the top-ranked source vs drop a random one; sufficiency: keep the top k vs keep k
+random ones). Numbers are exactly those of metrics.json.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+HEAD_LABELS = {"zeroshot": "zero-shot", "probe": "linear-probe", "own": "own-classifier"}
+"""How an accuracy is named for each task head (metrics.json's `baseline.head`)."""
+
+
+def accuracy_label(metrics: dict) -> str:
+    """What the accuracies of `metrics` are: "zero-shot", "linear-probe" or "own-classifier" (top-1)."""
+    return HEAD_LABELS[metrics["baseline"]["head"]]
 
 
 class Headline(NamedTuple):
@@ -77,7 +86,8 @@ def headline_table(metrics: dict) -> str:
     widths = [max(len(r[i]) for r in [table.header, *table.rows]) for i in range(len(table.header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     tokens = _tokens(metrics["tokens"])
-    note = (f"zero-shot top-1 (%) on {metrics['baseline']['n_images']} images with MLP outputs replaced at {tokens} tokens; "
+    note = (f"{accuracy_label(metrics)} top-1 (%) on {metrics['baseline']['n_images']} images with MLP outputs replaced "
+            f"at {tokens} tokens; "
             "R² and cosine of the reconstruction (all tokens, layer mean)")
     if len(table.header) > 5:
         note += "; faithfulness edits of the last layer beside their random controls"
