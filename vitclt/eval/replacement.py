@@ -131,7 +131,7 @@ def transcoder_setting(key: Hashable, transcoder: Transcoder, backbone: Backbone
 class GridBatch(NamedTuple):
     """What a batch's settings share: the preprocessed pixels and the clean codes per transcoder."""
 
-    pixels_BCHW: Tensor
+    pixels_B3HW: Tensor
     labels_B: Tensor
     clean_codes: dict[int, list[LayerCodes]]
     """`id(transcoder)` → codes of every token at every layer from the clean forward."""
@@ -158,7 +158,7 @@ class ReplacementGrid:
         """Run every setting on one batch."""
         for s in self.settings:
             codes = batch.clean_codes.get(id(s.transcoder)) if s.transcoder is not None else None
-            emb_BP = embed_images(self.backbone, batch.pixels_BCHW, s.make(codes))
+            emb_BP = embed_images(self.backbone, batch.pixels_B3HW, s.make(codes))
             hit1, _ = self.head.correct(emb_BP, batch.labels_B, k=1)
             self.correct[s.key] += int(hit1.sum())
         self.n += len(batch.labels_B)

@@ -44,12 +44,12 @@ def build_classifier(backbone: Backbone, classnames: Sequence[str], templates: S
     return zero_shot_head(backbone, classnames, templates, batch_size).classifier_CP
 
 
-def embed_images(backbone: Backbone, pixels_BCHW: Tensor, replacement: Replacement | None = None) -> Tensor:
+def embed_images(backbone: Backbone, pixels_B3HW: Tensor, replacement: Replacement | None = None) -> Tensor:
     """Image embeddings (B, P) as the task head reads them, with `replacement` applied to the MLPs if given."""
     if replacement is None:
-        return backbone.image_embeds(pixels_BCHW)
+        return backbone.image_embeds(pixels_B3HW)
     with backbone.replace(*replacement):
-        return backbone.image_embeds(pixels_BCHW)
+        return backbone.image_embeds(pixels_B3HW)
 
 
 @torch.inference_mode()
