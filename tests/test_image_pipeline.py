@@ -240,3 +240,9 @@ def test_pinned_batches_on_cuda_equal_the_cpu_pixels(tiny_clip_dir):
     cpu = torch.cat([px for px, _ in pixel_batches(load_backbone(tiny_clip_dir), data, 4, workers=2)])
     gpu = torch.cat([px for px, _ in pixel_batches(load_backbone(tiny_clip_dir, device="cuda"), data, 4, workers=2)])
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+def test_the_value_table_is_built_once_per_device(family):
+    _, bb = family
+    assert bb.image_prep is bb.image_prep
+    assert bb.image_prep.table(bb.device) is bb.image_prep.table(bb.device)

@@ -8,6 +8,7 @@ transformers, block ℓ's MLP is `vision_model.encoder.layers[ℓ].mlp` and its 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ class HFClipBackbone(Backbone):
     def device(self) -> torch.device:
         return self.model.visual_projection.weight.device
 
-    @property
+    @cached_property
     def image_prep(self) -> ImagePrep:
         """The CLIP image processor's resize and crop, then its rescale and normalise (`transforms`)."""
         return HFImagePrep(self.processor)

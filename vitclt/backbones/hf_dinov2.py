@@ -18,6 +18,7 @@ after the final layer norm (`pooler_output`), and its task head is a linear prob
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ class Dinov2Backbone(Backbone):
     def device(self) -> torch.device:
         return self.model.layernorm.weight.device
 
-    @property
+    @cached_property
     def image_prep(self) -> ImagePrep:
         """The BiT image processor's short-side resize and centre crop, then its rescale and normalise."""
         return HFImagePrep(self.processor)

@@ -16,6 +16,7 @@ Two differences matter here:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ class SiglipBackbone(Backbone):
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    @property
+    @cached_property
     def image_prep(self) -> ImagePrep:
         """The SigLIP image processor's resize (both sides, no crop), then its rescale and normalise."""
         return HFImagePrep(self.processor)
