@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine (written for one H200; about 10 minutes): kernel equality on CUDA, the decode
-# by width, training-step throughput at the paper's shapes, and the whole pipeline. NOT YET RUN: no session
-# that wrote it had a GPU. Paste the output into docs/performance.md.
+# One call on a CUDA machine (written for one H200; about 13 minutes): kernel equality on CUDA, the decode
+# by width, training-step throughput at the paper's shapes, the image pipeline, and the whole pipeline.
+# NOT YET RUN: no session that wrote it had a GPU. Paste the output into docs/performance.md.
 #
 #     bash bench/gpu_check.sh 2>&1 | tee gpu_check.log
 set -uo pipefail
@@ -26,5 +26,12 @@ run python bench/train_throughput.py --device cuda --bf16 --shape paper --batch 
 run python bench/train_throughput.py --device cuda --bf16 --shape paper --batch 4096 --steps 5 --warmup 2 \
     --topology plt --sparsifier relu-topk --variants sparse
 
-# 4. The whole pipeline: random ViT-B/32, synthetic 448 px JPEGs, 5 transcoders, 100 steps of 4096 tokens.
+# 4. The image pipeline (issue 12 item 3; NOT YET RUN on a GPU): pinned uint8 batches equal the CPU pixels on CUDA,
+#    then host decode + prepare and the end-to-end harvest into a random ViT-B/32 in bf16 with 0..16 worker
+#    processes, exact and with --fast-decode (target: >= 3,000 images/s with 16 host cores).
+run python -m pytest -p no:cacheprovider tests/test_image_pipeline.py
+STEP_TIMEOUT=300 run python bench/image_pipeline.py --device cuda --model b32 --bf16 --parts decode harvest \
+    --images 2048 --batch 256 --workers 0 8 16
+
+# 5. The whole pipeline: random ViT-B/32, synthetic 448 px JPEGs, 5 transcoders, 100 steps of 4096 tokens.
 STEP_TIMEOUT=360 run python bench/pipeline.py --device cuda --steps 100 --workers 12

@@ -61,12 +61,13 @@ def test_batches_mix_many_images(tiny_backbone):
         assert not torch.equal(images, images.sort().values)
 
 
-def test_resumed_stream_continues_bit_identically(tiny_backbone):
-    src = BackboneSource(tiny_backbone, dataset(9), "all", images_per_forward=2)
-    a = ActivationStream(src, batch_size=20, buffer_size=40, seed=3)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_continues_bit_identically(tiny_backbone, workers):
+    a = ActivationStream(BackboneSource(tiny_backbone, dataset(9), "all", 2, workers=workers), batch_size=20,
+                         buffer_size=40, seed=3)
     for _ in range(5):
         a.next_batch()
-    b = ActivationStream(src, batch_size=20, buffer_size=40, seed=3)
+    b = ActivationStream(BackboneSource(tiny_backbone, dataset(9), "all", 2), batch_size=20, buffer_size=40, seed=3)
     b.load_state_dict(a.state_dict())
     for _ in range(12):  # past block and epoch boundaries
         for ta, tb in zip(a.next_batch(), b.next_batch()):
@@ -160,10 +161,11 @@ def test_unreadable_image_is_skipped_replaced_by_the_next_and_recorded(tiny_back
     assert stream.state_dict()["unreadable"] == [[4, "img_4.png: cannot decode image, the file is corrupt or not an image"]]
 
 
-def test_recorded_skips_keep_a_resumed_stream_exact_after_the_file_is_repaired(tiny_backbone):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_recorded_skips_keep_a_resumed_stream_exact_after_the_file_is_repaired(tiny_backbone, workers):
     broken = WithBrokenImages(dataset(12), broken={11})
-    a = ActivationStream(BackboneSource(tiny_backbone, broken, "all", images_per_forward=2), batch_size=20, buffer_size=40,
-                         seed=3)
+    a = ActivationStream(BackboneSource(tiny_backbone, broken, "all", images_per_forward=2, workers=workers),
+                         batch_size=20, buffer_size=40, seed=3)
     with pytest.warns(UserWarning, match="img_11"):
         for _ in range(12):  # a whole epoch: image 11 was met and skipped
             a.next_batch()

@@ -18,14 +18,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from vitclt.errors import VitcltError
 
+from .transforms import pixels_from_uint8
+
 if TYPE_CHECKING:
     from .heads import LinearHead
+    from .transforms import ImagePrep
 
 TokenSel = str | Sequence[int]
 """Which token positions: "cls", "patches", "all", or explicit indices into the sequence."""
@@ -111,7 +115,7 @@ class Backbone(abc.ABC):
     """A frozen vision transformer whose blocks' MLPs can be captured and replaced.
 
     Subclasses set `name`, `n_layers`, `d_model`, `n_prefix_tokens`, `image_size`, `patch_size`
-    and implement `mlps`, `preprocess`, `image_embeds` and, for models with a text tower,
+    and implement `mlps`, `image_prep`, `image_embeds` and, for models with a text tower,
     `text_embeds` and `logit_scale_bias`. A model whose MLP output passes through another module
     (a layer scale) before the residual add overrides `mlp_sites`; a model with its own classifier
     overrides `own_head`.
@@ -171,9 +175,24 @@ class Backbone(abc.ABC):
     def device(self) -> torch.device:
         """Where the model's weights live."""
 
+    @property
     @abc.abstractmethod
+    def image_prep(self) -> ImagePrep:
+        """The model's own preprocessing, split into host preparation and a value table (`transforms`)."""
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """A PIL image → resized and cropped uint8 pixels (3, H, W), on the host (what decoding workers run)."""
+        return self.image_prep.prepare(image)
+
+    def normalize(self, u8_B3HW: Tensor) -> Tensor:
+        """uint8 pixels → pixels_B3HW on the model's device and in its dtype: the processor's rescale and
+        normalise, done on the device, bit-identical to the processor's float32 values."""
+        values_3V = self.image_prep.table(self.device)
+        return pixels_from_uint8(u8_B3HW, values_3V).to(next(self.mlps[0].parameters()).dtype)
+
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """PIL images → pixels_B3HW, exactly as the model's own processor does."""
+        """PIL images → pixels_B3HW, exactly as the model's own processor does (`normalize` ∘ `prepare`)."""
+        return self.normalize(torch.from_numpy(np.stack([self.prepare(im) for im in images])))
 
     @abc.abstractmethod
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:

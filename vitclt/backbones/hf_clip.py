@@ -8,11 +8,11 @@ transformers, block ℓ's MLP is `vision_model.encoder.layers[ℓ].mlp` and its 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPModel, CLIPTokenizer, CLIPTokenizerFast, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -20,6 +20,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from .base import Backbone
 from .hf_files import load_hf_model, load_processor
 from .tokenizer import clip_tokenizer
+from .transforms import HFImagePrep, ImagePrep
 
 
 def _pooled(out) -> Tensor:
@@ -90,10 +91,10 @@ class HFClipBackbone(Backbone):
     def device(self) -> torch.device:
         return self.model.visual_projection.weight.device
 
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.model.dtype)
+    @cached_property
+    def image_prep(self) -> ImagePrep:
+        """The CLIP image processor's resize and crop, then its rescale and normalise (`transforms`)."""
+        return HFImagePrep(self.processor)
 
     @torch.inference_mode()
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:

@@ -18,16 +18,17 @@ after the final layer norm (`pooler_output`), and its task head is a linear prob
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from transformers import Dinov2Model, Dinov2WithRegistersModel, PreTrainedModel
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from .base import Backbone, MLPSite
 from .hf_files import load_hf_model, load_processor
+from .transforms import HFImagePrep, ImagePrep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,10 +86,10 @@ class Dinov2Backbone(Backbone):
     def device(self) -> torch.device:
         return self.model.layernorm.weight.device
 
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.model.dtype)
+    @cached_property
+    def image_prep(self) -> ImagePrep:
+        """The BiT image processor's short-side resize and centre crop, then its rescale and normalise."""
+        return HFImagePrep(self.processor)
 
     @torch.inference_mode()
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:

@@ -16,17 +16,18 @@ Two differences matter here:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, SiglipModel
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .base import Backbone, BackboneError
 from .hf_files import load_hf_model, load_processor
+from .transforms import HFImagePrep, ImagePrep
 
 
 def _square(value) -> int:
@@ -96,10 +97,10 @@ class SiglipBackbone(Backbone):
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.model.dtype)
+    @cached_property
+    def image_prep(self) -> ImagePrep:
+        """The SigLIP image processor's resize (both sides, no crop), then its rescale and normalise."""
+        return HFImagePrep(self.processor)
 
     @torch.inference_mode()
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:

@@ -23,12 +23,11 @@ preprocessed with open_clip's own eval transform (`transforms.EvalTransform`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel
 
@@ -36,7 +35,7 @@ from .base import BackboneError
 from .checkpoints import check_layout, read_state_dict
 from .hf_clip import HFClipBackbone
 from .tokenizer import clip_tokenizer
-from .transforms import RESAMPLE, EvalTransform
+from .transforms import RESAMPLE, EvalTransform, ImagePrep
 
 CONFIG_NAME = "open_clip_config.json"
 """The config file open_clip writes next to its weights on the Hub."""
@@ -236,8 +235,10 @@ class OpenClipBackbone(HFClipBackbone):
     transform: EvalTransform
     """open_clip's eval preprocessing (torchvision's arithmetic, see `transforms`)."""
 
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        return self.transform(images).to(self.device, self.model.dtype)
+    @property
+    def image_prep(self) -> ImagePrep:
+        """open_clip's eval transform, not the CLIP processor (their crops differ by a pixel for some sizes)."""
+        return self.transform
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu",

@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from .base import Backbone, BackboneError, MLPSite
 from .checkpoints import WEIGHT_SUFFIXES, check_layout, read_state_dict
 from .heads import LinearHead
-from .transforms import RESAMPLE, EvalTransform
+from .transforms import RESAMPLE, EvalTransform, ImagePrep
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 """timm's head counts for its ViT widths (tiny, small, base, large, huge, giant, gigantic)."""
@@ -350,8 +349,10 @@ class TimmViTBackbone(Backbone):
     def device(self) -> torch.device:
         return self.model.pos_embed.device
 
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        return self.transform(images).to(self.device, self.model.pos_embed.dtype)
+    @property
+    def image_prep(self) -> ImagePrep:
+        """timm's eval transform (`eval_transform`)."""
+        return self.transform
 
     @torch.inference_mode()
     def image_embeds(self, pixels_B3HW: Tensor) -> Tensor:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -36,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone, TokenSel
+from vitclt.data.batches import ImageLoader, LoadedBatch, chunked
 from vitclt.data.unreadable import MAX_UNREADABLE_FRACTION, UnreadableImages
 from vitclt.errors import VitcltError
 
@@ -97,15 +97,18 @@ def image_order(n_images: int, seed: int, epoch: int) -> np.ndarray:
 class BackboneSource:
     """Rows captured from a backbone: one forward pass per `images_per_forward` images, all layers.
 
-    Images are decoded and preprocessed in `workers` background threads while the backbone runs.
-    Forward batches are cut from the requested image list in order, so the same request always
-    runs the same forwards (which is what makes a resumed stream bit-identical on CPU). An image
-    that cannot be decoded is skipped and recorded in `unreadable` (its rows are the next readable
-    image's); more than `max_unreadable` of the dataset stops the run (see `vitclt.data.unreadable`).
+    Images are decoded and prepared (resized and cropped to uint8) by `vitclt.data.batches.ImageLoader`
+    in `workers` processes while the backbone runs (0: in this process), and rescaled on the
+    backbone's device (`Backbone.normalize`); `fast_decode` decodes JPEGs at reduced size
+    (approximate, opt-in). Forward batches are cut from the requested image list in order, so the
+    same request always runs the same forwards (which is what makes a resumed stream bit-identical
+    on CPU). An image that cannot be decoded is skipped and recorded in `unreadable` (its rows are
+    the next readable image's); more than `max_unreadable` of the dataset stops the run (see
+    `vitclt.data.unreadable`).
     """
 
     def __init__(self, backbone: Backbone, dataset, tokens: TokenSel = "all", images_per_forward: int = 64,
-                 workers: int = 1, max_unreadable: float = MAX_UNREADABLE_FRACTION):
+                 workers: int = 0, max_unreadable: float = MAX_UNREADABLE_FRACTION, fast_decode: bool = False):
         if len(dataset) == 0:
             raise StreamError("the dataset has no images: check the dataset spec and split")
         if images_per_forward < 1:
@@ -114,7 +117,7 @@ class BackboneSource:
         self.dataset = dataset
         self.tokens = tokens
         self.images_per_forward = images_per_forward
-        self.workers = max(1, workers)
+        self.workers = workers
         self.n_images = len(dataset)
         self.n_layers = backbone.n_layers
         self.d_model = backbone.d_model
@@ -122,12 +125,27 @@ class BackboneSource:
         self.token_positions = torch.arange(backbone.n_tokens)[self._index].reshape(-1)
         self.rows_per_image = int(self.token_positions.numel())
         self.unreadable = UnreadableImages(self.n_images, max_unreadable)
+        self._loader = ImageLoader(dataset, backbone.image_prep, workers, fast_decode,
+                                   pin_memory=backbone.device.type == "cuda")
 
-    def _image(self, index: int):
-        return self.dataset[index][0]
+    def _prepared(self, index: int) -> Tensor:
+        return self._loader.data.load(index)[0]
 
-    def _pixels(self, images: Sequence[int]) -> Tensor:
-        return self.backbone.preprocess([self.unreadable.decode(self._image, int(i)) for i in images])
+    def _uint8(self, chunk: Sequence[int], batch: LoadedBatch) -> Tensor:
+        """The batch's uint8 pixels, with each unreadable (or already skipped) image replaced as `unreadable` says.
+
+        Replacements are resolved here, in position order, as a decode in this process would: the
+        record, its warnings and its limit behave the same with or without workers.
+        """
+        redo = [pos for pos, index in enumerate(chunk) if pos in batch.errors or int(index) in self.unreadable]
+        if not redo:
+            return batch.items
+        rows = {}
+        for pos in redo:
+            if pos in batch.errors:
+                self.unreadable.record(int(chunk[pos]), batch.errors[pos])
+            rows[pos] = self.unreadable.decode(self._prepared, int(chunk[pos]))
+        return torch.stack([rows[pos] if pos in rows else batch.items[pos] for pos in range(len(chunk))])
 
     def _forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         with self.backbone.capture() as cap:
@@ -135,16 +153,10 @@ class BackboneSource:
         return cap.x_BTLD()[:, self._index].flatten(0, 1), cap.y_BTLD()[:, self._index].flatten(0, 1)
 
     def iter_load(self, images: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
-        """Rows of `images` one forward batch at a time (x_NLD, y_NLD), decoding ahead in threads."""
-        chunks = [images[i : i + self.images_per_forward] for i in range(0, len(images), self.images_per_forward)]
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending = [pool.submit(self._pixels, c) for c in chunks[: self.workers]]
-            for i in range(len(chunks)):
-                pixels = pending[i].result()
-                if i + self.workers < len(chunks):
-                    pending.append(pool.submit(self._pixels, chunks[i + self.workers]))
-                pending[i] = None  # drop the finished future's pixels: only `workers` batches stay in memory
-                yield self._forward(pixels)
+        """Rows of `images` one forward batch at a time (x_NLD, y_NLD), the workers preparing ahead."""
+        chunks = chunked(images, self.images_per_forward)
+        for chunk, batch in zip(chunks, self._loader.batches(chunks)):
+            yield self._forward(self.backbone.normalize(self._uint8(chunk, batch)))
 
     @property
     def backbone_fingerprint(self) -> str:
