@@ -114,16 +114,17 @@ def scene_codes(scenes: Sequence[Scene]) -> Tensor:
     return torch.tensor([[_VOCAB[a].index(getattr(s, a)) for a in _ATTRS] for s in scenes], dtype=torch.long)
 
 
-def positives(codes_B5: Tensor, mentioned_B3: Tensor) -> Tensor:
+def positives(codes: Tensor, mentioned_optional: Tensor) -> Tensor:
     """(B, B) bool: caption j is true of image i (every attribute it mentions matches image i's).
 
-    Colour and shape are always mentioned; size, position and background only where
-    `mentioned_B3` says so. The diagonal is always true. This is the multi-positive target: a
-    plain CLIP loss would push apart images and captions that describe each other.
+    `codes` is (B, 5), one code per attribute. Colour and shape are always mentioned; size, position
+    and background only where `mentioned_optional` (B, 3) says so. The diagonal is always true. This
+    is the multi-positive target: a plain CLIP loss would push apart images and captions that
+    describe each other.
     """
-    same_BB5 = codes_B5[:, None, :] == codes_B5[None, :, :]
-    mentioned_B5 = torch.cat([torch.ones_like(mentioned_B3[:, :2]), mentioned_B3], dim=1)
-    return (same_BB5 | ~mentioned_B5[None, :, :]).all(dim=-1)
+    same = codes[:, None, :] == codes[None, :, :]
+    mentioned = torch.cat([torch.ones_like(mentioned_optional[:, :2]), mentioned_optional], dim=1)
+    return (same | ~mentioned[None, :, :]).all(dim=-1)
 
 
 def multi_positive_clip_loss(image_BP: Tensor, text_BP: Tensor, logit_scale: Tensor, pos_BB: Tensor) -> Tensor:

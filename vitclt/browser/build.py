@@ -273,6 +273,7 @@ def build_browser(
     exports: bool = True,
     device: str | torch.device = "cpu",
     workers: int = 0,
+    fast_decode: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -282,7 +283,7 @@ def build_browser(
     by name); `out` defaults to SOURCE/browser. Open OUT/index.html from disk or any static server.
     """
     from vitclt.backbones import load_backbone
-    from vitclt.data.batches import image_batches
+    from vitclt.data.batches import pixel_batches
     from vitclt.data.datasets import load_dataset
     from vitclt.eval.zeroshot import dataset_templates
     from vitclt.nn.transcoder import Transcoder
@@ -320,8 +321,7 @@ def build_browser(
         hook = projection[0].register_forward_hook(record_sigma) if projection else None
         bar = tqdm(total=len(data), desc="browse", unit="img", disable=not progress)
         try:
-            for images, _ in image_batches(data, images_per_forward, workers=workers):
-                pixels = bb.preprocess(images)
+            for pixels, labels_B in pixel_batches(bb, data, images_per_forward, workers, fast_decode):
                 with bb.capture() as cap:
                     bb.image_embeds(pixels)
                 x_BTLD, y_BTLD = cap.x_BTLD(), None
@@ -331,8 +331,8 @@ def build_browser(
                         col.update(y_BTLD, first)
                     else:
                         col.update(x_BTLD, first)
-                first += len(images)
-                bar.update(len(images))
+                first += len(labels_B)
+                bar.update(len(labels_B))
         finally:
             bar.close()
             if hook is not None:

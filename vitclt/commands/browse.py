@@ -56,7 +56,7 @@ def run(cfg: BrowseConfig) -> Path:
         cfg.run_dir, cfg.dataset, cfg.out, backbone=cfg.backbone, transcoders=list(cfg.transcoders) or None,
         split=cfg.split, max_images=cfg.max_images, top_k=cfg.top_k, samples=cfg.samples, vocab_size=cfg.vocab_size,
         images_per_forward=cfg.runtime.images_per_forward, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
-        workers=cfg.runtime.workers, seed=cfg.runtime.seed, progress=cfg.runtime.progress,
+        workers=cfg.runtime.workers, fast_decode=cfg.runtime.fast_decode, seed=cfg.runtime.seed, progress=cfg.runtime.progress,
     )
     print(f"open the browser: {out / 'index.html'}")
     return out

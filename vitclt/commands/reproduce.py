@@ -125,7 +125,7 @@ def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None
     rt = cfg.runtime
     site = build_browser(cfg.out / "train", cfg.dataset, transcoders=[chosen], backbone=cfg.backbone, split=cfg.eval_split,
                          max_images=cfg.eval_images, images_per_forward=rt.images_per_forward, exports=False,
-                         device=resolve_device(rt.device), workers=rt.workers, seed=rt.seed,
+                         device=resolve_device(rt.device), workers=rt.workers, fast_decode=rt.fast_decode, seed=rt.seed,
                          progress=rt.progress)
     print(f"feature browser of {chosen}: {site / 'index.html'}")
     return site

@@ -74,7 +74,7 @@ def run(cfg: ZeroShotConfig) -> dict:
     task = task_head(backbone, dataset, templates, cfg.task, cfg.dataset, cfg.split, rt, cfg.classnames)
     print(task.note)
     result = evaluate(backbone, dataset, task.head, rt.images_per_forward, replacement, workers=rt.workers,
-                      progress=rt.progress)
+                      progress=rt.progress, fast_decode=rt.fast_decode)
     record = {
         **result._asdict(),
         "head": task.kind,

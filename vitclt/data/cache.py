@@ -111,17 +111,17 @@ class CacheSource:
             raise CacheError(f"image index out of range for a cache of {self.n_images} images")
         rpi = self.rows_per_image
         shard = images // self.shard_images
-        local_NR = (images % self.shard_images)[:, None] * rpi + np.arange(rpi)
+        local_NT = (images % self.shard_images)[:, None] * rpi + np.arange(rpi)
         shape = (len(images) * rpi, self.n_layers, self.d_model)
         x = np.empty(shape, dtype=self._x[0].dtype)
         y = np.empty(shape, dtype=self._y[0].dtype)
-        out_NR = np.arange(len(images) * rpi).reshape(len(images), rpi)
+        out_NT = np.arange(len(images) * rpi).reshape(len(images), rpi)
         for s in np.unique(shard):
             sel = shard == s
             # Reading shard rows in ascending order keeps the memory-mapped access mostly sequential.
-            src = local_NR[sel].ravel()
+            src = local_NT[sel].ravel()
             order = np.argsort(src, kind="stable")
-            dst = out_NR[sel].ravel()[order]
+            dst = out_NT[sel].ravel()[order]
             x[dst] = self._x[s][src[order]]
             y[dst] = self._y[s][src[order]]
         return torch.from_numpy(x), torch.from_numpy(y)

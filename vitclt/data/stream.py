@@ -325,10 +325,10 @@ class ActivationStream:
         # Rows stay in load order and each batch gathers through the permutation: permuting the
         # buffer up front would need a second buffer-sized copy.
         return _Block(
-            epoch=epoch, block=block, perm_R=torch.randperm(n_rows, generator=gen).to(dev),
-            x_RLD=x_NLD.to(dev), y_RLD=y_NLD.to(dev),
-            image_R=torch.as_tensor(images).repeat_interleave(self.source.rows_per_image).to(dev),
-            token_R=self.source.token_positions.repeat(len(images)).to(dev),
+            epoch=epoch, block=block, perm_N=torch.randperm(n_rows, generator=gen).to(dev),
+            x_NLD=x_NLD.to(dev), y_NLD=y_NLD.to(dev),
+            image_N=torch.as_tensor(images).repeat_interleave(self.source.rows_per_image).to(dev),
+            token_N=self.source.token_positions.repeat(len(images)).to(dev),
         )
 
     def next_batch(self) -> Batch:
@@ -344,9 +344,9 @@ class ActivationStream:
                 self._block = None  # free the old buffer before filling the new one
                 self._block = self._load_block(epoch, block)
             b = self._block
-            take = min(need, len(b.perm_R) - offset)
-            rows = b.perm_R[offset : offset + take]
-            pieces.append((b.x_RLD[rows], b.y_RLD[rows], b.image_R[rows], b.token_R[rows]))
+            take = min(need, len(b.perm_N) - offset)
+            rows = b.perm_N[offset : offset + take]
+            pieces.append((b.x_NLD[rows], b.y_NLD[rows], b.image_N[rows], b.token_N[rows]))
             self.rows_consumed += take
             need -= take
         if len(pieces) == 1:
@@ -368,8 +368,8 @@ class _Block:
 
     epoch: int
     block: int
-    perm_R: Tensor
-    x_RLD: Tensor
-    y_RLD: Tensor
-    image_R: Tensor
-    token_R: Tensor
+    perm_N: Tensor
+    x_NLD: Tensor
+    y_NLD: Tensor
+    image_N: Tensor
+    token_N: Tensor

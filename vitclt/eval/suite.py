@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone
 from vitclt.backbones.heads import TaskHead
-from vitclt.data.batches import image_batches
+from vitclt.data.batches import pixel_batches
 from vitclt.errors import ConfigError, InputNotFoundError
 from vitclt.eval.attribution import ContributionAccumulator, rank_sources
 from vitclt.eval.faithfulness import default_top_k, faithfulness_settings, summarize
@@ -176,8 +176,7 @@ def _clean_pass(backbone: Backbone, dataset, head: TaskHead, transcoders: dict[s
     embeds = []
     bar = tqdm(total=len(dataset), desc=f"eval 1/2 ({len(settings)} replacement settings)", unit="img",
                disable=not runtime.progress)
-    for images, labels_B in image_batches(dataset, runtime.images_per_forward, workers=runtime.workers):
-        pixels = backbone.preprocess(images)
+    for pixels, labels_B in pixel_batches(backbone, dataset, runtime.images_per_forward, runtime.workers, runtime.fast_decode):
         with backbone.capture() as cap:
             emb_BP = backbone.image_embeds(pixels)
         hit1, hit5 = head.correct(emb_BP, labels_B)
@@ -217,8 +216,7 @@ def _faithfulness_pass(backbone: Backbone, dataset, head: TaskHead, clts: dict[s
     grid = ReplacementGrid(backbone, head, settings)
     bar = tqdm(total=len(dataset), desc=f"eval 2/2 ({len(settings)} faithfulness edits)", unit="img",
                disable=not runtime.progress)
-    for images, labels_B in image_batches(dataset, runtime.images_per_forward, workers=runtime.workers):
-        pixels = backbone.preprocess(images)
+    for pixels, labels_B in pixel_batches(backbone, dataset, runtime.images_per_forward, runtime.workers, runtime.fast_decode):
         with backbone.capture() as cap:
             backbone.image_embeds(pixels)
         codes = _clean_codes(clts, cap.x_BTLD(), cap.y_BTLD())

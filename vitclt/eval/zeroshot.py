@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone, Replacement
 from vitclt.backbones.heads import TaskHead, zero_shot_head
-from vitclt.data.batches import image_batches
+from vitclt.data.batches import pixel_batches
 from vitclt.errors import ConfigError
 
 
@@ -61,14 +61,15 @@ def evaluate(
     replacement: Replacement | None = None,
     workers: int = 0,
     progress: bool = True,
+    fast_decode: bool = False,
 ) -> ZeroShotResult:
     """Top-1 / top-5 of `backbone` on `dataset` under `head` (zero-shot, a probe or the model's own classifier)."""
     if len(dataset) == 0:
         raise ConfigError("the dataset is empty: nothing to evaluate; check --dataset and --split")
     n1 = n5 = n = 0
     bar = tqdm(total=len(dataset), desc=f"top-1 ({head.kind} head)", unit="img", disable=not progress)
-    for images, labels_B in image_batches(dataset, images_per_forward, workers=workers):
-        emb_BP = embed_images(backbone, backbone.preprocess(images), replacement)
+    for pixels_B3HW, labels_B in pixel_batches(backbone, dataset, images_per_forward, workers, fast_decode):
+        emb_BP = embed_images(backbone, pixels_B3HW, replacement)
         hit1, hit5 = head.correct(emb_BP, labels_B)
         n1, n5, n = n1 + int(hit1.sum()), n5 + int(hit5.sum()), n + len(labels_B)
         bar.update(len(labels_B))

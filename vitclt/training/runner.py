@@ -36,7 +36,8 @@ def build_source(cfg: TrainConfig, device: torch.device) -> RowSource:
     dataset = load_dataset(cfg.dataset, cfg.split, max_images=cfg.max_images, seed=rt.seed)
     if getattr(dataset, "split_note", ""):
         print(f"note: {dataset.split_note}")
-    source = BackboneSource(backbone, dataset, cfg.tokens, rt.images_per_forward, workers=rt.workers)
+    source = BackboneSource(backbone, dataset, cfg.tokens, rt.images_per_forward, workers=rt.workers,
+                            fast_decode=rt.fast_decode)
     if cfg.stream.cache_dir is None:
         return source
     from vitclt.data.cache import cache_key, open_or_build_cache
