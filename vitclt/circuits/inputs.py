@@ -13,19 +13,9 @@ from vitclt.circuits.errors import CircuitError
 
 def find_transcoder(run_dir: str | Path, name: str | None = None) -> tuple[str, Path]:
     """(name, directory) of the transcoder in `run_dir` (a transcoder directory or a run holding several)."""
-    from vitclt.eval.suite import find_transcoders
+    from vitclt.eval.suite import pick_transcoder
 
-    try:
-        found = find_transcoders(Path(run_dir))
-    except FileNotFoundError as e:
-        raise CircuitError(f"{e}; pass a directory written by vitclt train (or one transcoder directory)") from None
-    if name is not None:
-        if name not in found:
-            raise CircuitError(f"no transcoder named {name!r} in {run_dir}; found: {', '.join(found)}")
-        return name, found[name]
-    if len(found) > 1:
-        raise CircuitError(f"{run_dir} holds {len(found)} transcoders ({', '.join(found)}): pick one with --transcoder")
-    return next(iter(found.items()))
+    return pick_transcoder(run_dir, name)
 
 
 def backbone_spec(transcoder_dir: Path, override: str | None) -> str:

@@ -40,19 +40,12 @@ class PushConfig:
 
 def pick_transcoder(run_dir: Path, name: str | None) -> tuple[str, Path]:
     """(name, directory) of the transcoder to publish: the only one in RUN_DIR, or the one named `name`."""
-    from vitclt.errors import ConfigError, InputNotFoundError
-    from vitclt.eval.suite import find_transcoders
+    from vitclt.errors import InputNotFoundError
+    from vitclt.eval.suite import pick_transcoder as pick
 
     if not Path(run_dir).exists():
         raise InputNotFoundError(f"{run_dir} does not exist: pass the directory of a trained transcoder (vitclt train)")
-    found = find_transcoders(Path(run_dir))
-    if name is not None:
-        if name not in found:
-            raise ConfigError(f"no transcoder named {name!r} in {run_dir}; found: {', '.join(found)}")
-        return name, found[name]
-    if len(found) > 1:
-        raise ConfigError(f"{run_dir} holds {len(found)} transcoders ({', '.join(found)}): pick one with --transcoder NAME")
-    return next(iter(found.items()))
+    return pick(run_dir, name)
 
 
 def stage(cfg: PushConfig, folder: Path) -> tuple[str, Path]:

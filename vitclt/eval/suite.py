@@ -73,6 +73,21 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def pick_transcoder(run_dir: str | Path, name: str | None = None) -> tuple[str, Path]:
+    """(name, directory) of one transcoder in `run_dir`: the one named `name`, else the only one there."""
+    try:
+        found = find_transcoders(run_dir)
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"{e}; pass a directory written by vitclt train (or one transcoder directory)") from None
+    if name is not None:
+        if name not in found:
+            raise ConfigError(f"no transcoder named {name!r} in {run_dir}; found: {', '.join(found)}")
+        return name, found[name]
+    if len(found) > 1:
+        raise ConfigError(f"{run_dir} holds {len(found)} transcoders ({', '.join(found)}): pick one with --transcoder NAME")
+    return next(iter(found.items()))
+
+
 def load_transcoders(paths: dict[str, Path], backbone: Backbone, allow_mismatch: bool = False) -> dict[str, Transcoder]:
     """Load each transcoder onto the backbone's device, checking it fits the backbone.
 
