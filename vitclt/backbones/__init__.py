@@ -11,8 +11,7 @@ transformers until one of them is needed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vitclt.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Backbone", "BackboneError", "Capture", "MLPSite", "Replacement", "ReplaceFn", "TokenSel",
@@ -30,15 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

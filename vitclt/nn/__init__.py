@@ -6,8 +6,7 @@ command's config needs) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vitclt.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Codes", "LayerCodes", "dense_decode", "gathered_linear", "sparse_decode", "stack_codes"], "sparse"),
@@ -26,15 +25,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,20 +6,15 @@ configs import without torch; the loop (`train`, `Trainer`) loads torch on first
 
 from __future__ import annotations
 
-import importlib
+from vitclt.lazy import lazy_exports
 
 _EXPORTS = {
     "OptimConfig": "config", "StreamConfig": "config", "SweepConfig": "config", "TrainConfig": "config",
     "TrainingError": "config", "transcoder_configs": "config",
     "build_source": "runner", "train": "runner",
-    "Trainer": "trainer", "Window": "trainer",
+    "StepMetrics": "trainer", "Trainer": "trainer",
 }
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
