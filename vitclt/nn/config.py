@@ -49,8 +49,8 @@ class TranscoderConfig:
     """Per-layer k overriding k (empty: k for every layer)."""
     jumprelu_bandwidth: float = 0.1
     """JumpReLU straight-through kernel width ε, in normalised pre-activation units."""
-    jumprelu_init_threshold: float = 1.0
-    """JumpReLU initial threshold (normalised pre-activations start roughly standard normal)."""
+    jumprelu_init_threshold: Suppress[float] = 1.0
+    """JumpReLU threshold of a transcoder built directly; training replaces it by per-feature thresholds that keep about k."""
     sparsity_coefficient: float = 1e-3
     """JumpReLU L0 penalty λ (loss += λ Σ_layers mean L0), reached at the end of the trainer's ramp."""
     threshold_ema: float = 0.99
