@@ -125,6 +125,18 @@ def remove_stale_temporaries(directory: str | Path, quiet: bool = False) -> list
     return removed
 
 
+def read_json_object(path: str | Path, error: type[Exception], fix: str, kind: str = "config") -> dict:
+    """The JSON object in `path`; `error` naming the file and `fix` when it is not valid JSON or not an object."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} holds a JSON {type(raw).__name__}, not a {kind} object: {fix}")
+    return raw
+
+
 def jsonable(obj: Any) -> Any:
     """`obj` (e.g. `dataclasses.asdict` of a config) with tuples as lists and paths as strings, ready for JSON."""
     if isinstance(obj, dict):

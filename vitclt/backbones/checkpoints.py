@@ -63,3 +63,21 @@ def check_layout(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, 
         if key not in expected:
             raise BackboneError(f"{source} does not match the {what} layout: unexpected tensor {key} of shape "
                                 f"{tuple(state[key].shape)}")
+
+
+def hub_checkpoint(repo: str, config_name: str, weight_names: tuple[str, ...], family: str) -> tuple[Path, Path]:
+    """(config file, weights file) of a `family` checkpoint in hub repo `repo`: the first of `weight_names` it has."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config = Path(hf_hub_download(repo, config_name))
+        for name in weight_names:
+            try:
+                return config, Path(hf_hub_download(repo, name))
+            except EntryNotFoundError:
+                continue
+    except Exception as err:  # offline, unknown repo, no access: all end the same way
+        raise BackboneError(f"could not load a {family} model from hub id {repo!r}: {str(err).splitlines()[0]}; "
+                            f"pass a local directory with {config_name} and the weights") from None
+    raise BackboneError(f"hub repo {repo!r} has no {family} weights ({' or '.join(weight_names)})")

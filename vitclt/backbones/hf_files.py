@@ -6,12 +6,13 @@ the same messages for a missing path, an unknown hub id or a damaged file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import torch
+
+from vitclt.io import read_json_object
 
 from .base import BackboneError
 
@@ -28,12 +29,7 @@ def check_model_files(directory: Path) -> None:
     for name in ("config.json", "preprocessor_config.json", "open_clip_config.json"):
         path = directory / name
         if path.is_file():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise BackboneError(f"{path} is not valid JSON ({err}): {RESAVE}") from None
-            if not isinstance(raw, dict):
-                raise BackboneError(f"{path} holds a JSON {type(raw).__name__}, not a config object: {RESAVE}")
+            read_json_object(path, BackboneError, RESAVE)
     for path in sorted(directory.glob("*.safetensors")):
         try:
             with safetensors.safe_open(path, framework="pt"):

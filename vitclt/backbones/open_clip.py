@@ -22,7 +22,6 @@ preprocessed with open_clip's own eval transform (`transforms.EvalTransform`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,10 @@ import torch
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel
 
+from vitclt.io import read_json_object
+
 from .base import BackboneError
-from .checkpoints import check_layout, read_state_dict
+from .checkpoints import check_layout, hub_checkpoint, read_state_dict
 from .hf_clip import HFClipBackbone
 from .tokenizer import clip_tokenizer
 from .transforms import RESAMPLE, EvalTransform, ImagePrep
@@ -261,29 +262,9 @@ class OpenClipBackbone(HFClipBackbone):
                 raise BackboneError(f"{path} holds no open_clip weights: expected {' or '.join(WEIGHT_NAMES)}")
             weights = found[0]
         else:
-            config_path, weights = _hub_files(source_str)
-        try:
-            config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BackboneError(f"{config_path} is not valid JSON ({err}): re-download it") from None
+            config_path, weights = hub_checkpoint(source_str, CONFIG_NAME, WEIGHT_NAMES, "open_clip")
+        config = read_json_object(config_path, BackboneError, "re-download it")
         return cls.from_checkpoint(weights, config, device=device, dtype=dtype, name=source_str)
-
-
-def _hub_files(repo: str) -> tuple[Path, Path]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        config = hf_hub_download(repo, CONFIG_NAME)
-        for name in WEIGHT_NAMES:
-            try:
-                return Path(config), Path(hf_hub_download(repo, name))
-            except EntryNotFoundError:
-                continue
-    except Exception as err:  # offline, unknown repo, no access: all end the same way
-        raise BackboneError(f"could not load an open_clip model from hub id {repo!r}: {str(err).splitlines()[0]}; "
-                            "pass a local directory with open_clip_config.json and the weights") from None
-    raise BackboneError(f"hub repo {repo!r} has no open_clip weights ({' or '.join(WEIGHT_NAMES)})")
 
 
 def _materialise_buffers(model: torch.nn.Module) -> None:

@@ -19,7 +19,6 @@ added to the residual stream. The task head is the checkpoint's own classifier (
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitclt.io import read_json_object
+
 from .base import Backbone, BackboneError, MLPSite
-from .checkpoints import WEIGHT_SUFFIXES, check_layout, read_state_dict
+from .checkpoints import WEIGHT_SUFFIXES, check_layout, hub_checkpoint, read_state_dict
 from .heads import LinearHead
 from .transforms import RESAMPLE, EvalTransform, ImagePrep
 
@@ -323,13 +324,10 @@ class TimmViTBackbone(Backbone):
         elif path.suffix in WEIGHT_SUFFIXES or source_str.startswith((".", "/", "~")):
             raise BackboneError(f"timm checkpoint {source_str!r} does not exist: pass a weights file, a directory or a hub id")
         else:
-            config_path, weights = _hub_files(source_str)
+            config_path, weights = hub_checkpoint(source_str, "config.json", WEIGHT_NAMES, "timm")
         timm_cfg = {}
         if config_path.is_file():
-            try:
-                timm_cfg = json.loads(config_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise BackboneError(f"{config_path} is not valid JSON ({err}): re-download it") from None
+            timm_cfg = read_json_object(config_path, BackboneError, "re-download it")
         return cls.from_checkpoint(weights, timm_cfg, device=device, dtype=dtype, name=source_str)
 
     def fingerprint_tensors(self) -> Iterable[tuple[str, Tensor]]:
@@ -365,20 +363,3 @@ class TimmViTBackbone(Backbone):
             return None
         head = self.model.head
         return LinearHead(head.weight.detach().float(), head.bias.detach().float(), labels=self.labels, kind="own")
-
-
-def _hub_files(repo: str) -> tuple[Path, Path]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        config = Path(hf_hub_download(repo, "config.json"))
-        for name in WEIGHT_NAMES:
-            try:
-                return config, Path(hf_hub_download(repo, name))
-            except EntryNotFoundError:
-                continue
-    except Exception as err:  # offline, unknown repo, no access: all end the same way
-        raise BackboneError(f"could not load a timm model from hub id {repo!r}: {str(err).splitlines()[0]}; "
-                            "pass a local directory with config.json and model.safetensors") from None
-    raise BackboneError(f"hub repo {repo!r} has no timm weights ({' or '.join(WEIGHT_NAMES)})")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vitclt.errors import ConfigError, VitcltError
-from vitclt.io import write_json, write_safetensors
+from vitclt.io import read_json_object, write_json, write_safetensors
 from vitclt.nn.config import TranscoderConfig
 from vitclt.nn.hub import resolve_directory
 
@@ -107,12 +107,7 @@ def read_config(directory: str | os.PathLike) -> TranscoderConfig:
     _check_directory(directory)
     path = directory / CONFIG_NAME
     fix = "restore it from the run that wrote it, or save the transcoder again"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}): {fix}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not a transcoder config object: {fix}")
+    raw = read_json_object(path, CheckpointError, fix, kind="transcoder config")
     try:
         cfg = TranscoderConfig.from_dict(raw)
         cfg.validate()
@@ -351,10 +346,7 @@ def _prisma_layer(source: str | os.PathLike) -> tuple[dict, dict[str, Tensor], s
     state, pickled_cfg = _read_prisma_weights(local)
     cfg_path = local / "config.json"
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({err}): download it again") from None
+        cfg = read_json_object(cfg_path, CheckpointError, "download it again")
     elif pickled_cfg is not None:
         cfg = pickled_cfg
     else:
