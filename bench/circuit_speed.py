@@ -62,13 +62,14 @@ def main() -> None:
         classifier = F.normalize(torch.randn(3, 512, device=args.device), dim=-1)
     else:
         from vitclt.backbones import load_backbone
-        from vitclt.circuits.inputs import backbone_spec, find_transcoder
+        from vitclt.circuits.inputs import find_transcoder
         from vitclt.data.datasets import load_dataset
+        from vitclt.eval.suite import backbone_spec
         from vitclt.eval.zeroshot import build_classifier, dataset_templates
         from vitclt.nn.transcoder import Transcoder
 
-        _, tc_dir = find_transcoder(args.run_dir)
-        backbone = load_backbone(backbone_spec(tc_dir, args.backbone), device=args.device)
+        tc_name, tc_dir = find_transcoder(args.run_dir)
+        backbone = load_backbone(backbone_spec({tc_name: tc_dir}, args.backbone), device=args.device)
         tc = Transcoder.from_pretrained(tc_dir, device=backbone.device)
         data = load_dataset("demo")
         images = [data[i][0] for i in range(args.images)]

@@ -231,19 +231,6 @@ def _load_transcoders(source: Path, names: list[str] | None) -> dict[str, Path]:
     return found
 
 
-def _backbone_spec(paths: dict[str, Path], override: str | None) -> str:
-    if override:
-        return override
-    specs = {json.loads((p / "config.json").read_text()).get("backbone") or "" for p in paths.values()}
-    specs.discard("")
-    if len(specs) != 1:
-        raise BrowserError(
-            f"the transcoders name {'no backbone' if not specs else 'different backbones: ' + ', '.join(sorted(specs))}; "
-            "pass --backbone"
-        )
-    return specs.pop()
-
-
 def browser_pages(site: str | Path) -> dict[str, str]:
     """The index page of each transcoder in a finished browser at `site`, by name (relative to `site`); {} if none."""
     site = Path(site)
@@ -285,6 +272,7 @@ def build_browser(
     from vitclt.backbones import load_backbone
     from vitclt.data.batches import pixel_batches
     from vitclt.data.datasets import load_dataset
+    from vitclt.eval.suite import backbone_spec
     from vitclt.eval.zeroshot import dataset_templates
     from vitclt.nn.transcoder import Transcoder
 
@@ -300,7 +288,7 @@ def build_browser(
         data = load_dataset(dataset, split, max_images=max_images, seed=seed)
         if len(data) == 0:
             raise BrowserError(f"dataset {dataset} ({split}) has no images")
-        bb = load_backbone(_backbone_spec(paths, backbone), device=device)
+        bb = load_backbone(backbone_spec(paths, backbone), device=device)
         models: dict[str, Transcoder] = {}
         for name, path in paths.items():
             tc = Transcoder.from_pretrained(path, device=bb.device).eval()

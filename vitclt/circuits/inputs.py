@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 
 from PIL import Image
@@ -16,16 +15,6 @@ def find_transcoder(run_dir: str | Path, name: str | None = None) -> tuple[str, 
     from vitclt.eval.suite import pick_transcoder
 
     return pick_transcoder(run_dir, name)
-
-
-def backbone_spec(transcoder_dir: Path, override: str | None) -> str:
-    """The backbone to use: `override`, else the one recorded in the transcoder's config."""
-    if override:
-        return override
-    spec = json.loads((Path(transcoder_dir) / "config.json").read_text()).get("backbone") or ""
-    if not spec:
-        raise CircuitError(f"the transcoder in {transcoder_dir} does not record its backbone: pass --backbone")
-    return spec
 
 
 def check_transcoder(transcoder, backbone) -> None:

@@ -70,9 +70,10 @@ def run(cfg: ExplainConfig) -> Path:
 
     from vitclt.backbones import load_backbone
     from vitclt.circuits.errors import CircuitError
-    from vitclt.circuits.inputs import backbone_spec, check_transcoder, class_index, find_transcoder, load_classes, read_image
+    from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
     from vitclt.circuits.pipeline import explain_class, explain_image
     from vitclt.circuits.viewer import browser_link, check_output, graph_summary, write_viewer
+    from vitclt.eval.suite import backbone_spec
     from vitclt.eval.zeroshot import build_classifier
     from vitclt.nn.transcoder import Transcoder
     from vitclt.runtime import setup
@@ -97,7 +98,7 @@ def run(cfg: ExplainConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     out = cfg.out or (run_dir / "circuits" / f"{stem}-{_slug(classnames[target]) if target is not None else 'top'}")
     check_output(out)
-    backbone = load_backbone(backbone_spec(tc_dir, cfg.backbone), device=device)
+    backbone = load_backbone(backbone_spec({tc_name: tc_dir}, cfg.backbone), device=device)
     transcoder = Transcoder.from_pretrained(tc_dir, device=backbone.device)
     check_transcoder(transcoder, backbone)
     classifier = build_classifier(backbone, classnames, templates)

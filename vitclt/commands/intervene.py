@@ -54,9 +54,10 @@ def run(cfg: InterveneConfig) -> dict:
 
     from vitclt.backbones import load_backbone
     from vitclt.circuits.errors import CircuitError
-    from vitclt.circuits.inputs import backbone_spec, check_transcoder, class_index, find_transcoder, load_classes, read_image
+    from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
     from vitclt.circuits.intervene import check_interventions, intervene, parse_intervention
     from vitclt.circuits.pipeline import image_graph
+    from vitclt.eval.suite import backbone_spec
     from vitclt.eval.zeroshot import build_classifier
     from vitclt.io import write_json
     from vitclt.nn.transcoder import Transcoder
@@ -66,11 +67,11 @@ def run(cfg: InterveneConfig) -> dict:
         raise CircuitError("nothing to do: pass at least one --set LAYER:FEATURE=VALUE (or *SCALE)")
     changes = [parse_intervention(s) for s in cfg.set]
     device = setup(cfg.runtime)
-    _, tc_dir = find_transcoder(cfg.run_dir, cfg.transcoder)
+    tc_name, tc_dir = find_transcoder(cfg.run_dir, cfg.transcoder)
     classnames, templates = load_classes(cfg.classes, cfg.templates)
     target = class_index(cfg.target, classnames) if cfg.target is not None else None
     image = read_image(cfg.image)
-    backbone = load_backbone(backbone_spec(tc_dir, cfg.backbone), device=device)
+    backbone = load_backbone(backbone_spec({tc_name: tc_dir}, cfg.backbone), device=device)
     transcoder = Transcoder.from_pretrained(tc_dir, device=backbone.device)
     check_transcoder(transcoder, backbone)
     check_interventions(changes, transcoder, backbone)
