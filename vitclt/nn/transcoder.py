@@ -521,6 +521,7 @@ class Transcoder(nn.Module):
         ``.train().requires_grad_(True)`` to fine-tune it). A missing, empty, truncated or
         mismatched file raises `CheckpointError` naming it.
         """
+        directory = formats.resolve_directory(directory)  # once: a hub id would otherwise be looked up twice
         # Uninitialised weights are never touched before load_weights replaces them.
         model = cls(formats.read_config(directory), device=device, initialize=False)
         formats.load_weights(model, directory, device)
