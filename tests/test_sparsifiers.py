@@ -160,3 +160,17 @@ def test_jumprelu_fitted_threshold_floors_at_a_positive_value():
     jump.fit_threshold(0, -torch.rand(50, 3) - 1, target_l0=1)
     torch.testing.assert_close(jump.thresholds(), torch.full((1, 3), 1e-3))
     assert torch.isfinite(jump.log_threshold_LF).all()
+
+
+def test_running_threshold_starts_at_the_first_value_then_averages():
+    gen = torch.Generator().manual_seed(4)
+    sparsifier = ReLUTopK(2, 64, 4, threshold_ema=0.75).train()
+    expected = None
+    for _ in range(3):
+        pre_NF = torch.randn(128, 64, generator=gen)
+        smallest = pre_NF.topk(4, dim=1).values.min(1).values.relu().mean()
+        expected = smallest if expected is None else 0.75 * expected + (1 - 0.75) * smallest
+        sparsifier.select(pre_NF, 1, update_stats=True)
+        assert torch.equal(sparsifier.threshold_L[1], expected)
+        assert sparsifier.threshold_L[0] == 0  # another layer's threshold stays
+    assert sparsifier.threshold_seen_L.tolist() == [False, True]

@@ -47,6 +47,17 @@ def usable(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def csr_offsets(keys: Tensor, n_keys: int) -> Tensor:
+    """(n_keys + 1,) start of each key's run in ``keys`` sorted: a CSR row pointer, without a device sync.
+
+    ``torch.bincount`` would size its output from the largest key, which reads it back to the host
+    (a sync on CUDA); counting into a fixed-size buffer never does, and gives the same integers.
+    """
+    crow = torch.zeros(n_keys + 1, dtype=torch.long, device=keys.device)
+    crow[1:].index_add_(0, keys, torch.ones_like(keys))
+    return crow.cumsum_(0)
+
+
 class _PairTable(NamedTuple):
     """The decoder pairs as device tensors the kernels index."""
 
@@ -78,11 +89,22 @@ def _csr(keys: Sequence[int], n: int, device: torch.device) -> tuple[Tensor, Ten
 
 
 def _pair_table(weights: Sequence[Tensor], pairs: Sequence[tuple[int, int]], n_sources: int, n_targets: int) -> _PairTable:
-    device = weights[0].device
+    """The table for these decoders, built once per set of data pointers and reused by every later step.
+
+    Building it copies Python lists to the device, which on CUDA waits for the device to drain; a
+    model's parameters keep their storage for its life, so after the first step every call hits.
+    """
+    key = (tuple(w.data_ptr() for w in weights), tuple(pairs), n_sources, n_targets, weights[0].device)
+    return _cached_pair_table(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_pair_table(key) -> _PairTable:
+    w_ptrs, pairs, n_sources, n_targets, device = key
     src = [i for i, _ in pairs]
     tgt = [j for _, j in pairs]
     return _PairTable(
-        torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64, device=device),
+        torch.tensor(w_ptrs, dtype=torch.int64, device=device),
         torch.tensor(src, dtype=torch.int32, device=device),
         torch.tensor(tgt, dtype=torch.int32, device=device),
         *_csr(tgt, n_targets, device),
@@ -177,8 +199,7 @@ def decode_backward(
         key_NLK = indices_NLK + torch.arange(n_layers, device=device).view(1, -1, 1) * n_features
         flat = key_NLK.reshape(-1)
         order = flat.argsort()
-        crow = torch.zeros(n_layers * n_features + 1, dtype=torch.long, device=device)
-        torch.cumsum(torch.bincount(flat, minlength=n_layers * n_features), 0, out=crow[1:])
+        crow = csr_offsets(flat, n_layers * n_features)
         grad_buffer = torch.empty(len(pairs), n_features, d, dtype=weights[0].dtype, device=device)
         grad_weights_kernel[(n_features, n_layers)](
             values_NLK, order, crow, grad_NJD, table.pair_tgt, table.by_src_ptr, table.by_src_pair, grad_buffer,

@@ -74,11 +74,11 @@ class Codes(NamedTuple):
 def stack_codes(per_layer: Sequence[LayerCodes]) -> Codes:
     """Stack per-layer codes into ``Codes``, padding each layer to the widest K with zeros."""
     width = max(c.values_NK.shape[1] for c in per_layer)
-    values, indices = [], []
-    for c in per_layer:
-        pad = width - c.values_NK.shape[1]
-        values.append(F.pad(c.values_NK, (0, pad)))
-        indices.append(F.pad(c.indices_NK, (0, pad)))
+    # A layer already at the width is stacked as is: padding by 0 would still copy it (TopK: every layer).
+    values = [c.values_NK if c.values_NK.shape[1] == width else F.pad(c.values_NK, (0, width - c.values_NK.shape[1]))
+              for c in per_layer]
+    indices = [c.indices_NK if c.indices_NK.shape[1] == width else F.pad(c.indices_NK, (0, width - c.indices_NK.shape[1]))
+               for c in per_layer]
     return Codes(torch.stack(values, 1), torch.stack(indices, 1))
 
 
@@ -106,10 +106,7 @@ class _ByFeature(NamedTuple):
 def _by_feature(indices_NK: Tensor, n_features: int) -> _ByFeature:
     flat = indices_NK.reshape(-1)
     order = flat.argsort()
-    counts = torch.bincount(flat, minlength=n_features)
-    crow = torch.zeros(n_features + 1, dtype=torch.long, device=flat.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return _ByFeature(order, order.div(indices_NK.shape[1], rounding_mode="floor"), crow)
+    return _ByFeature(order, order.div(indices_NK.shape[1], rounding_mode="floor"), kernels.csr_offsets(flat, n_features))
 
 
 def scatter_rows(

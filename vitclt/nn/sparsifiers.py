@@ -239,13 +239,12 @@ class TopKSparsifier(Sparsifier):
 
     @torch.no_grad()
     def _update_threshold(self, layer: int, smallest_kept: Tensor) -> None:
+        # Chosen on the device: asking the host whether this is the first update would wait for it every step.
         value = smallest_kept.float()
-        if bool(self.threshold_seen_L[layer]):
-            m = self.threshold_ema
-            self.threshold_L[layer] = m * self.threshold_L[layer] + (1 - m) * value
-        else:
-            self.threshold_L[layer] = value
-            self.threshold_seen_L[layer] = True
+        m = self.threshold_ema
+        seen = self.threshold_seen_L[layer]
+        self.threshold_L[layer] = torch.where(seen, m * self.threshold_L[layer] + (1 - m) * value, value)
+        self.threshold_seen_L[layer] = torch.ones_like(seen)
 
     def select_aux(self, pre_NF: Tensor, dead_F: Tensor, k_aux: int) -> Selection:
         """AuxK: the top ``k_aux`` dead features of each row by the same score."""

@@ -268,7 +268,9 @@ class Transcoder(nn.Module):
     ) -> tuple[LayerCodes, LayerCodes | None, Tensor]:
         """Codes, AuxK codes (or None) and sparsity penalty of one layer from normalised input.
 
-        ``update_stats``: let the sparsifier update its running statistics (training steps only).
+        ``dead_F``: the layer's dead features, for AuxK (None: no AuxK; the caller passes None for a
+        layer without dead features). ``update_stats``: let the sparsifier update its running
+        statistics (training steps only).
         """
         W_FD, b_F = self.W_enc[layer], self.b_enc[layer]
         sparse = self.cfg.sparse_encoder and torch.is_grad_enabled()
@@ -280,7 +282,7 @@ class Transcoder(nn.Module):
         selection = self.sparsifier.select(pre_NF.detach(), layer, update_stats)
         indices_NK = selection.indices_NK
         aux = None
-        if dead_F is not None and isinstance(self.sparsifier, TopKSparsifier) and bool(dead_F.any()):
+        if dead_F is not None and isinstance(self.sparsifier, TopKSparsifier):
             aux = self.sparsifier.select_aux(pre_NF.detach(), dead_F, self.cfg.auxk_k or self.d_model // 2)
             indices_NK = torch.cat([indices_NK, aux.indices_NK], 1)
         if sparse:
@@ -423,9 +425,11 @@ class Transcoder(nn.Module):
 
         # A training step (train mode, gradients on) is the one place running statistics move.
         update_stats = self.training and torch.is_grad_enabled()
+        # One read of the dead counts for the whole step (a device sync on CUDA), not one per layer.
+        dead_L = [0] * self.n_layers if dead_mask_LF is None else dead_mask_LF.sum(1).tolist()
         main, aux, penalties = [], [], []
         for i in range(self.n_layers):
-            dead_F = None if dead_mask_LF is None else dead_mask_LF[i]
+            dead_F = dead_mask_LF[i] if dead_L[i] else None
             codes_i, aux_i, penalty_i = self._encode_layer(i, xn_NLD[:, i], dead_F, update_stats)
             main.append(codes_i)
             aux.append(aux_i)
@@ -437,7 +441,7 @@ class Transcoder(nn.Module):
         fvu_L = (recon_NLD - yn_NLD).pow(2).sum((0, 2)) / total_var_L
         fvu = fvu_L.sum()
         sparsity_loss = torch.stack(penalties).sum()
-        auxk_loss = self._auxk_loss(aux, dead_mask_LF, yn_NLD - recon_NLD.detach(), total_var_L)
+        auxk_loss = self._auxk_loss(aux, dead_L, yn_NLD - recon_NLD.detach(), total_var_L)
         l0_L = (codes.values_NLK != 0).sum(-1).float().mean(0)
         return ForwardOutput(
             codes=codes,
@@ -453,7 +457,7 @@ class Transcoder(nn.Module):
     def _auxk_loss(
         self,
         aux: list[LayerCodes | None],
-        dead_mask_LF: Tensor | None,
+        dead_L: list[int],
         residual_NLD: Tensor,
         total_var_L: Tensor,
     ) -> Tensor:
@@ -465,7 +469,7 @@ class Transcoder(nn.Module):
         """
         zero = total_var_L.new_zeros(())
         sources = [i for i, a in enumerate(aux) if a is not None]
-        if not sources or dead_mask_LF is None:
+        if not sources:
             return zero
         pairs = [(i, j) for (i, j) in self.pairs if i in sources]
         weights = [self.decoder(i, j) for (i, j) in pairs]
@@ -474,14 +478,14 @@ class Transcoder(nn.Module):
             torch.zeros_like(template.values_NK[:, :1]), torch.zeros_like(template.indices_NK[:, :1])
         )
         aux_codes = stack_codes([idle if a is None else a for a in aux])
-        reach_L = torch.zeros(self.n_layers, dtype=torch.bool, device=total_var_L.device)
-        reach_L[[j for _, j in pairs]] = True
         ehat_NLD = self._decoder(aux_codes)(aux_codes, weights, pairs, self.n_layers)
         err_L = (ehat_NLD - residual_NLD).pow(2).sum((0, 2)) / total_var_L
         k_aux = self.cfg.auxk_k or self.d_model // 2
-        n_dead = float(dead_mask_LF[sources].sum())
+        n_dead = float(sum(dead_L[i] for i in sources))
         scale = min(n_dead / (k_aux * len(sources)), 1.0)
-        return self.cfg.auxk_alpha * scale * err_L[reach_L].sum()
+        # The reached targets by Python index: a mask or index tensor would cost a host read or a copy to the device.
+        err_J = torch.stack([err_L[j] for j in sorted({j for _, j in pairs})])
+        return self.cfg.auxk_alpha * scale * err_J.sum()
 
     def to_jumprelu(self) -> Transcoder:
         """Replace a TopK-family sparsifier by the JumpReLU with its running thresholds (in place)."""

@@ -4,7 +4,9 @@ The models compute their own losses (`Transcoder.forward` returns FVU + sparsity
 trainer only schedules the learning rate and JumpReLU's λ, tracks which features have not fired
 (the dead mask AuxK needs), averages metrics for logging, and watches for non-finite values.
 It never waits on the device inside a step: the finiteness flags and metric sums stay on the
-device until `check_finite` / `window` read them at logging and checkpoint time.
+device until `check_finite` / `window` read them at logging and checkpoint time, and the dead
+mask is handed to the models only once a feature can have gone dead (a host-side bound on the
+counters says when), since AuxK then reads how many are dead.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class Trainer:
         }
         self.since_fired = {name: torch.zeros(m.n_layers, m.n_features, dtype=torch.long, device=device)
                             for name, m in models.items()}
+        # An upper bound on since_fired, kept on the host (refreshed whenever the counters are read anyway):
+        # while it is below dead_tokens no feature can be dead, and the step needs no dead mask at all.
+        self._since_bound = {name: 0 for name in models}
         self._flags: list[Tensor] = []
         self._flag_steps: list[int] = []
         self._sums: dict[str, Tensor] = {}
@@ -107,7 +112,8 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[name] * factor
             model.sparsity_coefficient = self.target_lambda[name] * ramp
-            dead_LF = self.since_fired[name] >= model.cfg.dead_tokens
+            can_be_dead = self._since_bound[name] >= model.cfg.dead_tokens
+            dead_LF = self.since_fired[name] >= model.cfg.dead_tokens if can_be_dead else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = model(x_NLD, y_NLD, dead_mask_LF=dead_LF)
             out.loss.backward()
@@ -115,6 +121,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             fired = fired_counts(out.codes, model.n_layers, model.n_features) > 0
             self.since_fired[name] = torch.where(fired, 0, self.since_fired[name] + n)
+            self._since_bound[name] += n
             flags += [~torch.isfinite(out.fvu_L), (~torch.isfinite(out.loss)).expand_as(out.fvu_L)]
             terms = torch.stack([out.loss.detach().expand_as(out.fvu_L), out.fvu_L.detach(), out.l0_L.detach()])
             self._sums[name] = terms if name not in self._sums else self._sums[name] + terms
@@ -149,6 +156,7 @@ class Trainer:
         out = {}
         for name, model in self.models.items():
             dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
+            self._since_bound[name] = int(self.since_fired[name].max())
             if name not in self._sums or not self._window_steps:
                 out[name] = StepMetrics(0, float("nan"), [float("nan")] * model.n_layers, [float("nan")] * model.n_layers, dead_L)
                 continue
@@ -182,4 +190,5 @@ class Trainer:
             model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             load_optimizer(self.optimizers[name], tensors, f"{name}.optim")
             self.since_fired[name] = tensors[f"{name}.since_fired_LF"].to(self.device)
+            self._since_bound[name] = int(self.since_fired[name].max())
         self.step = step
