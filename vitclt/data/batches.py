@@ -150,7 +150,7 @@ class _Prefetch:
                     self._ready.put(_Failed(RuntimeError("this prefetch was discarded by a later request")))
                     return
                 self._ready.put(batch)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it in its own thread
+        except Exception as exc:  # handed to the consumer, which raises it in its own thread
             self._ready.put(_Failed(exc))
         self._ready.put(_DONE)
 
