@@ -8,14 +8,17 @@ phases timed by wrapping the functions that do them:
 
     normalisation   estimate_normalization (the runner's statistics pass)
     thresholds      JumpReLU's threshold fit on a sample of rows (runner._init_thresholds)
-    harvest         BackboneSource.load during training: decode + preprocess + backbone forward
+    harvest         the time training waited for blocks (ActivationStream._load_block): the backbone
+                    forward, whatever decoding the workers had not done ahead, the copy to the device
     train <model>   each transcoder's forward, backward and Adam step (Transcoder.forward → Adam.step)
     feature browser the browser of the ReLU-TopK CLT that reproduce builds (one pass over the eval images)
     evaluation      `vitclt eval` on every trained model
 
 and prints tokens/s, images/s and peak memory (CUDA max_memory_allocated on GPU; peak RSS on
-CPU). Harvest overlaps nothing here (the stream loads a block, then trains on it), so the
-phases add up to about the wall time.
+CPU). With workers, each block after the first is decoded while the previous one trains, so
+that decoding is in no phase and the harvest's images/s is per second training waited; with 0
+workers (and for the first block) the harvest includes the decoding. The phases add up to about
+the wall time.
 
     python bench/pipeline.py                       # full size: 12 x 768, 5 transcoders (GPU)
     python bench/pipeline.py --small               # tiny ViT, a few images and steps: seconds on CPU
@@ -100,9 +103,9 @@ def instrument(clock: PhaseClock) -> None:
     clock.wrap(runner, "_init_thresholds", "thresholds")
     clock.wrap(reproduce, "build_study_browser", "feature browser")
     clock.wrap(eval_command, "run", "evaluation")
-    # Loads inside the other phases belong to them; only the training stream's loads are harvest.
-    clock.wrap(stream.BackboneSource, "load", lambda *a, **k: None if clock.active else "harvest",
-               count=lambda self, images: len(images))
+    # Only the training stream's block loads are harvest: the other phases' loads belong to them.
+    clock.wrap(stream.ActivationStream, "_load_block", "harvest",
+               count=lambda self, epoch, block: len(self.block_image_indices(epoch, block)))
 
     # A training step runs each model's forward, backward and Adam step in turn: time from its
     # forward to its optimiser step.
@@ -196,7 +199,7 @@ def main() -> None:
     for name, seconds in clock.seconds.items():
         n = clock.counts[name]
         if name == "harvest":
-            rate = f"{n / seconds:,.0f} images/s ({n} images)"
+            rate = f"{n / seconds:,.0f} images/s ({n} images) over the seconds training waited for blocks"
         elif name.startswith("train "):
             rate = f"{tokens / seconds:,.0f} tokens/s ({n} steps)"
         else:
