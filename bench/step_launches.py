@@ -5,8 +5,9 @@ time against 76 ms of kernels), and every value read back to the host (``bool(t)
 ``bincount``, ``nonzero``) or copied from Python data to the device stalls the host until the
 device has drained its queue, so the host can no longer run ahead of it. This counts, for one
 training step (forward with AuxK's dead mask, backward, fused Adam) of each sparsifier and
-topology, the operations the step dispatches as torch sees them, on the CPU, with the decode
-on the CUDA path (the fused Triton kernels' launches are counted, not run):
+topology, the operations the step dispatches as torch sees them, on the CPU, with the sparse
+decode and the encoder's sparse backward on their CUDA path (the fused Triton kernels' launches
+are counted, not run):
 
 * ``ops``: aten operations that compute (views, detach and aliasing ops excluded): an upper
   bound on the CUDA kernels the step launches, plus the Triton launches;
@@ -102,15 +103,17 @@ class _CountedKernel:
 
 @contextlib.contextmanager
 def cuda_decode_counted(launches: collections.Counter):
-    """While inside, the transcoder decodes as on CUDA (the fused kernels), whose launches are counted, not run."""
-    real_kernels, real_decode = kernels._kernels, transcoder.sparse_decode
+    """While inside, the transcoder's sparse ops take their CUDA path (the fused kernels), whose launches are
+    counted, not run."""
+    real = kernels._kernels, transcoder.sparse_decode, transcoder.gathered_linear
     kernels._kernels = lambda: tuple(_CountedKernel(launches, name)
                                      for name in ("decode_fwd", "decode_grad_values", "decode_grad_weights"))
-    transcoder.sparse_decode = functools.partial(real_decode, backend="triton")
+    transcoder.sparse_decode = functools.partial(real[1], backend="triton")
+    transcoder.gathered_linear = functools.partial(real[2], backend="triton")
     try:
         yield
     finally:
-        kernels._kernels, transcoder.sparse_decode = real_kernels, real_decode
+        kernels._kernels, transcoder.sparse_decode, transcoder.gathered_linear = real
 
 
 def count_step(topology: str, sparsifier: str, n_layers: int, dead: bool) -> tuple[StepCounter, collections.Counter]:
@@ -149,7 +152,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12, help="number of layers (the counts scale with it)")
     ap.add_argument("--list", type=int, default=0, help="also list the most frequent operations of each step")
     args = ap.parse_args()
-    print(f"one training step, {args.layers} layers, CUDA decode path (Triton launches counted, not run)")
+    print(f"one training step, {args.layers} layers, CUDA path of the sparse ops (Triton launches counted, not run)")
     print(f"{'model':>16} {'dead':>5} {'ops':>5} {'triton':>6} {'host reads':>10} {'H2D copies':>10}")
     for topology in args.topology:
         for sparsifier in args.sparsifier:

@@ -3,7 +3,9 @@
 One step is forward + backward + optimiser step on random activations. Every configuration
 runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own; the forward,
 backward and optimiser times are reported separately because at the paper's shapes the Adam
-update over 425M parameters is a sizeable, memory-bound share of the step.
+update over 425M parameters is a sizeable, memory-bound share of the step. On CUDA it also
+counts the device syncs of one more step (``torch.cuda.set_sync_debug_mode("warn")``): each is
+a point where the host waits for the device instead of queuing the next kernels.
 
     python bench/train_throughput.py                              # small shape, quick
     python bench/train_throughput.py --shape paper --batch 1024 --threads 1 --steps 3
@@ -96,6 +98,25 @@ def child(spec: dict) -> dict:
             rows.append([b[0] - a[0] for a, b in ((t0, t1), (t1, t2), (t2, t3), (t0, t3))]
                         + [t3[1] - t0[1]])
     fwd, bwd, adam, total, cpu = (statistics.median(col) for col in zip(*rows))
+    syncs = None
+    if device.type == "cuda":
+        # One more step under CUDA's sync debugging: every operation that makes the host wait for the
+        # device warns (a step that never waits lets the host queue kernels ahead of the device).
+        import warnings
+
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
+                    step_out = model(x, y)
+                step_out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
     result = dict(
         spec,
         params_M=sum(p.numel() for p in params) / 1e6,
@@ -110,6 +131,7 @@ def child(spec: dict) -> dict:
     )
     if device.type == "cuda":
         result["peak_cuda_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        result["syncs_per_step"] = syncs
     return result
 
 
@@ -169,7 +191,7 @@ def main() -> None:
             print(f"{batch:>6} {model:>14} {variant:>14}  failed (exit {proc.returncode}): {' | '.join(tail)}")
             continue
         r = json.loads(lines[-1][len("RESULT "):])
-        extra = f"  cuda peak {r['peak_cuda_GB']:.2f} GB" if "peak_cuda_GB" in r else ""
+        extra = f"  cuda peak {r['peak_cuda_GB']:.2f} GB  syncs/step {r['syncs_per_step']}" if "peak_cuda_GB" in r else ""
         print(f"{batch:>6} {model:>14} {variant:>14} {r['l0']:>6.1f} {r['width']:>5} "
               f"{r['tokens_per_s']:>8.0f} {r['tokens_per_cpu_s']:>9.0f} {r['step_s']:>7.2f} "
               f"{r['fwd_s']:>6.2f} {r['bwd_s']:>6.2f} {r['adam_s']:>6.2f} "

@@ -1,4 +1,4 @@
-"""The fused Triton decode equals the torch path: forward values and every gradient.
+"""The fused Triton decode (and the encoder backward built on it) equals the torch path: values and every gradient.
 
 The cases run where compiled or interpreted kernels can run: on CPU tensors under Triton's
 interpreter, which must be switched on (TRITON_INTERPRET=1) before anything imports Triton, so
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from vitclt.nn import Transcoder, TranscoderConfig, kernels
 from vitclt.nn import transcoder as transcoder_module
-from vitclt.nn.sparse import Codes, dense_decode, sparse_decode
+from vitclt.nn.sparse import Codes, dense_decode, gathered_linear, sparse_decode
 
 FAST = settings(max_examples=8, deadline=None)
 DEVICE = torch.device("cuda" if os.environ.get("VITCLT_KERNEL_DEVICE") == "cuda" else "cpu")
@@ -36,7 +36,7 @@ def test_kernel_cases_in_the_interpreter():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("5 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
+    assert summary.startswith("6 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
 
 
 def _pairs(topology: str, n_layers: int, drop: int) -> list[tuple[int, int]]:
@@ -104,6 +104,41 @@ def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac,
 
 
 @kernel_case
+@FAST
+@given(
+    n=st.integers(1, 24),
+    n_features=st.integers(4, 12),
+    d=st.integers(1, 40),
+    k_frac=st.floats(0.1, 1.0),
+    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_encoder_backward_equals_torch_path(n, n_features, d, k_frac, zero_frac, seed):
+    gen = torch.Generator().manual_seed(seed)
+    unused = 2 if n_features > 5 else 0
+    k = max(1, round(k_frac * (n_features - unused)))
+    indices_NK = _codes(gen, n, 1, n_features, k, unused, 0.0).indices_NLK[:, 0]
+    x_ND = torch.randn(n, d, generator=gen).to(DEVICE)
+    W_FD = torch.randn(n_features, d, generator=gen).to(DEVICE)
+    b_F = torch.randn(n_features, generator=gen).to(DEVICE)
+    # Some entries get no gradient, as a ReLU or JumpReLU below its threshold gives them.
+    grad_NK = (torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= zero_frac)).to(DEVICE)
+    grads = []
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_(True) for t in (x_ND, W_FD, b_F)]
+        with torch.no_grad():
+            pre_NF = torch.nn.functional.linear(*leaves)
+        out_NK = gathered_linear(*leaves, indices_NK, pre_NF, backend=backend)
+        torch.testing.assert_close(out_NK, pre_NF.gather(1, indices_NK))
+        out_NK.backward(grad_NK)
+        grads.append([t.grad for t in leaves])
+    for name, ref, fused in zip(("x", "W", "b"), *grads):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5, msg=name)
+    if unused:
+        assert not grads[1][1][-unused:].any(), "a feature no row selected got a gradient"
+
+
+@kernel_case
 def test_fused_decode_bf16_is_within_bf16_rounding_of_fp32():
     gen = torch.Generator().manual_seed(0)
     n, n_layers, n_features, d, k = 24, 3, 16, 20, 5
@@ -126,7 +161,7 @@ def test_fused_decode_bf16_is_within_bf16_rounding_of_fp32():
 @kernel_case
 @pytest.mark.parametrize("sparsifier", ["relu-topk", "jumprelu"])
 def test_a_training_step_through_the_fused_decode_equals_the_torch_step(monkeypatch, sparsifier):
-    """The whole CLT step (encoder, JumpReLU window entries, AuxK, losses) with either decode."""
+    """The whole CLT step (encoder, JumpReLU window entries, AuxK, losses) with either backend for every sparse op."""
     gen = torch.Generator().manual_seed(4)
     x = (torch.randn(24, 3, 8, generator=gen) * 2 + 1).to(DEVICE)
     y = (torch.randn(24, 3, 8, generator=gen) - 3).to(DEVICE)
@@ -137,10 +172,15 @@ def test_a_training_step_through_the_fused_decode_equals_the_torch_step(monkeypa
         calls.append(backend)
         return sparse_decode(*args, backend=backend, **kwargs)
 
+    def encoder(*args, backend):
+        calls.append(f"encoder {backend}")
+        return gathered_linear(*args, backend=backend)
+
     # Sparse whatever the width: these codes are wide for 16 features.
     monkeypatch.setattr(transcoder_module, "prefer_dense_decode", lambda *args: False)
     for backend in ("torch", "triton"):
         monkeypatch.setattr(transcoder_module, "sparse_decode", functools.partial(counted, backend=backend))
+        monkeypatch.setattr(transcoder_module, "gathered_linear", functools.partial(encoder, backend=backend))
         torch.manual_seed(0)
         model = Transcoder(TranscoderConfig(n_layers=3, d_model=8, n_features=16, k=2, sparsifier=sparsifier,
                                             jumprelu_bandwidth=0.5, auxk_k=2), device=DEVICE)
@@ -151,6 +191,7 @@ def test_a_training_step_through_the_fused_decode_equals_the_torch_step(monkeypa
         results.append((out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
     (ref, ref_grads), (fused, fused_grads) = results
     assert calls.count("triton") == calls.count("torch") >= 1, "the step did not take the sparse decode"
+    assert calls.count("encoder triton") == calls.count("encoder torch") >= 3, "the encoder's backward was not sparse"
     torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert fused_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():

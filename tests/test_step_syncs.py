@@ -3,7 +3,7 @@
 On CUDA every value read back to the host (``bool``/``item``/``tolist`` of a device tensor, ``bincount``)
 and every tensor built from Python data stalls the host until the device drains its queue, so the
 host can no longer queue the next kernels ahead of the device. These tests count such operations on
-the CPU, with the decode on its CUDA path (bench/step_launches.py does the counting).
+the CPU, with the sparse ops on their CUDA path (bench/step_launches.py does the counting).
 """
 
 import subprocess
@@ -38,13 +38,16 @@ def _counts(*args: str) -> dict[tuple[str, str], tuple[int, ...]]:
 
 
 def test_topk_training_steps_read_nothing_back_and_copy_nothing_up():
-    rows = _counts("--topology", "clt", "plt", "--sparsifier", "relu-topk", "abs-topk", "batch-topk")
+    rows = _counts("--topology", "clt", "plt", "--sparsifier", "relu-topk", "abs-topk", "batch-topk", "jumprelu")
     for (model, dead), (ops, triton, reads, h2d) in rows.items():
-        assert triton in (3, 6), (model, dead)  # one launch per decode kernel (twice with AuxK)
+        auxk = dead == "yes" and not model.endswith("jumprelu")  # JumpReLU has no AuxK
+        # One launch per decode kernel (AuxK's decode too), and one per layer for the encoder's weight gradient.
+        assert triton == (6 if auxk else 3) + 12, (model, dead)
         assert h2d == 0, (model, dead)
-        # BatchTopK reads its code's width once per layer; with dead features, AuxK reads how many once per step.
-        assert reads == (12 if model.endswith("batch-topk") else 0) + (dead == "yes"), (model, dead)
-    assert len(rows) == 12
+        # BatchTopK and JumpReLU read their code's width once per layer; AuxK reads how many are dead once per step.
+        width_reads = 12 if model.endswith(("batch-topk", "jumprelu")) else 0
+        assert reads == width_reads + auxk, (model, dead)
+    assert len(rows) == 16
 
 
 @settings(max_examples=30, deadline=None)

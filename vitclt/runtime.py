@@ -28,7 +28,7 @@ class RuntimeConfig:
     threads: int = 0
     """Torch CPU threads (0: torch's default); on small shared CPUs one thread is often the fastest."""
     workers: int = 2
-    """Image-decoding worker processes, resizing and cropping the next batches while the backbone runs (0: main process)."""
+    """Image-decoding worker processes; they prepare the next batches, and in training the next block (0: main process)."""
     fast_decode: bool = False
     """Decode JPEGs at reduced size when the model's input is much smaller (PIL draft mode): faster, but approximate pixels."""
     images_per_forward: int = 64

@@ -1,7 +1,8 @@
 """Fused Triton kernels for the sparse decode of a transcoder step (CUDA; CPU under TRITON_INTERPRET=1).
 
-``sparse.sparse_decode`` uses them on CUDA when Triton imports; its torch path (embedding bags)
-stays the reference and the CPU path. Three kernels, each one launch for every decoder at once:
+``sparse.sparse_decode`` uses them on CUDA when Triton imports, and so does the encoder's sparse
+backward (``sparse.gathered_linear``: a decode with one decoder); their torch path (embedding
+bags) stays the reference and the CPU path. Three kernels, each one launch for every decoder at once:
 
 * forward: ``out[n, j] = Σ_{pairs (i→j)} Σ_k v[n, i, k]·W^{i→j}[idx[n, i, k]]``. A program owns a
   block of rows × a slice of D for one target j and loops over j's sources and the slots, so each
@@ -196,7 +197,9 @@ def decode_backward(
                                      W_DTYPE=_tl_dtype(weights[0].dtype), BLOCK_E=block_e, BLOCK_D=block_d)
     if need_weights:
         # Entries sorted by (source layer, feature): feature f of source i owns order[crow[i·F + f] : crow[i·F + f + 1]].
-        key_NLK = indices_NLK + torch.arange(n_layers, device=device).view(1, -1, 1) * n_features
+        key_NLK = indices_NLK
+        if n_layers > 1:
+            key_NLK = indices_NLK + torch.arange(n_layers, device=device).view(1, -1, 1) * n_features
         flat = key_NLK.reshape(-1)
         order = flat.argsort()
         crow = csr_offsets(flat, n_layers * n_features)

@@ -1,16 +1,17 @@
 """Sparse codes and the two sparse kernels of a transcoder step.
 
 * ``gathered_linear``: the encoder's pre-activations x·Wᵀ + b read at the selected features,
-  whose backward touches only those features' rows of W (embedding-bag both ways), in the
-  spirit of EleutherAI sparsify's fused encoder.
+  whose backward touches only those features' rows of W (embedding bags both ways on CPU), in
+  the spirit of EleutherAI sparsify's fused encoder.
 * ``sparse_decode``: Σ_k v_k·W[idx_k] for every (source → target) decoder, reading only the
   active features' rows; its backward computes the decoder gradient per feature with an
   embedding bag over the rows that used it, and the code gradient as sampled dot products.
 
 Both keep to dense torch ops of moderate size, so they run on CPU and GPU alike; the dense
 reference paths (``dense_decode``, a plain ``F.linear`` + ``gather``) must agree with them. On
-CUDA, when Triton imports, ``sparse_decode`` runs the fused kernels of `vitclt.nn.kernels`
-instead of the embedding bags (the same result; tests/test_kernels.py). ``prefer_dense_decode``
+CUDA, when Triton imports, both run the fused kernels of `vitclt.nn.kernels` instead of the
+embedding bags (the same result; tests/test_kernels.py): the encoder's backward is a decode with
+one decoder. ``prefer_dense_decode``
 says when a code is so wide that the dense decode is the cheaper of the two.
 """
 
@@ -171,7 +172,8 @@ class _GatheredLinear(torch.autograd.Function):
     """(x·Wᵀ + b)[n, indices[n, k]] with a backward that touches only the indexed features."""
 
     @staticmethod
-    def forward(ctx, x_ND, W_FD, b_F, indices_NK, pre_NF):
+    def forward(ctx, triton, x_ND, W_FD, b_F, indices_NK, pre_NF):
+        ctx.triton = triton
         ctx.save_for_backward(x_ND, W_FD, indices_NK)
         return pre_NF.gather(1, indices_NK)
 
@@ -180,28 +182,50 @@ class _GatheredLinear(torch.autograd.Function):
         x_ND, W_FD, indices_NK = ctx.saved_tensors
         grad_NK = grad_NK.to(W_FD.dtype)
         grad_x = grad_weight = grad_b = None
+        # The encoder's sparse backward is the decode's with one decoder (W) and the rows' gradient as
+        # the code, so on CUDA it runs the same fused kernels (one launch each, no embedding bags).
+        one_NLK = (grad_NK[:, None], indices_NK[:, None])
         # Grad w.r.t. the input: each row sums its selected encoder rows.
-        if ctx.needs_input_grad[0]:
-            grad_x = bag(grad_NK, indices_NK, W_FD.detach()).to(x_ND.dtype)
-        # Grad w.r.t. the weight: each selected feature sums the input rows that selected it.
         if ctx.needs_input_grad[1]:
-            grad_weight = scatter_rows(grad_NK, indices_NK, x_ND.to(W_FD.dtype), W_FD.shape[0])
-        # Grad w.r.t. the bias: a histogram of the selected features weighted by the gradient.
+            if ctx.triton:
+                grad_x = kernels.decode_forward(*one_NLK, [W_FD.detach()], [(0, 0)], 1)[:, 0]
+            else:
+                grad_x = bag(grad_NK, indices_NK, W_FD.detach())
+            grad_x = grad_x.to(x_ND.dtype)
+        # Grad w.r.t. the weight: each selected feature sums the input rows that selected it.
         if ctx.needs_input_grad[2]:
+            table_ND = x_ND.to(W_FD.dtype)
+            if ctx.triton:
+                grad_weight = kernels.decode_backward(table_ND[:, None], *one_NLK, [W_FD.detach()], [(0, 0)],
+                                                      need_values=False)[1][0]
+            else:
+                grad_weight = scatter_rows(grad_NK, indices_NK, table_ND, W_FD.shape[0])
+        # Grad w.r.t. the bias: a histogram of the selected features weighted by the gradient.
+        if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(W_FD.shape[0], dtype=W_FD.dtype, device=W_FD.device)
             grad_b.index_add_(0, indices_NK.reshape(-1), grad_NK.reshape(-1))
-        return grad_x, grad_weight, grad_b, None, None
+        return None, grad_x, grad_weight, grad_b, None, None
+
+
+def _use_triton(backend: Literal["auto", "torch", "triton"], device: torch.device) -> bool:
+    """Whether a sparse op runs the fused kernels: "auto" takes them on CUDA when Triton imports."""
+    if backend == "auto":
+        return device.type == "cuda" and kernels.usable(device)
+    return backend == "triton"
 
 
 def gathered_linear(
-    x_ND: Tensor, W_FD: Tensor, b_F: Tensor, indices_NK: Tensor, pre_NF: Tensor
+    x_ND: Tensor, W_FD: Tensor, b_F: Tensor, indices_NK: Tensor, pre_NF: Tensor,
+    backend: Literal["auto", "torch", "triton"] = "auto",
 ) -> Tensor:
     """Pre-activations at the selected features, differentiable with a sparse backward.
 
     ``pre_NF`` must be ``F.linear(x_ND, W_FD, b_F)`` computed without grad (the caller needs
     it anyway to choose ``indices_NK``); the backward never forms a dense (N, F) gradient.
+    ``backend`` as for ``sparse_decode``: the backward's gathers are embedding bags ("torch") or
+    the fused decode kernels ("triton"; "auto" on CUDA).
     """
-    return _GatheredLinear.apply(x_ND, W_FD, b_F, indices_NK, pre_NF.detach())
+    return _GatheredLinear.apply(_use_triton(backend, W_FD.device), x_ND, W_FD, b_F, indices_NK, pre_NF.detach())
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -276,12 +300,8 @@ def sparse_decode(
     path (the reference, and CPU's); "triton" the fused kernels of `vitclt.nn.kernels` (CUDA, or
     CPU under TRITON_INTERPRET=1 for tests); "auto" takes Triton on CUDA when it imports.
     """
-    if backend == "auto":
-        triton = weights[0].device.type == "cuda" and kernels.usable(weights[0].device)
-    else:
-        triton = backend == "triton"
     return _SparseDecode.apply(
-        tuple(pairs), n_targets, triton, codes.values_NLK, codes.indices_NLK, *weights
+        tuple(pairs), n_targets, _use_triton(backend, weights[0].device), codes.values_NLK, codes.indices_NLK, *weights
     )
 
 

@@ -269,8 +269,8 @@ class Transcoder(nn.Module):
         """Codes, AuxK codes (or None) and sparsity penalty of one layer from normalised input.
 
         ``dead_F``: the layer's dead features, for AuxK (None: no AuxK; the caller passes None for a
-        layer without dead features). ``update_stats``: let the sparsifier update its running
-        statistics (training steps only).
+        layer without dead features, and for a sparsifier other than the TopK family).
+        ``update_stats``: let the sparsifier update its running statistics (training steps only).
         """
         W_FD, b_F = self.W_enc[layer], self.b_enc[layer]
         sparse = self.cfg.sparse_encoder and torch.is_grad_enabled()
@@ -282,7 +282,7 @@ class Transcoder(nn.Module):
         selection = self.sparsifier.select(pre_NF.detach(), layer, update_stats)
         indices_NK = selection.indices_NK
         aux = None
-        if dead_F is not None and isinstance(self.sparsifier, TopKSparsifier):
+        if dead_F is not None:
             aux = self.sparsifier.select_aux(pre_NF.detach(), dead_F, self.cfg.auxk_k or self.d_model // 2)
             indices_NK = torch.cat([indices_NK, aux.indices_NK], 1)
         if sparse:
@@ -425,8 +425,10 @@ class Transcoder(nn.Module):
 
         # A training step (train mode, gradients on) is the one place running statistics move.
         update_stats = self.training and torch.is_grad_enabled()
-        # One read of the dead counts for the whole step (a device sync on CUDA), not one per layer.
-        dead_L = [0] * self.n_layers if dead_mask_LF is None else dead_mask_LF.sum(1).tolist()
+        # One read of the dead counts for the whole step (a device sync on CUDA), not one per layer, and
+        # none for a sparsifier without AuxK.
+        auxk = dead_mask_LF is not None and isinstance(self.sparsifier, TopKSparsifier)
+        dead_L = dead_mask_LF.sum(1).tolist() if auxk else [0] * self.n_layers
         main, aux, penalties = [], [], []
         for i in range(self.n_layers):
             dead_F = dead_mask_LF[i] if dead_L[i] else None
