@@ -36,7 +36,7 @@ def test_kernel_cases_in_the_interpreter():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("6 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
+    assert summary.startswith("7 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
 
 
 def _pairs(topology: str, n_layers: int, drop: int) -> list[tuple[int, int]]:
@@ -62,10 +62,11 @@ def _codes(gen, n, n_layers, n_features, k, unused, zero_frac, dtype=torch.float
     return Codes(values.to(dtype).to(DEVICE), indices.to(DEVICE))
 
 
-def _run(backend, codes, weights, pairs, n_layers):
+def _run(backend, codes, weights, pairs, n_layers, zero_values_have_gradients=True):
     values = codes.values_NLK.clone().requires_grad_(True)
     weights = [w.clone().requires_grad_(True) for w in weights]
-    out = sparse_decode(Codes(values, codes.indices_NLK), weights, pairs, n_layers, backend=backend)
+    out = sparse_decode(Codes(values, codes.indices_NLK), weights, pairs, n_layers, backend=backend,
+                        zero_values_have_gradients=zero_values_have_gradients)
     # Exact in bf16 too, so runs in either dtype see the same output gradient.
     grad_out = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).bfloat16().to(out.dtype)
     out.backward(grad_out)
@@ -83,9 +84,11 @@ def _run(backend, codes, weights, pairs, n_layers):
     topology=st.sampled_from(["clt", "plt"]),
     drop=st.integers(-1, 2),
     zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
+    zero_grads=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac, topology, drop, zero_frac, seed):
+def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac, topology, drop, zero_frac, zero_grads,
+                                             seed):
     gen = torch.Generator().manual_seed(seed)
     unused = 2 if n_features > 5 else 0  # features no row selects: their gradient rows must be 0
     k = max(1, round(k_frac * (n_features - unused)))
@@ -93,7 +96,9 @@ def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac,
     pairs = _pairs(topology, n_layers, drop)
     weights = [torch.randn(n_features, d, generator=gen).to(DEVICE) for _ in pairs]
     ref_out, ref_gv, ref_gw = _run("torch", codes, weights, pairs, n_layers)
-    out, gv, gw = _run("triton", codes, weights, pairs, n_layers)
+    out, gv, gw = _run("triton", codes, weights, pairs, n_layers, zero_values_have_gradients=zero_grads)
+    if not zero_grads:  # the kernels may skip value-0 slots: their gradient is 0, the others' unchanged
+        ref_gv = ref_gv * (codes.values_NLK != 0)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, dense_decode(codes, weights, pairs, n_layers), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gv, ref_gv, rtol=1e-5, atol=1e-5)
@@ -159,7 +164,7 @@ def test_fused_decode_bf16_is_within_bf16_rounding_of_fp32():
 
 
 @kernel_case
-@pytest.mark.parametrize("sparsifier", ["relu-topk", "jumprelu"])
+@pytest.mark.parametrize("sparsifier", ["relu-topk", "batch-topk", "jumprelu"])
 def test_a_training_step_through_the_fused_decode_equals_the_torch_step(monkeypatch, sparsifier):
     """The whole CLT step (encoder, JumpReLU window entries, AuxK, losses) with either backend for every sparse op."""
     gen = torch.Generator().manual_seed(4)

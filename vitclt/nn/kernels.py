@@ -9,7 +9,9 @@ bags) stays the reference and the CPU path. Three kernels, each one launch for e
   output element is written once (no atomics, deterministic). Slots with value 0 (padding, and
   JumpReLU's window entries) are masked out of the gather, so they cost no memory traffic.
 * grad of the values: ``g_v[n, i, k] = Σ_{j} ⟨G[n, j], W^{i→j}[idx[n, i, k]]⟩``, a block of code
-  entries per program, every slot included (a value-0 JumpReLU window entry needs its gradient).
+  entries per program, every slot included (a value-0 JumpReLU window entry needs its gradient),
+  unless the sparsifier's value-0 slots pass no gradient on (ReLU-TopK, BatchTopK: relu, padding):
+  then they read nothing, which spares BatchTopK's padding (a code as wide as its busiest row).
 * grad of the decoders: ``g_W^{i→j}[f] = Σ_{(n, k): idx[n,i,k]=f} v[n, i, k]·G[n, j]``, one program
   per (feature, source) that reads only that feature's entries, through a CSR of the code sorted
   by (source, feature), and writes row f of every decoder of the source once: deterministic, no
@@ -170,10 +172,13 @@ def decode_backward(
     pairs: Sequence[tuple[int, int]],
     need_values: bool = True,
     need_weights: bool = True,
+    zero_values_have_gradients: bool = True,
 ) -> tuple[Tensor | None, list[Tensor] | None]:
     """Gradients of ``decode_forward``: (grad of values_NLK in float32, grad of each decoder in its dtype).
 
-    The decoder gradients are views of one (pairs, F, D) buffer, one per pair.
+    The decoder gradients are views of one (pairs, F, D) buffer, one per pair. With
+    ``zero_values_have_gradients=False`` the slots of value 0 get gradient 0 without reading
+    anything (for sparsifiers whose zero slots pass no gradient on: padding, relu at 0).
     """
     _check(weights)
     n, n_layers, k = values_NLK.shape
@@ -192,9 +197,10 @@ def decode_backward(
         block_e = 32
         if n * k:
             grid = (-(-(n * k) // block_e), n_layers)
-            grad_values_kernel[grid](indices_NLK, grad_NJD, table.w_ptrs, table.pair_tgt, table.by_src_ptr,
-                                     table.by_src_pair, grad_values, n, n_layers, k, d, n_targets,
-                                     W_DTYPE=_tl_dtype(weights[0].dtype), BLOCK_E=block_e, BLOCK_D=block_d)
+            grad_values_kernel[grid](values_NLK, indices_NLK, grad_NJD, table.w_ptrs, table.pair_tgt,
+                                     table.by_src_ptr, table.by_src_pair, grad_values, n, n_layers, k, d, n_targets,
+                                     W_DTYPE=_tl_dtype(weights[0].dtype), SKIP_ZERO=not zero_values_have_gradients,
+                                     BLOCK_E=block_e, BLOCK_D=block_d)
     if need_weights:
         # Entries sorted by (source layer, feature): feature f of source i owns order[crow[i·F + f] : crow[i·F + f + 1]].
         key_NLK = indices_NLK

@@ -232,11 +232,11 @@ class _SparseDecode(torch.autograd.Function):
     """recon[:, j] = Σ over decoders (i → j) of bag(codes of source layer i, W^{i→j}), j a target layer."""
 
     @staticmethod
-    def forward(ctx, pairs, n_targets, triton, values_NLK, indices_NLK, *W_FD):
+    def forward(ctx, pairs, n_targets, triton, zero_values_have_gradients, values_NLK, indices_NLK, *W_FD):
         dtype = W_FD[0].dtype
         ctx.values_dtype = values_NLK.dtype
         values_NLK = values_NLK.to(dtype)
-        ctx.pairs, ctx.triton = pairs, triton
+        ctx.pairs, ctx.triton, ctx.zero_values_have_gradients = pairs, triton, zero_values_have_gradients
         ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
         if triton:
             return kernels.decode_forward(values_NLK, indices_NLK, W_FD, pairs, n_targets)
@@ -255,15 +255,16 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.triton:
             grad_values, grad_weights = kernels.decode_backward(
                 grad_NJD, values_NLK, indices_NLK, W_FD, pairs,
-                need_values=ctx.needs_input_grad[3], need_weights=any(ctx.needs_input_grad[5:]),
+                need_values=ctx.needs_input_grad[4], need_weights=any(ctx.needs_input_grad[6:]),
+                zero_values_have_gradients=ctx.zero_values_have_gradients,
             )
             if grad_values is not None:
                 grad_values = grad_values.to(ctx.values_dtype)
             grad_weights = grad_weights or [None] * len(W_FD)
-            return (None, None, None, grad_values, None, *grad_weights)
+            return (None, None, None, None, grad_values, None, *grad_weights)
         # Target-major and contiguous: every (N, D) slice below is then a dense table.
         grad_JND = grad_NJD.to(W_FD[0].dtype).transpose(0, 1).contiguous()
-        need_values = ctx.needs_input_grad[3]
+        need_values = ctx.needs_input_grad[4]
         grad_values = torch.zeros_like(values_NLK) if need_values else None
         grad_weights = [None] * len(W_FD)
         for i in sorted({i for i, _ in pairs}):
@@ -273,7 +274,7 @@ class _SparseDecode(torch.autograd.Function):
             by = _by_feature(indices_NK, W_FD[mine[0]].shape[0])
             # Grad w.r.t. each decoder: every feature sums the target gradients of its rows.
             for p in mine:
-                if ctx.needs_input_grad[5 + p]:
+                if ctx.needs_input_grad[6 + p]:
                     grad_weights[p] = scatter_rows(
                         values_NK, indices_NK, grad_JND[pairs[p][1]], W_FD[p].shape[0], by
                     )
@@ -283,7 +284,7 @@ class _SparseDecode(torch.autograd.Function):
                 grad_values[:, i] = gathered_dots(indices_NK, terms, by)
         if grad_values is not None:
             grad_values = grad_values.to(ctx.values_dtype)
-        return (None, None, None, grad_values, None, *grad_weights)
+        return (None, None, None, None, grad_values, None, *grad_weights)
 
 
 def sparse_decode(
@@ -292,6 +293,7 @@ def sparse_decode(
     pairs: Sequence[tuple[int, int]],
     n_targets: int,
     backend: Literal["auto", "torch", "triton"] = "auto",
+    zero_values_have_gradients: bool = True,
 ) -> Tensor:
     """Σ_i bag(codes_i, W^{i→j}) into every target j (no bias), reading only active rows.
 
@@ -299,9 +301,13 @@ def sparse_decode(
     Returns (N, n_targets, D) in the decoder's dtype. ``backend``: "torch" is the embedding-bag
     path (the reference, and CPU's); "triton" the fused kernels of `vitclt.nn.kernels` (CUDA, or
     CPU under TRITON_INTERPRET=1 for tests); "auto" takes Triton on CUDA when it imports.
+    ``zero_values_have_gradients=False`` lets the backward skip (give 0 to) the gradient of every
+    slot of value 0, which the caller promises is multiplied by 0 before it reaches a parameter
+    (`Sparsifier.zero_values_have_gradients`); the fused kernels use it, the torch path computes all.
     """
     return _SparseDecode.apply(
-        tuple(pairs), n_targets, _use_triton(backend, weights[0].device), codes.values_NLK, codes.indices_NLK, *weights
+        tuple(pairs), n_targets, _use_triton(backend, weights[0].device), zero_values_have_gradients,
+        codes.values_NLK, codes.indices_NLK, *weights
     )
 
 

@@ -50,6 +50,9 @@ class Sparsifier(nn.Module):
     """Base class: per-layer sparsification of pre-activations, see the module docstring."""
 
     name: str = ""
+    zero_values_have_gradients: bool = True
+    """Whether a code slot with value 0 can pass a gradient back to the encoder (see `ReLUTopK`): when not,
+    the decode may skip such slots' gradients, which on CUDA spares BatchTopK's padding its memory traffic."""
 
     def __init__(self, n_layers: int, n_features: int) -> None:
         super().__init__()
@@ -276,6 +279,8 @@ class ReLUTopK(TopKSparsifier):
     """
 
     name = "relu-topk"
+    # A value is relu(pre)·active: where it is 0, relu's gradient (0 at 0) or the inactive mask stops any gradient.
+    zero_values_have_gradients = False
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Per-row top-k of the pre-activations."""
@@ -329,6 +334,8 @@ class BatchTopK(TopKSparsifier):
     """
 
     name = "batch-topk"
+    # As ReLU-TopK: relu, then padding up to the busiest row's width, whose slots are masked.
+    zero_values_have_gradients = False
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: batch-wide top k·N; eval: relu(pre) above the running threshold."""

@@ -24,6 +24,7 @@ or no-grad forward never change the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -329,7 +330,7 @@ class Transcoder(nn.Module):
         width = codes.values_NLK.shape[-1]
         if dense or not self.cfg.sparse_decode or prefer_dense_decode(width, self.n_features, self.b_dec.device):
             return dense_decode
-        return sparse_decode
+        return functools.partial(sparse_decode, zero_values_have_gradients=self.sparsifier.zero_values_have_gradients)
 
     def _decode_normalized(self, codes: Codes, dense: bool = False) -> Tensor:
         """Σ_i z_i W^{i→j} + b_dec_j in normalised units."""

@@ -31,9 +31,9 @@ def decode_fwd(values, indices, w_ptrs, pair_src, by_tgt_ptr, by_tgt_pair, out,
     tl.store(dst, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 @triton.jit
-def decode_grad_values(indices, grad_out, w_ptrs, pair_tgt, by_src_ptr, by_src_pair, grad_values,
+def decode_grad_values(values, indices, grad_out, w_ptrs, pair_tgt, by_src_ptr, by_src_pair, grad_values,
                        N, L, K, D, J,
-                       W_DTYPE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                       W_DTYPE: tl.constexpr, SKIP_ZERO: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.program_id(1)
     e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -41,6 +41,8 @@ def decode_grad_values(indices, grad_out, w_ptrs, pair_tgt, by_src_ptr, by_src_p
     n = (e // K).to(tl.int64)
     slot = n * L * K + i * K + e % K
     f = tl.load(indices + slot, mask=e_ok, other=0)
+    if SKIP_ZERO:  # value-0 slots read nothing and get gradient 0
+        e_ok = e_ok & (tl.load(values + slot, mask=e_ok, other=0.0) != 0.0)
     acc = tl.full((BLOCK_E,), 0.0, tl.float32)
     for q in range(tl.load(by_src_ptr + i), tl.load(by_src_ptr + i + 1)):
         p = tl.load(by_src_pair + q)
