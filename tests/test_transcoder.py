@@ -496,7 +496,8 @@ def test_a_wide_code_takes_the_dense_decode(monkeypatch):
     """A JumpReLU whose L0 is most of F decodes densely instead of gathering every row."""
     calls = []
     monkeypatch.setattr(transcoder_module, "dense_decode", lambda *a: calls.append("dense") or dense_decode(*a))
-    monkeypatch.setattr(transcoder_module, "sparse_decode", lambda *a: calls.append("sparse") or sparse_decode(*a))
+    monkeypatch.setattr(transcoder_module, "sparse_decode",
+                        lambda *a, **kw: calls.append("sparse") or sparse_decode(*a, **kw))
     model = _model("clt", "jumprelu")
     x, y = _data()
     _normalize(model, x, y)
