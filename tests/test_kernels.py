@@ -11,6 +11,7 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitclt.nn import Transcoder, TranscoderConfig, kernels
+from vitclt.nn import sparse as sparse_module
 from vitclt.nn import transcoder as transcoder_module
 from vitclt.nn.sparse import Codes, dense_decode, gathered_linear, sparse_decode
 
@@ -36,7 +38,7 @@ def test_kernel_cases_in_the_interpreter():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("7 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
+    assert summary.startswith("9 passed, 1 skipped"), summary  # every case ran; only this launcher skipped
 
 
 def _pairs(topology: str, n_layers: int, drop: int) -> list[tuple[int, int]]:
@@ -215,3 +217,64 @@ def test_auto_backend_keeps_cpu_tensors_on_the_torch_path(monkeypatch):
     pairs = _pairs("clt", 2, -1)
     weights = [torch.randn(8, 5, generator=gen) for _ in pairs]
     torch.testing.assert_close(sparse_decode(codes, weights, pairs, 2), dense_decode(codes, weights, pairs, 2))
+
+
+@pytest.fixture
+def kernels_on_cuda_that_fail(monkeypatch):
+    """The CUDA choice ("auto" takes the kernels) on CPU tensors: a forward kernel that works (the dense decode
+    standing in for it) and backward kernels that fail, as a Triton that cannot compile them would. Counts the calls."""
+    calls = []
+
+    def forward(values_NLK, indices_NLK, weights, pairs, n_targets):
+        calls.append("forward")
+        return dense_decode(Codes(values_NLK, indices_NLK), weights, pairs, n_targets)
+
+    def backward(*args, **kwargs):
+        calls.append("backward")
+        raise RuntimeError("PassManager::run failed\nfull compiler log")
+
+    real_mode = sparse_module._fused_mode
+    monkeypatch.setattr(kernels, "_failure", [])
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(sparse_module, "_fused_mode", lambda backend, device: real_mode(backend, torch.device("cuda")))
+    monkeypatch.setattr(kernels, "decode_forward", forward)
+    monkeypatch.setattr(kernels, "decode_backward", backward)
+    return calls
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    out = model(x, y)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_kernels_that_fail_on_the_device_fall_back_to_the_torch_path_with_one_warning(kernels_on_cuda_that_fail):
+    calls = kernels_on_cuda_that_fail
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(24, 3, 8, generator=gen), torch.randn(24, 3, 8, generator=gen)
+    torch.manual_seed(0)
+    model = Transcoder(TranscoderConfig(n_layers=3, d_model=8, n_features=64, k=2))
+    model.set_normalization(*Transcoder.normalization_stats(x), *Transcoder.normalization_stats(y))
+    with pytest.warns(RuntimeWarning, match=r"fused Triton kernels failed .*PassManager::run failed; triton"):
+        loss, grads = _step(model, x, y)
+    assert calls == ["forward", "backward"]  # the encoder's backward did not try again
+    assert not kernels.usable(torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, not per step
+        again = _step(model, x, y)
+    assert calls == ["forward", "backward"]  # later steps take the torch path without trying
+    torch.testing.assert_close(again[0], loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(again[1][name], grad, msg=name)
+
+
+def test_kernels_asked_for_by_name_raise_their_failure(kernels_on_cuda_that_fail):
+    gen = torch.Generator().manual_seed(6)
+    codes = _codes(gen, 4, 2, 8, 3, 0, 0.0)
+    pairs = _pairs("clt", 2, -1)
+    weights = [torch.randn(8, 5, generator=gen, requires_grad=True) for _ in pairs]
+    out = sparse_decode(codes, weights, pairs, 2, backend="triton")
+    with pytest.raises(RuntimeError, match="PassManager"):
+        out.sum().backward()
+    assert not kernels.failed()

@@ -21,12 +21,16 @@ The decoders stay the model's separate (F, D) parameters (one per pair, see `nn.
 kernels read them through a table of data pointers, as Triton's grouped-GEMM tutorial does, so
 no step copies them into a stacked tensor. Accumulation is in float32 whatever the weights'
 dtype; outputs are in the weights' dtype. Triton is imported only when a kernel is first used.
+A launch that fails (a Triton or driver that rejects the kernels) is reported to `disable`, after
+which `usable` is False for the process and the sparse ops take their torch path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,11 +47,34 @@ def available() -> bool:
     return True
 
 
+_failure: list[str] = []
+"""Why the kernels failed in this process, once they have (then `usable` is False from there on)."""
+
+
 def usable(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of ``device``: CUDA with Triton, or CPU under TRITON_INTERPRET=1."""
-    if not available():
+    """Whether the kernels can run on tensors of ``device``: CUDA with Triton, or CPU under TRITON_INTERPRET=1.
+
+    False for the rest of the process once a launch has failed (`disable`).
+    """
+    if not available() or failed():
         return False
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def failed() -> bool:
+    """Whether a launch of the kernels has failed in this process (see `disable`)."""
+    return bool(_failure)
+
+
+def disable(exc: Exception) -> None:
+    """Stop choosing the kernels in this process after ``exc``, a failed compile or launch, with one warning."""
+    triton_version = getattr(sys.modules.get("triton"), "__version__", "not imported")
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    _failure.append(f"{type(exc).__name__}: {reason}")
+    warnings.warn(
+        f"vitclt: the fused Triton kernels failed on this device ({_failure[-1]}; triton {triton_version}, "
+        f"torch {torch.__version__}); this process falls back to the torch path, which gives the same results "
+        "more slowly. Please report it with these versions.", RuntimeWarning, stacklevel=3)
 
 
 def csr_offsets(keys: Tensor, n_keys: int) -> Tensor:

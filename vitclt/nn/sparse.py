@@ -168,12 +168,44 @@ def gathered_dots(
     return out_NK
 
 
+Fused = Literal["auto", "forced"] | None
+"""How a sparse op runs: None the torch path; "forced" the fused kernels (a failure raises); "auto" the
+fused kernels, and a failure switches them off for the process and falls back to the torch path."""
+
+
+def _fused_mode(backend: Literal["auto", "torch", "triton"], device: torch.device) -> Fused:
+    """The `Fused` mode of a sparse op: "auto" takes the kernels on CUDA when Triton imports and has not failed."""
+    if backend == "auto":
+        return "auto" if device.type == "cuda" and kernels.usable(device) else None
+    return "forced" if backend == "triton" else None
+
+
+def _try_fused(mode: Fused, call):
+    """``call()`` through the fused kernels; on "auto", None after a failure (the caller then takes the torch path).
+
+    The kernels have been proven equal to the torch path, but a Triton or driver version they were
+    never compiled with may reject them: a run should slow down with a warning, not stop. Running
+    out of device memory is not such a failure, and is raised.
+    """
+    if mode == "forced":
+        return call()
+    if kernels.failed():  # an earlier op of this step failed: its backward takes the torch path too
+        return None
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any compile or launch failure: warned about by `kernels.disable`
+        kernels.disable(exc)
+        return None
+
+
 class _GatheredLinear(torch.autograd.Function):
     """(x·Wᵀ + b)[n, indices[n, k]] with a backward that touches only the indexed features."""
 
     @staticmethod
-    def forward(ctx, triton, x_ND, W_FD, b_F, indices_NK, pre_NF):
-        ctx.triton = triton
+    def forward(ctx, fused, x_ND, W_FD, b_F, indices_NK, pre_NF):
+        ctx.fused = fused
         ctx.save_for_backward(x_ND, W_FD, indices_NK)
         return pre_NF.gather(1, indices_NK)
 
@@ -181,37 +213,32 @@ class _GatheredLinear(torch.autograd.Function):
     def backward(ctx, grad_NK):
         x_ND, W_FD, indices_NK = ctx.saved_tensors
         grad_NK = grad_NK.to(W_FD.dtype)
-        grad_x = grad_weight = grad_b = None
-        # The encoder's sparse backward is the decode's with one decoder (W) and the rows' gradient as
-        # the code, so on CUDA it runs the same fused kernels (one launch each, no embedding bags).
-        one_NLK = (grad_NK[:, None], indices_NK[:, None])
-        # Grad w.r.t. the input: each row sums its selected encoder rows.
-        if ctx.needs_input_grad[1]:
-            if ctx.triton:
-                grad_x = kernels.decode_forward(*one_NLK, [W_FD.detach()], [(0, 0)], 1)[:, 0]
-            else:
-                grad_x = bag(grad_NK, indices_NK, W_FD.detach())
+        need_x, need_weight, need_b = ctx.needs_input_grad[1:4]
+        table_ND = x_ND.to(W_FD.dtype) if need_weight else None
+        grads = None
+        if ctx.fused:
+            # The encoder's sparse backward is the decode's with one decoder (W) and the rows' gradient as
+            # the code, so on CUDA it runs the same fused kernels (one launch each, no embedding bags).
+            one_NLK = (grad_NK[:, None], indices_NK[:, None])
+            W = [W_FD.detach()]
+            grads = _try_fused(ctx.fused, lambda: (
+                kernels.decode_forward(*one_NLK, W, [(0, 0)], 1)[:, 0] if need_x else None,
+                kernels.decode_backward(table_ND[:, None], *one_NLK, W, [(0, 0)], need_values=False)[1][0]
+                if need_weight else None))
+        if grads is None:
+            # Grad w.r.t. the input: each row sums its selected encoder rows. Grad w.r.t. the weight: each
+            # selected feature sums the input rows that selected it.
+            grads = (bag(grad_NK, indices_NK, W_FD.detach()) if need_x else None,
+                     scatter_rows(grad_NK, indices_NK, table_ND, W_FD.shape[0]) if need_weight else None)
+        grad_x, grad_weight = grads
+        if grad_x is not None:
             grad_x = grad_x.to(x_ND.dtype)
-        # Grad w.r.t. the weight: each selected feature sums the input rows that selected it.
-        if ctx.needs_input_grad[2]:
-            table_ND = x_ND.to(W_FD.dtype)
-            if ctx.triton:
-                grad_weight = kernels.decode_backward(table_ND[:, None], *one_NLK, [W_FD.detach()], [(0, 0)],
-                                                      need_values=False)[1][0]
-            else:
-                grad_weight = scatter_rows(grad_NK, indices_NK, table_ND, W_FD.shape[0])
         # Grad w.r.t. the bias: a histogram of the selected features weighted by the gradient.
-        if ctx.needs_input_grad[3]:
+        grad_b = None
+        if need_b:
             grad_b = torch.zeros(W_FD.shape[0], dtype=W_FD.dtype, device=W_FD.device)
             grad_b.index_add_(0, indices_NK.reshape(-1), grad_NK.reshape(-1))
         return None, grad_x, grad_weight, grad_b, None, None
-
-
-def _use_triton(backend: Literal["auto", "torch", "triton"], device: torch.device) -> bool:
-    """Whether a sparse op runs the fused kernels: "auto" takes them on CUDA when Triton imports."""
-    if backend == "auto":
-        return device.type == "cuda" and kernels.usable(device)
-    return backend == "triton"
 
 
 def gathered_linear(
@@ -225,21 +252,25 @@ def gathered_linear(
     ``backend`` as for ``sparse_decode``: the backward's gathers are embedding bags ("torch") or
     the fused decode kernels ("triton"; "auto" on CUDA).
     """
-    return _GatheredLinear.apply(_use_triton(backend, W_FD.device), x_ND, W_FD, b_F, indices_NK, pre_NF.detach())
+    return _GatheredLinear.apply(_fused_mode(backend, W_FD.device), x_ND, W_FD, b_F, indices_NK, pre_NF.detach())
 
 
 class _SparseDecode(torch.autograd.Function):
     """recon[:, j] = Σ over decoders (i → j) of bag(codes of source layer i, W^{i→j}), j a target layer."""
 
     @staticmethod
-    def forward(ctx, pairs, n_targets, triton, zero_values_have_gradients, values_NLK, indices_NLK, *W_FD):
+    def forward(ctx, pairs, n_targets, fused, zero_values_have_gradients, values_NLK, indices_NLK, *W_FD):
         dtype = W_FD[0].dtype
         ctx.values_dtype = values_NLK.dtype
         values_NLK = values_NLK.to(dtype)
-        ctx.pairs, ctx.triton, ctx.zero_values_have_gradients = pairs, triton, zero_values_have_gradients
+        ctx.pairs, ctx.zero_values_have_gradients = pairs, zero_values_have_gradients
         ctx.save_for_backward(values_NLK, indices_NLK, *W_FD)
-        if triton:
-            return kernels.decode_forward(values_NLK, indices_NLK, W_FD, pairs, n_targets)
+        if fused:
+            out_NJD = _try_fused(fused, lambda: kernels.decode_forward(values_NLK, indices_NLK, W_FD, pairs, n_targets))
+            if out_NJD is not None:
+                ctx.fused = fused
+                return out_NJD
+        ctx.fused = None
         n = values_NLK.shape[0]
         out_NJD = values_NLK.new_zeros(n, n_targets, W_FD[0].shape[1])
         sources = sorted({i for i, _ in pairs})
@@ -252,12 +283,15 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_NJD):
         values_NLK, indices_NLK, *W_FD = ctx.saved_tensors
         pairs = ctx.pairs
-        if ctx.triton:
-            grad_values, grad_weights = kernels.decode_backward(
+        grads = None
+        if ctx.fused:
+            grads = _try_fused(ctx.fused, lambda: kernels.decode_backward(
                 grad_NJD, values_NLK, indices_NLK, W_FD, pairs,
                 need_values=ctx.needs_input_grad[4], need_weights=any(ctx.needs_input_grad[6:]),
                 zero_values_have_gradients=ctx.zero_values_have_gradients,
-            )
+            ))
+        if grads is not None:
+            grad_values, grad_weights = grads
             if grad_values is not None:
                 grad_values = grad_values.to(ctx.values_dtype)
             grad_weights = grad_weights or [None] * len(W_FD)
@@ -306,7 +340,7 @@ def sparse_decode(
     (`Sparsifier.zero_values_have_gradients`); the fused kernels use it, the torch path computes all.
     """
     return _SparseDecode.apply(
-        tuple(pairs), n_targets, _use_triton(backend, weights[0].device), zero_values_have_gradients,
+        tuple(pairs), n_targets, _fused_mode(backend, weights[0].device), zero_values_have_gradients,
         codes.values_NLK, codes.indices_NLK, *weights
     )
 
