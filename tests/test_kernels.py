@@ -75,19 +75,25 @@ def _run(backend, codes, weights, pairs, n_layers, zero_values_have_gradients=Tr
     return out, values.grad, [w.grad for w in weights]
 
 
-@kernel_case
-@FAST
-@given(
+CODE_SHAPES = dict(
     n=st.integers(1, 24),
-    n_layers=st.integers(1, 3),
     n_features=st.integers(4, 12),
     d=st.integers(1, 40),
     k_frac=st.floats(0.1, 1.0),
+    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
+    seed=st.integers(0, 10_000),
+)
+"""Rows, features, width, code width (share of the features), share of value-0 slots, and seed of a random code."""
+
+
+@kernel_case
+@FAST
+@given(
+    **CODE_SHAPES,
+    n_layers=st.integers(1, 3),
     topology=st.sampled_from(["clt", "plt"]),
     drop=st.integers(-1, 2),
-    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
     zero_grads=st.booleans(),
-    seed=st.integers(0, 10_000),
 )
 def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac, topology, drop, zero_frac, zero_grads,
                                              seed):
@@ -112,14 +118,7 @@ def test_fused_decode_equals_torch_path_fp32(n, n_layers, n_features, d, k_frac,
 
 @kernel_case
 @FAST
-@given(
-    n=st.integers(1, 24),
-    n_features=st.integers(4, 12),
-    d=st.integers(1, 40),
-    k_frac=st.floats(0.1, 1.0),
-    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
-    seed=st.integers(0, 10_000),
-)
+@given(**CODE_SHAPES)
 def test_fused_encoder_backward_equals_torch_path(n, n_features, d, k_frac, zero_frac, seed):
     gen = torch.Generator().manual_seed(seed)
     unused = 2 if n_features > 5 else 0

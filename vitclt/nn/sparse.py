@@ -11,8 +11,8 @@ Both keep to dense torch ops of moderate size, so they run on CPU and GPU alike;
 reference paths (``dense_decode``, a plain ``F.linear`` + ``gather``) must agree with them. On
 CUDA, when Triton imports, both run the fused kernels of `vitclt.nn.kernels` instead of the
 embedding bags (the same result; tests/test_kernels.py): the encoder's backward is a decode with
-one decoder. ``prefer_dense_decode``
-says when a code is so wide that the dense decode is the cheaper of the two.
+one decoder. ``prefer_dense_decode`` says when a code is so wide that the dense decode is the
+cheaper of the two.
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ class Codes(NamedTuple):
 def stack_codes(per_layer: Sequence[LayerCodes]) -> Codes:
     """Stack per-layer codes into ``Codes``, padding each layer to the widest K with zeros."""
     width = max(c.values_NK.shape[1] for c in per_layer)
-    # A layer already at the width is stacked as is: padding by 0 would still copy it (TopK: every layer).
-    values = [c.values_NK if c.values_NK.shape[1] == width else F.pad(c.values_NK, (0, width - c.values_NK.shape[1]))
-              for c in per_layer]
-    indices = [c.indices_NK if c.indices_NK.shape[1] == width else F.pad(c.indices_NK, (0, width - c.indices_NK.shape[1]))
-               for c in per_layer]
-    return Codes(torch.stack(values, 1), torch.stack(indices, 1))
+
+    def padded(t_NK: Tensor) -> Tensor:
+        # A layer already at the width is stacked as is: padding by 0 would still copy it (TopK: every layer).
+        return t_NK if t_NK.shape[1] == width else F.pad(t_NK, (0, width - t_NK.shape[1]))
+
+    return Codes(torch.stack([padded(c.values_NK) for c in per_layer], 1),
+                 torch.stack([padded(c.indices_NK) for c in per_layer], 1))
 
 
 def bag(values_NK: Tensor, indices_NK: Tensor, W_FD: Tensor) -> Tensor:

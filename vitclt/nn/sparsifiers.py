@@ -51,7 +51,7 @@ class Sparsifier(nn.Module):
 
     name: str = ""
     zero_values_have_gradients: bool = True
-    """Whether a code slot with value 0 can pass a gradient back to the encoder (see `ReLUTopK`): when not,
+    """Whether a code slot with value 0 can pass a gradient back to the encoder (see `TopKSparsifier`): when not,
     the decode may skip such slots' gradients, which on CUDA spares BatchTopK's padding its memory traffic."""
 
     def __init__(self, n_layers: int, n_features: int) -> None:
@@ -256,6 +256,10 @@ class TopKSparsifier(Sparsifier):
         top = score_NF.topk(k_aux, dim=1, sorted=False)
         return Selection(top.indices, dead_F[top.indices])
 
+    # A value is relu(pre)·active: where it is 0, relu's gradient (0 at 0) or the inactive mask (padding) stops
+    # any gradient. Abs-TopK, whose values are signed, overrides both.
+    zero_values_have_gradients = False
+
     def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
         """relu(pre) on the active entries."""
         return pre_NK.relu() * selection.active_NK
@@ -279,8 +283,6 @@ class ReLUTopK(TopKSparsifier):
     """
 
     name = "relu-topk"
-    # A value is relu(pre)·active: where it is 0, relu's gradient (0 at 0) or the inactive mask stops any gradient.
-    zero_values_have_gradients = False
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Per-row top-k of the pre-activations."""
@@ -311,6 +313,9 @@ class AbsTopK(TopKSparsifier):
             self._update_threshold(layer, top.values.min(1).values.mean())
         return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
 
+    # An active entry whose pre-activation is exactly 0 has value 0 and gradient 1.
+    zero_values_have_gradients = True
+
     def activate(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
         """The signed pre-activation on the active entries."""
         return pre_NK * selection.active_NK
@@ -334,8 +339,6 @@ class BatchTopK(TopKSparsifier):
     """
 
     name = "batch-topk"
-    # As ReLU-TopK: relu, then padding up to the busiest row's width, whose slots are masked.
-    zero_values_have_gradients = False
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: batch-wide top k·N; eval: relu(pre) above the running threshold."""
