@@ -5,19 +5,23 @@ Set VITCLT_DEMO_BROWSER=<a browser built on the demo> and VITCLT_SCREENSHOTS=<di
 screenshots that docs/browser.md shows.
 """
 
+import base64
 import functools
 import http.server
 import io
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.test_browser import DEAD, make_run, read_data
+from vitclt.data.datasets import load_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -38,8 +42,9 @@ def site(tmp_path_factory, tiny_backbone):
 
     root = tmp_path_factory.mktemp("browse_chromium")
     run, spec = make_run(root, tiny_backbone)
+    # A seeded subset (9 of the 12 images), so that page ids and dataset indices differ.
     return build_browser(run, spec, backbone=tiny_backbone.name, images_per_forward=6, top_k=4, samples=4, vocab_size=50,
-                         exports=False, progress=False)
+                         exports=False, progress=False, max_images=9, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +136,116 @@ def test_feature_page_shows_images_with_heatmaps(driver, site):
         assert heading in text
     assert driver.find_elements(By.CSS_SELECTOR, "svg.chart rect")
     assert "folder:elsewhere" in driver.find_element(By.ID, "banner").text
+
+
+def busiest_feature(site: Path, layer: int = 2) -> tuple[dict, int, dict, dict]:
+    """(transcoder meta, feature, its detail record, the site meta) of the feature of `layer` that fires most often."""
+    tc, index = index_data(site)
+    feature = max(range(tc["n_features"]), key=lambda f: index[layer]["freq"][f])
+    shard = read_data(site / "data" / tc["id"] / f"L{layer}" / f"s{feature // tc['shard_size']}.js")
+    return tc, feature, shard["features"][feature - shard["start"]], read_data(site / "data" / "site.js")
+
+
+CANVAS_PIXELS = """return [...document.querySelectorAll('canvas.heatmap')].map(c =>
+    Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data));"""
+
+
+def test_outlines_leave_every_patch_s_colours_untouched(driver, site):
+    tc, feature, record, meta = busiest_feature(site)
+    open_page(driver, (site / "feature.html").as_uri() + f"?tc={tc['id']}&layer=2&feature={feature}")
+    g, prefix, T = meta["grid"], meta["n_prefix"], meta["n_tokens"]
+    acts = base64.b64decode(record["top_tok"])
+    canvases = driver.execute_script(CANVAS_PIXELS)[: len(record["top"])]
+    assert canvases
+    seen_active = 0
+    for k, pixels in enumerate(canvases):
+        size = int(round((len(pixels) // 4) ** 0.5))
+        cell = size / g
+        alpha = lambda x, y: pixels[4 * (y * size + x) + 3]  # noqa: E731
+        rgb = lambda x, y: pixels[4 * (y * size + x) : 4 * (y * size + x) + 3]  # noqa: E731
+        weights = []
+        for i in range(g * g):
+            a = acts[k * T + prefix + i]
+            x0, y0 = int((i % g) * cell), int((i // g) * cell)
+            inner = [(x, y) for x in range(x0, int(x0 + cell)) for y in range(y0, int(y0 + cell))]
+            # The middle of every patch is left to the image: no tint can change what the image shows.
+            assert alpha(int(x0 + cell / 2), int(y0 + cell / 2)) == 0
+            if a == 0:
+                assert all(alpha(x, y) == 0 for x, y in inner), f"inactive patch {i} of image {k} is drawn on"
+                continue
+            seen_active += 1
+            weights.append((a, sum(alpha(x, y) for x, y in inner)))
+            if a >= 64:
+                # Black and white both: the outline stands out on a white object and on a red one alike.
+                top = max(alpha(x, y) for x, y in inner)
+                opaque = [rgb(x, y) for x, y in inner if alpha(x, y) >= 0.9 * top]
+                assert any(max(c) < 60 for c in opaque) and any(min(c) > 200 for c in opaque)
+        weights.sort()
+        strong, weak = weights[-1], weights[0]
+        if strong[0] > 1.5 * weak[0]:
+            assert strong[1] > weak[1], "a stronger patch must get a stronger outline"
+    assert seen_active
+
+
+def test_activation_map_replaces_the_image(driver, site):
+    tc, feature, _, _ = busiest_feature(site)
+    open_page(driver, (site / "feature.html").as_uri() + f"?tc={tc['id']}&layer=2&feature={feature}")
+    driver.find_element(By.CSS_SELECTOR, '#views input[value="map"]').click()
+    image = driver.find_element(By.CSS_SELECTOR, ".imgbox img")
+    assert image.value_of_css_property("visibility") == "hidden"
+    assert all(min(p[3::4]) == 255 for p in driver.execute_script(CANVAS_PIXELS))
+    driver.find_element(By.CSS_SELECTOR, '#views input[value="image"]').click()
+    assert image.value_of_css_property("visibility") == "visible"
+    assert all(max(p[3::4]) == 0 for p in driver.execute_script(CANVAS_PIXELS))
+    assert js_errors(driver) == []
+
+
+def test_every_image_names_its_dataset_index_and_seed(driver, site):
+    """Each card and thumbnail shows `#index · seed s`, and load_dataset(spec, split)[index] is that very image."""
+    tc, feature, record, meta = busiest_feature(site)
+    summary = json.loads((site / "browse.json").read_text())["subset"]
+    whole = load_dataset(summary["spec"], summary["split"])
+    assert summary["indices"] == load_dataset(summary["spec"], summary["split"], max_images=9, seed=3).indices.tolist()
+    assert len(summary["indices"]) == 9 and summary["seed"] == 3
+
+    def same_image(index: int, src: str) -> bool:
+        shown = Image.open(site / urllib.parse.unquote(urllib.parse.urlparse(src).path).split(site.name + "/", 1)[1])
+        from vitclt.browser.site import thumbnail
+
+        return shown.tobytes() == Image.open(io.BytesIO(thumbnail(whole[index][0], 128)[0])).tobytes()
+
+    open_page(driver, (site / "feature.html").as_uri() + f"?tc={tc['id']}&layer=2&feature={feature}")
+    cards = driver.find_elements(By.CSS_SELECTOR, ".card")
+    assert cards
+    for card in cards:
+        index = int(card.get_attribute("data-image"))
+        assert f"#{index} · seed 3" in card.text
+        assert same_image(index, card.find_element(By.TAG_NAME, "img").get_attribute("src"))
+    assert {int(c.get_attribute("data-image")) for c in cards} - set(range(9)), "ids, not dataset indices, are shown"
+    open_page(driver, (site / "index.html").as_uri())
+    thumbs = driver.find_elements(By.CSS_SELECTOR, ".thumbcell")
+    assert thumbs
+    for cell in thumbs[:20]:
+        index = int(cell.get_attribute("data-image"))
+        assert cell.text == f"#{index} · seed 3" and f"image #{index}" in cell.get_attribute("title")
+        assert same_image(index, cell.find_element(By.TAG_NAME, "img").get_attribute("src"))
+
+
+def test_filters_and_sort_live_in_the_address(driver, site):
+    open_page(driver, (site / "index.html").as_uri())
+    Select(driver.find_element(By.ID, "layer")).select_by_value("1")
+    Select(driver.find_element(By.ID, "band")).select_by_value("alive")
+    driver.find_element(By.CSS_SELECTOR, 'th[data-key="mean"]').click()
+    driver.find_element(By.ID, "later").click()
+    shown, url = rows(driver), driver.current_url
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+    assert query["layer"] == ["1"] and query["band"] == ["alive"] and query["sort"] == ["mean"] and query["later"] == ["1"]
+    driver.get("about:blank")
+    open_page(driver, url)
+    assert rows(driver) == shown and shown
+    assert Select(driver.find_element(By.ID, "layer")).first_selected_option.get_attribute("value") == "1"
+    assert driver.find_element(By.ID, "later").is_selected()
+    assert "sorted-desc" in driver.find_element(By.CSS_SELECTOR, 'th[data-key="mean"]').get_attribute("class")
 
 
 def test_dead_feature_page_says_dead_and_nothing_else(driver, site):

@@ -364,13 +364,16 @@ def build_browser(
             pages_all.append(p)
 
         image_files = _write_images(tmp, data, sorted(used), thumb_size)
+        subset = subset_record(data, dataset, seed, max_images)
         site = {
             "title": source.resolve().name,
             "dataset": dataset, "split": data.split, "n_images": first, "n_tokens": bb.n_tokens,
             "n_prefix": bb.n_prefix_tokens, "grid": bb.image_size // bb.patch_size, "backbone": bb.name,
             "hist": {"log2_min": HIST_LOG2_MIN, "per_octave": HIST_BINS_PER_OCTAVE},
             "classnames": list(data.classnames),
-            "images": {"files": image_files, "labels": {str(i): int(labels_np[i]) for i in used}},
+            "images": {"files": image_files, "labels": {str(i): int(labels_np[i]) for i in used},
+                       "index": {str(i): dataset_index(data, i) for i in used}},
+            "subset": {**{k: v for k, v in subset.items() if k != "indices"}, "subsampled": subset["indices"] is not None},
             "transcoders": [_transcoder_meta(p, dataset) for p in pages_all],
         }
         write_data(tmp / "data" / "site.js", "site", site)
@@ -384,7 +387,7 @@ def build_browser(
                 write_neuronpedia(tmp / "neuronpedia", p, names, bb.name, dataset)
         summary = {
             "dataset": dataset, "split": data.split, "n_images": first, "backbone": bb.name, "sigma_final": sigma,
-            "pass_seconds": pass_s, "seconds": time.perf_counter() - start,
+            "subset": subset, "pass_seconds": pass_s, "seconds": time.perf_counter() - start,
             "transcoders": {p.name: {"id": p.id, "trained_on": list(p.trained_on), "dead": int(p.stats.dead_LF.sum()),
                                      "label_check": p.check.__dict__ if p.check else None,
                                      "label_check_by_layer": [c.__dict__ for c in p.check_layers]} for p in pages_all},
@@ -419,6 +422,25 @@ def _transcoder_meta(p: TranscoderPages, dataset: str) -> dict:
         "differs": spec != dataset, "n_dead": int(p.stats.dead_LF.sum()), "shard_size": SHARD_SIZE,
         "label_check": None if c is None or not c.n_features else c.__dict__,
     }
+
+
+def dataset_index(data, i: int) -> int:
+    """The index of browsed image `i` in the whole split: ``load_dataset(spec, split)[index]`` is the same image."""
+    from vitclt.data.datasets import Subset
+
+    return int(data.indices[i]) if isinstance(data, Subset) else int(i)
+
+
+def subset_record(data, spec: str, seed: int, max_images: int | None) -> dict:
+    """What was browsed, enough to find every image again: spec, split, seed, max_images and the split's indices.
+
+    `indices` is null when the whole split was browsed (`max_images` unset or not below its size).
+    """
+    from vitclt.data.datasets import Subset
+
+    indices = data.indices if isinstance(data, Subset) else None
+    return {"spec": spec, "split": data.split, "seed": seed, "max_images": max_images, "n_images": len(data),
+            "indices": None if indices is None else [int(i) for i in indices]}
 
 
 def _write_images(root: Path, data, ids: list[int], size: int) -> dict[str, str]:

@@ -63,4 +63,14 @@ V.strip = function (norms, own) {
   return s;
 };
 V.image = (site, id) => site.images.files[id];
+// Provenance: the image's index in the whole split (load_dataset(spec, split)[index]) and, for a subset
+// (--max-images), the seed that picked it, so that anyone can find the image again.
+V.datasetIndex = (site, id) => (site.images.index ? site.images.index[id] : Number(id));
+V.provenance = function (site, id) {
+  const s = site.subset || {}, index = V.datasetIndex(site, id);
+  const seed = s.subsampled ? ` · seed ${s.seed}` : "";
+  return { short: `#${index}${seed}`,
+    long: `${s.spec || site.dataset} (${s.split || site.split}) image #${index}` +
+      (seed ? `, from the subset of ${s.n_images} picked with seed ${s.seed}` : "") };
+};
 V.classOf = (site, id) => site.classnames[site.images.labels[id]];

@@ -39,21 +39,48 @@
   const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
   const T = site.n_tokens, g = site.grid, P = site.n_prefix;
 
-  function heatmap(canvas, acts) {
-    // Per-patch activations as a translucent colour layer, smoothed by drawing a g×g image scaled up.
-    const small = document.createElement("canvas");
-    small.width = g; small.height = g;
-    const ctx = small.getContext("2d");
-    const img = ctx.createImageData(g, g);
+  // Per-patch activations are drawn as outlines, never as a colour wash: in a world whose classes are
+  // colours a tint changes what the image shows (white turns pink, red hides it). Each active patch gets a
+  // black-and-white double outline (visible on any colour) whose width and opacity grow with its activation;
+  // the patch's own pixels stay untouched. "activation map" replaces the image by the activations alone.
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  const viridis = (a) => {
+    const x = Math.min(1, Math.max(0, a)) * (VIRIDIS.length - 1), i = Math.min(VIRIDIS.length - 2, Math.floor(x)), t = x - i;
+    return VIRIDIS[i].map((c, j) => Math.round(c + t * (VIRIDIS[i + 1][j] - c)));
+  };
+  const painted = [];
+  let view = "outlines";
+  function paint(canvas, acts) {
+    const S = 128, cell = S / g, ctx = canvas.getContext("2d");
+    canvas.width = S; canvas.height = S;
+    ctx.clearRect(0, 0, S, S);
     for (let i = 0; i < g * g; i++) {
-      const a = acts[P + i] / 255;
-      img.data.set([255, Math.round(190 * (1 - a)), 0, Math.round(150 * Math.sqrt(a))], 4 * i);
+      const a = acts[P + i] / 255, x = (i % g) * cell, y = Math.floor(i / g) * cell;
+      if (view === "map") {
+        ctx.fillStyle = `rgb(${viridis(a).join(",")})`;
+        ctx.fillRect(x, y, cell, cell);
+      } else if (view === "outlines" && a > 0) {
+        // A black ring outside a white one, side by side (not overlapping, so neither greys the other).
+        const w = 1 + Math.max(1, cell / 10) * a, b = Math.max(1, w / 2);
+        const ring = (inset, width, colour) => {
+          ctx.lineWidth = width; ctx.strokeStyle = colour;
+          ctx.strokeRect(x + inset, y + inset, cell - 2 * inset, cell - 2 * inset);
+        };
+        ctx.globalAlpha = 0.4 + 0.6 * a;
+        ring(1 + b / 2, b, "#000");
+        ring(1 + b + w / 2, w, "#fff");
+        ctx.globalAlpha = 1;
+      }
     }
-    ctx.putImageData(img, 0, 0);
-    canvas.width = 128; canvas.height = 128;
-    const big = canvas.getContext("2d");
-    big.imageSmoothingEnabled = false;
-    big.drawImage(small, 0, 0, 128, 128);
+  }
+  function heatmap(canvas, acts) {
+    painted.push([canvas, acts]);
+    paint(canvas, acts);
+  }
+  function setView(v) {
+    view = v;
+    document.body.dataset.view = v;
+    for (const [canvas, acts] of painted) paint(canvas, acts);
   }
 
   function cards(list, b64, what) {
@@ -63,10 +90,12 @@
       const canvas = V.el("canvas", { class: "heatmap" });
       heatmap(canvas, data.subarray(k * T, (k + 1) * T));
       const cls = data[k * T] / 255;
-      box.append(V.el("div", { class: "card", title: `image ${img}; CLS ${V.pct(cls)} of max` },
-        V.el("div", { class: "imgbox" }, V.el("img", { src: V.image(site, img), alt: `image ${img}` }), canvas),
+      const where = V.provenance(site, img);
+      box.append(V.el("div", { class: "card", title: `${where.long}; CLS ${V.pct(cls)} of max`, "data-image": V.datasetIndex(site, img) },
+        V.el("div", { class: "imgbox" }, V.el("img", { src: V.image(site, img), alt: where.long }), canvas),
         V.el("div", { class: "meta" }, V.el("b", { text: `${what} ${V.fmt(act)}` }),
-          V.el("span", { text: `CLS ${V.pct(cls)} of max` }), V.el("span", { text: V.classOf(site, img) }))));
+          V.el("span", { text: `CLS ${V.pct(cls)} of max` }), V.el("span", { text: V.classOf(site, img) }),
+          V.el("span", { class: "where", text: where.short }))));
     });
     return box;
   }
@@ -123,9 +152,13 @@
   section("Where it writes, and how strongly it fires", charts);
 
   // Images
-  const toggle = V.el("label", {}, V.el("input", { type: "checkbox", id: "heat", checked: "" }), " show per-patch heatmaps");
+  const views = [["outlines", "image + outlined patches"], ["map", "activation map"], ["image", "image only"]];
+  const toggle = V.el("div", { class: "views", id: "views" }, "per-patch activation: ",
+    ...views.map(([v, text]) => V.el("label", {}, V.el("input", { type: "radio", name: "view", value: v }), ` ${text} `)),
+    V.el("span", { class: "muted", text: "(outline width and opacity ∝ activation; the map runs dark purple → yellow)" }));
+  toggle.querySelector(`input[value=${view}]`).checked = true;
+  toggle.addEventListener("change", (e) => setView(e.target.value));
   section("Top images by maximum over tokens", toggle, cards(f.top, f.top_tok, "max"));
-  $("heat").addEventListener("change", (e) => document.body.classList.toggle("no-heatmap", !e.target.checked));
   if (f.cls.length) section("Top images by CLS activation", cards(f.cls, f.cls_tok, "CLS"));
   else section("Top images by CLS activation", V.el("p", { class: "summary", text: "It never fires on the CLS token." }));
   if (f.samples.length) {
@@ -158,5 +191,6 @@
   near.append(V.el("div", {}, V.el("h3", { text: "same layer" }), await nearTable(f.near.map(([i, c]) => [layer, i, c]))),
               V.el("div", {}, V.el("h3", { text: "other layers" }), await nearTable(f.near_other)));
   section("Nearest features by write direction (cosine of Σⱼ W→j)", near);
+  setView(view);
   done();
 })();

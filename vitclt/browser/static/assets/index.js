@@ -4,14 +4,22 @@
   const PAGE = 100;
   const site = await V.load("site");
   const params = V.params();
-  const state = { tc: params.get("tc") || site.transcoders[0].id, sort: "layer", desc: false, page: 0 };
+  // Filters, sort and page live in the address (restored here, rewritten on every change), so a view can be
+  // bookmarked, shared, and is still there on coming back from a feature page.
+  const known = (id) => site.transcoders.some((t) => t.id === id);
+  const SORTS = ["layer", "index", "freq", "mean", "later", "label", "word"];
+  const state = { tc: known(params.get("tc")) ? params.get("tc") : site.transcoders[0].id,
+    sort: SORTS.includes(params.get("sort")) ? params.get("sort") : "layer", desc: params.get("desc") === "1",
+    page: Math.max(0, (Number(params.get("page")) || 1) - 1) };
   let rows = [];
   let shown = [];
   const $ = (id) => document.getElementById(id);
 
   document.title = `${site.title} – feature browser`;
   $("title").textContent = site.title;
-  $("subtitle").textContent = `${site.dataset} · ${site.split} · ${site.n_images} images`;
+  const sub = site.subset || {};
+  $("subtitle").textContent = `${site.dataset} · ${site.split} · ${site.n_images} images` +
+    (sub.subsampled ? ` (a subset picked with seed ${sub.seed}; image numbers are indices in the whole split)` : "");
   for (const t of site.transcoders) $("tc").append(V.el("option", { value: t.id, text: t.name }));
   $("tc").value = state.tc;
 
@@ -27,8 +35,10 @@
           `${V.pct(check.agreement)} of ${check.n_features} features (shuffled labels: ${V.pct(check.shuffled)}).`
         : "");
     const layerSel = $("layer");
+    const keep = layerSel.value;
     layerSel.length = 1;
     for (let l = 0; l < tc.n_layers; l++) layerSel.append(V.el("option", { value: String(l), text: String(l) }));
+    layerSel.value = Number(keep) < tc.n_layers ? keep : "";
     const shards = await Promise.all([...Array(tc.n_layers).keys()].map((l) => V.load(`${tc.id}/index-L${l}`)));
     rows = [];
     for (const s of shards) {
@@ -84,13 +94,30 @@
       th.classList.toggle("sorted-asc", th.dataset.key === k && !state.desc);
       th.classList.toggle("sorted-desc", th.dataset.key === k && state.desc);
     }
+    writeAddress();
     document.body.dataset.ready = "1";
+  }
+
+  function writeAddress() {
+    const q = new URLSearchParams({ tc: state.tc });
+    if ($("layer").value !== "") q.set("layer", $("layer").value);
+    if ($("band").value) q.set("band", $("band").value);
+    if ($("later").checked) q.set("later", "1");
+    if ($("text").value.trim()) q.set("q", $("text").value.trim());
+    if (state.sort !== "layer" || state.desc) q.set("sort", state.sort);
+    if (state.desc) q.set("desc", "1");
+    if (state.page) q.set("page", String(state.page + 1));
+    history.replaceState(null, "", `${window.location.pathname}?${q}`);
   }
 
   function row(r) {
     const tr = V.el("tr", { class: "feature-row" + (r.dead ? " dead" : ""), "data-layer": r.layer, "data-feature": r.index });
-    const thumb = r.thumb >= 0 ? V.el("img", { class: "thumb", src: V.image(site, r.thumb), alt: "", loading: "lazy" })
-                               : V.el("div", { class: "thumb-none" });
+    let thumb = V.el("div", { class: "thumb-none" });
+    if (r.thumb >= 0) {
+      const where = V.provenance(site, r.thumb);
+      thumb = V.el("div", { class: "thumbcell", title: where.long, "data-image": V.datasetIndex(site, r.thumb) },
+        V.el("img", { class: "thumb", src: V.image(site, r.thumb), alt: where.long, loading: "lazy" }), where.short);
+    }
     const name = r.dead ? V.el("span", { text: `${r.index} (dead)` })
                         : V.el("a", { href: V.featureUrl(state.tc, r.layer, r.index), text: String(r.index) });
     tr.append(
@@ -114,6 +141,11 @@
   for (const id of ["layer", "band", "later", "text"]) {
     for (const ev of ["input", "change"]) $(id).addEventListener(ev, () => { state.page = 0; render(); });
   }
+  if (params.get("layer") !== null) $("layer").append(V.el("option", { value: params.get("layer"), text: params.get("layer") }));
+  $("layer").value = params.get("layer") || "";
+  $("band").value = [...$("band").options].some((o) => o.value === params.get("band")) ? params.get("band") : "";
+  $("later").checked = params.get("later") === "1";
+  $("text").value = params.get("q") || "";
   $("tc").addEventListener("change", () => { state.tc = $("tc").value; state.page = 0; loadTranscoder(); });
   $("prev").addEventListener("click", () => { state.page--; render(); });
   $("next").addEventListener("click", () => { state.page++; render(); });
