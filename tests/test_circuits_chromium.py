@@ -39,6 +39,19 @@ def viewer(tmp_path_factory, tiny_backbone):
     return out, json.loads((out / "graph.json").read_text()), browser
 
 
+@pytest.fixture(scope="module")
+def class_viewer(viewer):
+    """The class circuit of "red car" over 3 images of the same run; returns (viewer dir, graph payload, dataset spec)."""
+    from vitclt.cli import main
+
+    out, _, browser = viewer
+    run, spec = browser.parent, "folder:" + str(browser.parent.parent / "images")
+    class_out = out.parent / "class-viewer"
+    main(["explain", str(run), "--class-images", "red car", "--classes", spec, "--max-images", "3", "--out", str(class_out),
+          "--node-fraction", "1.0"])
+    return class_out, json.loads((class_out / "graph.json").read_text()), spec
+
+
 def fresh(browser, url: str) -> None:
     """Open `url` as a new document (a change of the #fragment alone would not reload the page)."""
     browser.get("about:blank")
@@ -49,17 +62,119 @@ def node_ids(browser) -> list[str]:
     return [e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")]
 
 
-def test_graph_draws_every_kept_node_and_edge(driver, viewer):  # noqa: F811
+def drawn(browser) -> dict:
+    """What the graph shows: node ids, folded counts per row, edge count, the svg's and the page's widths."""
+    return browser.execute_script("""const svg = document.getElementById('graph');
+        return {ids: [...svg.querySelectorAll('.node[data-id]')].map(e => e.dataset.id),
+                folded: Object.fromEntries([...svg.querySelectorAll('.node.group')].map(e => [e.dataset.row, +e.dataset.count])),
+                edges: svg.querySelectorAll('path.edge').length, svg: svg.getBoundingClientRect().right,
+                panel: svg.parentElement.getBoundingClientRect().right, page: document.documentElement.scrollWidth,
+                window: window.innerWidth, per: svg.dataset.per};""")
+
+
+def row_of(node: dict, n_layers: int) -> int:
+    return -1 if node["kind"] == "embedding" else n_layers if node["kind"] == "target" else node["layer"]
+
+
+def test_each_row_shows_its_strongest_nodes_and_folds_the_rest(driver, viewer):  # noqa: F811
+    out, data, _ = viewer
+    nodes, L = data["nodes"], data["meta"]["n_layers"]
+    open_page(driver, (out / "index.html").as_uri())
+    g = drawn(driver)
+    per = int(g["per"])
+    assert len(g["ids"]) < len(nodes) and g["folded"], "the tiny graph (196 nodes) must need folding"
+    for r in range(-1, L + 1):
+        row = [n for n in nodes if row_of(n, L) == r]
+        shown = [n for n in row if n["id"] in g["ids"]]
+        assert len(shown) + g["folded"].get(str(r), 0) == len(row)
+        if g["folded"].get(str(r)):
+            # What is shown is the row's strongest nodes.
+            assert len(shown) == per
+            assert min(n["influence"] for n in shown) >= max(n["influence"] for n in row if n not in shown)
+    # Node size follows influence among what is drawn.
+    sizes = driver.execute_script("""return Object.fromEntries([...document.querySelectorAll('#graph .node[data-id]')].map(e =>
+        [e.dataset.id, e.tagName === 'circle' ? +e.getAttribute('r') : +e.getAttribute('width') / 2]));""")
+    ranked = sorted((n for n in nodes if n["kind"] != "target"), key=lambda n: -n["influence"])
+    assert sizes[ranked[0]["id"]] == max(v for k, v in sizes.items() if k != "Y")
+    # Unfolding every row (#per=all) draws every kept node and every kept edge.
+    fresh(driver, (out / "index.html").as_uri() + "#per=all")
+    g = drawn(driver)
+    assert sorted(g["ids"]) == sorted(n["id"] for n in nodes)
+    assert not g["folded"] and g["edges"] == len(data["edges"])
+    assert data["meta"]["target_name"] in driver.find_element(By.ID, "title").text
+    assert js_errors(driver) == []
+
+
+def test_a_click_on_a_fold_unfolds_its_row_and_the_address_keeps_it(driver, viewer):  # noqa: F811
     out, data, _ = viewer
     open_page(driver, (out / "index.html").as_uri())
-    assert node_ids(driver) == [n["id"] for n in data["nodes"]]
-    assert len(driver.find_elements(By.CSS_SELECTOR, "#graph path.edge")) == len(data["edges"])
-    assert data["meta"]["target_name"] in driver.find_element(By.ID, "title").text
-    # Node size follows influence: the most influential non-target node is drawn largest.
-    sizes = driver.execute_script("""return [...document.querySelectorAll('#graph .node')].map(e =>
-        e.tagName === 'circle' ? +e.getAttribute('r') : +e.getAttribute('width') / 2);""")
-    ranked = [i for i, n in sorted(enumerate(data["nodes"]), key=lambda x: -x[1]["influence"]) if n["kind"] != "target"]
-    assert sizes[ranked[0]] == max(s for i, s in enumerate(sizes) if data["nodes"][i]["kind"] != "target")
+    row, count = next(iter(drawn(driver)["folded"].items()))
+    before = len(drawn(driver)["ids"])
+    fold = driver.find_element(By.CSS_SELECTOR, f'#graph .node.group[data-row="{row}"]')
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", fold)
+    after = drawn(driver)
+    assert row not in after["folded"] and len(after["ids"]) == before + count
+    url = driver.current_url
+    assert urllib.parse.parse_qs(urllib.parse.urlparse(url).fragment)["open"] == [row]
+    fresh(driver, url)
+    assert drawn(driver)["ids"] == after["ids"]
+
+
+@pytest.mark.parametrize("width", [1300, 900])
+def test_the_graph_fits_the_window(driver, viewer, width):  # noqa: F811
+    out, _, _ = viewer
+    driver.set_window_size(width, 900)
+    try:
+        open_page(driver, (out / "index.html").as_uri())
+        g = drawn(driver)
+        assert g["svg"] <= g["panel"] and g["page"] <= g["window"], "no horizontal scrolling"
+    finally:
+        driver.set_window_size(1280, 900)
+
+
+def test_features_carry_their_browser_label_beside_the_node(driver, viewer):  # noqa: F811
+    from vitclt.browser.site import feature_labels
+
+    out, data, browser = viewer
+    labels = feature_labels(browser, data["meta"]["browser"]["tc"])
+    features = [n for n in data["nodes"] if n["kind"] == "feature"]
+    assert features and all(n["label"] == labels[n["layer"]][n["feature"]] for n in features)
+    open_page(driver, (out / "index.html").as_uri())
+    texts = driver.execute_script("""return Object.fromEntries([...document.querySelectorAll('#graph text.nodelabel[data-id]')]
+        .map(e => [e.dataset.id, e.textContent]));""")
+    shown = [n for n in features if n["id"] in drawn(driver)["ids"]]
+    assert shown
+    for n in shown:
+        assert labels[n["layer"]][n["feature"]].startswith(texts[n["id"]].rstrip("…")) and texts[n["id"]].rstrip("…")
+
+
+def test_the_effects_table_lists_the_top_nodes_with_measured_effects(driver, viewer):  # noqa: F811
+    out, data, _ = viewer
+    open_page(driver, (out / "index.html").as_uri())
+    table = driver.find_element(By.ID, "top-nodes")
+    assert "zeroed: graph" in table.text and "CLT replacement" in table.text
+    ids = [r.get_attribute("data-id") for r in table.find_elements(By.CSS_SELECTOR, "tr[data-id]")]
+    ranked = [n["id"] for n in sorted(data["nodes"], key=lambda n: -n["influence"]) if n["kind"] != "target"]
+    assert ids[:20] == ranked[:20] and set(data["effects"]) <= set(ids)
+    assert f"image file: {data['meta']['source']}" == driver.find_element(By.ID, "provenance").text
+
+
+def test_the_class_view_shows_its_images_by_dataset_index_and_an_effects_table(driver, class_viewer):  # noqa: F811
+    from vitclt.browser.site import thumbnail
+    from vitclt.data.datasets import load_dataset
+
+    out, data, spec = class_viewer
+    dataset = load_dataset(spec, "test")
+    members = [i for i, y in enumerate(dataset.labels) if dataset.classnames[y] == "red car"][:3]
+    open_page(driver, (out / "index.html").as_uri())
+    figures = driver.find_elements(By.CSS_SELECTOR, "#imagegrid figure")
+    assert [int(f.get_attribute("data-image")) for f in figures] == members
+    for f, index in zip(figures, members):
+        assert f.text == f"#{index}"
+        src = urllib.parse.unquote(urllib.parse.urlparse(f.find_element(By.TAG_NAME, "img").get_attribute("src")).path)
+        assert Image.open(src).tobytes() == Image.open(io.BytesIO(thumbnail(dataset[index][0], 128)[0])).tobytes()
+    table = driver.find_element(By.ID, "top-nodes").text
+    assert "share of images" in table and "direct effect" in table
     assert js_errors(driver) == []
 
 
@@ -74,6 +189,13 @@ def test_selecting_a_feature_marks_its_patch_and_links_to_the_browser(driver, vi
     assert f"r{k // grid} c{k % grid}" in details
     marked = driver.find_elements(By.CSS_SELECTOR, "#patches rect.mark")
     assert [m.get_attribute("data-token") for m in marked] == [str(feature["token"])]
+    # The patch is outlined in black and white, never tinted: the image keeps its colours.
+    assert driver.execute_script("return getComputedStyle(arguments[0]).fill", marked[0]) in ("none", "transparent",
+                                                                                              "rgba(0, 0, 0, 0)")
+    rings = driver.execute_script("""return [...document.querySelectorAll('#patch-marks rect')].map(e => {
+        const s = getComputedStyle(e); return [s.fill, s.stroke]; });""")
+    assert sorted(stroke for _, stroke in rings) == ["rgb(0, 0, 0)", "rgb(255, 255, 255)"]
+    assert all(fill == "none" for fill, _ in rings)
     link = driver.find_element(By.ID, "browser-link")
     query = urllib.parse.parse_qs(urllib.parse.urlparse(link.get_attribute("href")).query)
     assert query["layer"] == [str(feature["layer"])] and query["feature"] == [str(feature["feature"])]
@@ -94,7 +216,7 @@ def test_effects_show_predicted_next_to_measured(driver, viewer):  # noqa: F811
 def test_supernodes_live_in_the_address_and_in_json(driver, viewer):  # noqa: F811
     out, data, _ = viewer
     fresh(driver, (out / "index.html").as_uri())
-    feats = [n["id"] for n in data["nodes"] if n["kind"] == "feature"][:2]
+    feats = [e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, "#graph .node.feature")][:2]
     for node_id in feats:
         el = driver.find_element(By.CSS_SELECTOR, f'#graph .node[data-id="{node_id}"]')
         driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {shiftKey: true, bubbles: true}))", el)

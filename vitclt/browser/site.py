@@ -58,6 +58,31 @@ def write_data(path: Path, key: str, payload) -> None:
     path.write_text(f"vitcltData({json.dumps(key)},{text});\n", encoding="utf-8")
 
 
+def read_data(path: Path):
+    """The payload of a data file written by `write_data`."""
+    text = Path(path).read_text(encoding="utf-8")
+    return json.loads(text[text.index(",") + 1 : text.rindex(")")])
+
+
+def feature_labels(site: Path, tc_id: str) -> list[list[str]]:
+    """The label of every feature of transcoder `tc_id` in the browser at `site`, per layer (its top class label, else
+    its top word); [] when the site has no such transcoder.
+
+    Other pages (the circuit viewer) read feature labels through this function alone, so that a new label
+    source changes here and nowhere else.
+    """
+    site = Path(site)
+    meta = read_data(site / "data" / "site.js")
+    tc = next((t for t in meta.get("transcoders", []) if t["id"] == tc_id), None)
+    if tc is None:
+        return []
+    labels = []
+    for layer in range(tc["n_layers"]):
+        index = read_data(site / "data" / tc_id / f"index-L{layer}.js")
+        labels.append([c or w for c, w in zip(index["label"], index["word"])])
+    return labels
+
+
 def copy_static(out: Path) -> None:
     """Copy the pages and assets shipped in vitclt/browser/static into `out`."""
     static = resources.files("vitclt.browser").joinpath("static")

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def _r(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def payload(ex: Explanation, meta: dict) -> dict:
-    """The viewer's data: kept nodes (with influence, direct and total effect on the target) and kept edges."""
+def payload(ex: Explanation, meta: dict, labels: list[list[str]] | None = None) -> dict:
+    """The viewer's data: kept nodes (with influence, direct and total effect on the target, and a feature's label
+    from `labels[layer][feature]` when given) and kept edges."""
     g, p = ex.graph, ex.pruned
     keep = np.flatnonzero(p.node_mask.numpy())
     pos = {int(i): n for n, i in enumerate(keep)}
@@ -56,6 +58,8 @@ def payload(ex: Explanation, meta: dict) -> dict:
                 "norm": _r(float(g.norm_N[i]))}
         if fraction is not None:
             node["images"] = _r(fraction[i], 3)
+        if labels and kind == "feature" and node["layer"] < len(labels) and node["feature"] < len(labels[node["layer"]]):
+            node["label"] = labels[node["layer"]][node["feature"]]
         nodes.append(node)
     rows, cols = np.nonzero(p.edge_mask.numpy())
     edges = [[pos[int(c)], pos[int(r)], _r(float(A[r, c]))] for r, c in zip(rows.tolist(), cols.tolist())
@@ -75,11 +79,12 @@ def browser_link(out: Path, browser: Path | None, transcoder_name: str) -> dict 
     """{"url": relative path to the feature browser, "tc": its id of the transcoder}, or None without a browser."""
     if browser is None:
         return None
+    from vitclt.browser.site import read_data
+
     site = Path(browser) / "data" / "site.js"
     if not site.is_file():
         return None
-    text = site.read_text(encoding="utf-8")
-    meta = json.loads(text[text.index(",") + 1 : text.rindex(")")])
+    meta = read_data(site)
     ids = {t["name"]: t["id"] for t in meta.get("transcoders", [])}
     tc = ids.get(transcoder_name) or (next(iter(ids.values())) if len(ids) == 1 else None)
     if tc is None:
@@ -105,23 +110,35 @@ def check_output(out: str | Path) -> None:
     shutil.rmtree(_prepare(Path(out)))
 
 
-def write_viewer(out: str | Path, ex: Explanation, meta: dict, image: Image.Image | None = None) -> Path:
+def write_viewer(out: str | Path, ex: Explanation, meta: dict, image: Image.Image | None = None, *,
+                 class_images: Sequence[tuple[int, Image.Image]] = (), labels: list[list[str]] | None = None) -> Path:
     """Write the viewer of `ex` to `out` (replacing an earlier viewer there); returns `out`.
 
     `meta` adds what the page shows about the run: title, kind ("image" or "class"), target_name,
-    backbone, transcoder, grid, browser (from `browser_link`).
+    backbone, transcoder, grid, browser (from `browser_link`), source (the image file) or dataset
+    ({"spec", "split"} of a class graph's images). `class_images` are a class graph's images with their
+    indices in that split (shown as a grid, each named by its index); `labels` are the feature labels
+    (`vitclt.browser.site.feature_labels`) shown beside the nodes.
     """
     from vitclt.browser.site import thumbnail
 
     out = Path(out)
     tmp = _prepare(out)
     try:
+        if image is not None or class_images:
+            (tmp / "img").mkdir()
         if image is not None:
             raw, ext = thumbnail(image, 256)
-            (tmp / "img").mkdir()
             (tmp / "img" / f"input.{ext}").write_bytes(raw)
             meta = {**meta, "image": f"img/input.{ext}"}
-        data = payload(ex, meta)
+        shown = []
+        for index, im in class_images:
+            raw, ext = thumbnail(im, 128)
+            (tmp / "img" / f"{index}.{ext}").write_bytes(raw)
+            shown.append({"index": int(index), "file": f"img/{index}.{ext}"})
+        if shown:
+            meta = {**meta, "images": shown}
+        data = payload(ex, meta, labels)
         (tmp / "data").mkdir()
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
         (tmp / "data" / "graph.js").write_text(f'vitcltData("graph",{text});\n', encoding="utf-8")

@@ -69,6 +69,7 @@ def run(cfg: ExplainConfig) -> Path:
     import torch
 
     from vitclt.backbones import load_backbone
+    from vitclt.browser.site import feature_labels
     from vitclt.circuits.errors import CircuitError
     from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
     from vitclt.circuits.pipeline import explain_class, explain_image
@@ -109,19 +110,24 @@ def run(cfg: ExplainConfig) -> Path:
 
         data = load_dataset(cfg.classes, cfg.split)
         members = [i for i, y in enumerate(data.labels) if int(y) == class_index(cfg.class_images, classnames)][: cfg.max_images]
-        ex = explain_class(backbone, transcoder, [data[i][0] for i in members], classifier, classnames, target, **common)
+        class_images = [(i, data[i][0]) for i in members]
+        ex = explain_class(backbone, transcoder, [im for _, im in class_images], classifier, classnames, target, **common)
         kind, title, shown = "class", f"{len(members)} images of {cfg.class_images} ({cfg.classes}, {cfg.split})", None
+        provenance = {"dataset": {"spec": cfg.classes, "split": cfg.split}}
     else:
         ex = explain_image(backbone, transcoder, image, classifier, classnames, target, effects_top=cfg.effects_top, **common)
         kind, title, shown = "image", Path(cfg.image).name, image
+        provenance, class_images = {"source": str(cfg.image)}, []
     browser = cfg.browser if cfg.browser is not None else (run_dir / "browser" if (run_dir / "browser").is_dir() else None)
     if cfg.out is None and target is None:
         out = run_dir / "circuits" / f"{stem}-{_slug(classnames[ex.target])}"
         check_output(out)
+    link = browser_link(out, browser, tc_name)
     meta = {"title": title, "kind": kind, "target_name": classnames[ex.target], "backbone": backbone.name, "transcoder": tc_name,
-            "grid": backbone.image_size // backbone.patch_size, "browser": browser_link(out, browser, tc_name),
-            "node_fraction": cfg.node_fraction, "edge_fraction": cfg.edge_fraction}
-    write_viewer(out, ex, meta, shown)
+            "grid": backbone.image_size // backbone.patch_size, "browser": link,
+            "node_fraction": cfg.node_fraction, "edge_fraction": cfg.edge_fraction, **provenance}
+    write_viewer(out, ex, meta, shown, class_images=class_images,
+                 labels=feature_labels(browser, link["tc"]) if link else None)
     g, p = ex.graph, ex.pruned
     total = float(g.adjacency[g.target].sum())
     print(f"target {classnames[ex.target]!r}: score {g.score:.4f}, sum of direct effects {total:.4f}")

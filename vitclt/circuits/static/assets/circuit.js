@@ -63,56 +63,149 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   $("classes").textContent = (meta.kind === "class" ? "mean cosine, top classes: " : "top classes: ") +
     meta.top.map(([c, s]) => `${c} ${fmt(s, 3)}`).join(" · ");
 
-  // Layout: one row per layer (target on top, embeddings at the bottom), tokens left to right ---------
+  // The label beside a feature's node: read here only, so a new label source changes this line alone
+  // (node.label comes from vitclt.browser.site.feature_labels when the feature browser is known).
+  const label = (n) => n.kind === "feature" ? n.label || "" : n.kind === "target" ? meta.target_name : "";
+  const shortTok = (t) => t === -1 ? "all" : t === -2 ? "patches" : t < P ? "CLS" : `r${Math.floor((t - P) / grid)}c${(t - P) % grid}`;
+  const subLabel = (n) => n.kind === "feature" ? `#${n.feature} · ${shortTok(n.token)}` : n.kind === "error" ? `error · ${shortTok(n.token)}` :
+    n.kind === "embedding" ? `embed · ${shortTok(n.token)}` : n.kind === "bias" ? "biases" : "target";
+
+  // Layout: one row per layer (target on top, embeddings at the bottom). Each row shows its most influential
+  // nodes (ordered by token: CLS first, then patches row by row, biases last) and folds the rest into one
+  // "+n" node, so that labels fit and the picture fits the window; a click on it (or on the row's name)
+  // unfolds the row. The address keeps the choice: #per=N (nodes per row, or all) and #open=rows.
   const rowOf = (n) => n.kind === "embedding" ? -1 : n.kind === "target" ? L : n.layer;
+  const rowName = (r) => r === -1 ? "embed" : r === L ? "target" : `L${r}`;
   const rows = new Map();
-  nodes.forEach((n, i) => { const r = rowOf(n); if (!rows.has(r)) rows.set(r, []); rows.get(r).push(i); });
+  for (let r = -1; r <= L; r++) rows.set(r, []);
+  nodes.forEach((n, i) => rows.get(rowOf(n)).push(i));
   const kindOrder = { embedding: 0, feature: 1, error: 2, bias: 3, target: 0 };
   for (const list of rows.values()) list.sort((a, b) => {
     const na = nodes[a], nb = nodes[b];
     return (na.kind === "bias") - (nb.kind === "bias") || (na.token === -2) - (nb.token === -2) ||
       na.token - nb.token || kindOrder[na.kind] - kindOrder[nb.kind] || nb.influence - na.influence;
   });
-  const widest = Math.max(...[...rows.values()].map((r) => r.length));
-  const left = 64, rowH = 64, width = Math.max(860, left + 24 + widest * 16), height = (L + 2) * rowH;
-  const svg = $("graph");
-  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.style.minWidth = `${Math.min(width, 2400)}px`;
-  const yOf = (r) => height - rowH / 2 - (r + 1) * rowH;
-  const xy = new Array(nodes.length);
-  for (const [r, list] of rows) {
-    const step = (width - left - 24) / Math.max(list.length, 1);
-    list.forEach((i, k) => { xy[i] = [left + step * (k + 0.5), yOf(r)]; });
-  }
-  for (let r = -1; r <= L; r++) {
-    const label = r === -1 ? "embed" : r === L ? "target" : `L${r}`;
-    svg.append(el("svg:line", { x1: left - 6, x2: width - 8, y1: yOf(r), y2: yOf(r), stroke: "#f0f1f3" }),
-      el("svg:text", { x: 6, y: yOf(r) + 4, text: label }));
-  }
+  const hash0 = new URLSearchParams(window.location.hash.slice(1));
+  const view = { per: hash0.get("per") === "all" ? Infinity : Number(hash0.get("per")) || null,
+    open: new Set((hash0.get("open") || "").split(",").filter((x) => x !== "" && rows.has(Number(x))).map(Number)) };
   const maxW = Math.max(...edges.map((e) => Math.abs(e[2])), 1e-12);
-  const edgeLayer = el("svg:g"), ringLayer = el("svg:g"), nodeLayer = el("svg:g");
-  svg.append(edgeLayer, ringLayer, nodeLayer);
-  const edgeEls = edges.map(([s, t, w]) => {
-    const [x1, y1] = xy[s], [x2, y2] = xy[t], ym = (y1 + y2) / 2;
-    const p = el("svg:path", { d: `M${x1},${y1} C${x1},${ym} ${x2},${ym} ${x2},${y2}`, class: `edge ${w >= 0 ? "pos" : "neg"}`,
-      "stroke-width": (0.4 + 3.6 * Math.abs(w) / maxW).toFixed(2) });
-    edgeLayer.append(p);
-    return p;
-  });
   const maxInfl = Math.max(...nodes.filter((n) => n.kind !== "target").map((n) => n.influence), 1e-12);
   const radius = (n) => n.kind === "target" ? 12 : 3 + 11 * Math.sqrt(Math.max(n.influence, 0) / maxInfl);
-  const nodeEls = nodes.map((n, i) => {
-    const [x, y] = xy[i], r = radius(n);
+  const svg = $("graph");
+  const edgeLayer = el("svg:g"), ringLayer = el("svg:g"), nodeLayer = el("svg:g"), textLayer = el("svg:g");
+  let xy = [], unitOf = [], nodeEls = [], edgeEls = [], groupEls = new Map(), drawnEdges = [], svgWidth = 0;
+
+  function fit(text, px) {
+    const n = Math.floor(px / 5.6);
+    return text.length <= n ? text : n > 1 ? text.slice(0, n - 1) + "…" : "";
+  }
+  function layout() {
+    const width = Math.max(480, svg.parentElement.clientWidth - 18), left = 52, gap = 92;
+    const per = view.per || Math.max(3, Math.min(12, Math.floor((width - left) / gap) - 1));
+    const top = svg.getBoundingClientRect().top + window.scrollY;
+    const rowH = Math.max(64, Math.min(96, (window.innerHeight - Math.min(top, 200) - 40) / (L + 2)));
+    const height = (L + 2) * rowH;
+    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    svgWidth = svg.parentElement.clientWidth;
+    svg.replaceChildren();
+    edgeLayer.replaceChildren(); ringLayer.replaceChildren(); nodeLayer.replaceChildren(); textLayer.replaceChildren();
+    const yOf = (r) => height - rowH * 0.6 - (r + 1) * rowH;
+    xy = new Array(nodes.length); unitOf = new Array(nodes.length); nodeEls = new Array(nodes.length); groupEls = new Map();
+    const units = [];   // [x, y, kind ("node" | "group"), node index or row]
+    for (const [r, list] of rows) {
+      const open = view.open.has(r) || list.length <= per + 1;
+      const keep = new Set(open ? list : [...list].sort((a, b) => nodes[b].influence - nodes[a].influence).slice(0, per));
+      const shown = list.filter((i) => keep.has(i)), folded = list.filter((i) => !keep.has(i));
+      const slots = shown.length + (folded.length ? 1 : 0), step = (width - left - 8) / Math.max(slots, 1);
+      const y = yOf(r);
+      const name = el("svg:text", { x: 4, y: y + 4, class: "rowname" + (list.length > per + 1 ? " foldable" : ""),
+        text: rowName(r) + (list.length > per + 1 ? (open ? " ▾" : " ▸") : "") });
+      if (list.length > per + 1) {
+        name.append(el("svg:title", { text: open ? "fold this row's weaker nodes" : `show all ${list.length} nodes of this row` }));
+        name.addEventListener("click", () => toggleRow(r));
+      }
+      svg.append(el("svg:line", { x1: left - 6, x2: width - 4, y1: y, y2: y, stroke: "#f0f1f3" }), name);
+      shown.forEach((i, k) => {
+        const x = left + step * (k + 0.5);
+        xy[i] = [x, y]; unitOf[i] = units.length; units.push([x, y, "node", i]);
+        drawNode(i, x, y, step);
+      });
+      if (folded.length) {
+        const x = left + step * (shown.length + 0.5), u = units.length;
+        units.push([x, y, "group", r]);
+        folded.forEach((i) => { xy[i] = [x, y]; unitOf[i] = u; });
+        drawGroup(r, folded, x, y, step);
+      }
+    }
+    // Edges between what is drawn: an edge into or out of a folded node joins its row's "+n" node (weights summed).
+    const agg = new Map();
+    for (const [s, t, w] of edges) {
+      const a = unitOf[s], b = unitOf[t];
+      if (a === b) continue;
+      const key = `${a}>${b}`;
+      if (!agg.has(key)) agg.set(key, { a, b, w: 0, members: [] });
+      const e = agg.get(key); e.w += w; e.members.push([s, t]);
+    }
+    drawnEdges = [...agg.values()];
+    const maxAgg = Math.max(...drawnEdges.map((e) => Math.abs(e.w)), 1e-12);
+    edgeEls = drawnEdges.map((e) => {
+      const [x1, y1] = units[e.a], [x2, y2] = units[e.b], ym = (y1 + y2) / 2, f = Math.abs(e.w) / maxAgg;
+      const p = el("svg:path", { d: `M${x1},${y1} C${x1},${ym} ${x2},${ym} ${x2},${y2}`, class: `edge ${e.w >= 0 ? "pos" : "neg"}`,
+        "stroke-width": (0.5 + 4 * f).toFixed(2) });
+      p.dataset.base = (0.06 + 0.7 * Math.sqrt(f)).toFixed(3);
+      p.style.strokeOpacity = p.dataset.base;
+      edgeLayer.append(p);
+      return p;
+    });
+    svg.append(edgeLayer, ringLayer, nodeLayer, textLayer);
+    svg.dataset.per = per === Infinity ? "all" : String(per);
+  }
+  function drawNode(i, x, y, step) {
+    const n = nodes[i], r = radius(n);
     const shape = n.kind === "error" || n.kind === "embedding"
       ? el("svg:rect", { x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: n.kind === "embedding" ? 3 : 1 })
       : el("svg:circle", { cx: x, cy: y, r });
     shape.setAttribute("class", `node ${n.kind}`);
     shape.dataset.id = n.id;
-    shape.append(el("svg:title", { text: `${name(n)}\ninfluence ${fmt(n.influence)} · direct effect on target ${fmt(n.direct)}` }));
+    shape.append(el("svg:title", { text: `${name(n)}${label(n) ? ` — ${label(n)}` : ""}\ninfluence ${fmt(n.influence)} · direct effect on target ${fmt(n.direct)}` }));
     shape.addEventListener("click", (ev) => { if (ev.shiftKey) togglePick(i); else select(i); });
     nodeLayer.append(shape);
-    return shape;
-  });
+    nodeEls[i] = shape;
+    if (step < 44) return;   // too crowded for words (an unfolded row): the tooltip names it
+    const main = fit(label(n), step - 6), sub = fit(subLabel(n), step - 6);
+    if (main) textLayer.append(el("svg:text", { x, y: y + 25, class: "nodelabel", "text-anchor": "middle", "data-id": n.id, text: main }));
+    if (n.kind !== "target") textLayer.append(el("svg:text", { x, y: y + (main ? 36 : 25), class: "nodesub", "text-anchor": "middle", text: sub }));
+  }
+  function drawGroup(r, folded, x, y, step) {
+    const infl = folded.reduce((s, i) => s + Math.max(nodes[i].influence, 0), 0);
+    const rr = Math.min(14, 3 + 11 * Math.sqrt(infl / maxInfl));
+    const g = el("svg:circle", { cx: x, cy: y, r: rr, class: "node group" });
+    g.dataset.row = r; g.dataset.count = folded.length;
+    g.append(el("svg:title", { text: `${folded.length} weaker nodes of ${rowName(r)} (influence ${fmt(infl)} together): click to show them` }));
+    g.addEventListener("click", () => toggleRow(r));
+    nodeLayer.append(g);
+    groupEls.set(r, g);
+    textLayer.append(el("svg:text", { x, y: y + 25, class: "nodelabel", "text-anchor": "middle", text: `+${folded.length} more` }),
+      el("svg:text", { x, y: y + 36, class: "nodesub", "text-anchor": "middle", text: fit(`influence ${fmt(infl, 2)}`, step - 6) }));
+  }
+  function toggleRow(r) {
+    if (view.open.has(r)) view.open.delete(r); else view.open.add(r);
+    redraw();
+    writeHash();
+  }
+  function redraw() {
+    layout();
+    renderGroups();
+    select(selected, false);
+    for (const i of picked) if (nodeEls[i]) nodeEls[i].classList.add("picked");
+  }
+  // Drawn for the panel's width (the svg scales with it in between); a real change of width lays it out anew.
+  let resizeTimer = null;
+  new ResizeObserver(() => {
+    if (Math.abs(svg.parentElement.clientWidth - svgWidth) < 24) return;
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(redraw, 100);
+  }).observe(svg.parentElement);
 
   // Image and patches --------------------------------------------------------------------------
   let patchEls = [];
@@ -134,27 +227,87 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     }
   }
   function markToken(t) {
-    nodes.forEach((n, i) => nodeEls[i].classList.toggle("at-patch", t !== null && n.token === t));
+    nodes.forEach((n, i) => nodeEls[i] && nodeEls[i].classList.toggle("at-patch", t !== null && n.token === t));
   }
+  // The selected node's patch is outlined (a black ring around a white one, readable on any colour); it is never
+  // tinted, so the image keeps its colours.
+  const markLayer = el("svg:g", { id: "patch-marks" });
+  if (meta.image) $("patches").append(markLayer);
   function markPatch(t) {
     patchEls.forEach((p) => p && p.classList.remove("mark"));
-    if (t !== null && patchEls[t]) patchEls[t].classList.add("mark");
+    markLayer.replaceChildren();
+    if (t === null || !patchEls[t]) return;
+    patchEls[t].classList.add("mark");
+    const k = t - P, x = k % grid, y = Math.floor(k / grid);
+    markLayer.append(el("svg:rect", { x: x + 0.06, y: y + 0.06, width: 0.88, height: 0.88, class: "ring-black" }),
+      el("svg:rect", { x: x + 0.13, y: y + 0.13, width: 0.74, height: 0.74, class: "ring-white" }));
+  }
+  // Where each image comes from: the file given to --image, or the class images' indices in their split.
+  if (meta.source) $("provenance").textContent = `image file: ${meta.source}`;
+  if (meta.images && meta.images.length) {
+    const box = $("imagegrid");
+    box.hidden = false;
+    const d = meta.dataset || {};
+    $("provenance").textContent = `${meta.images.length} images of ${meta.target_name}: ${d.spec} (${d.split}), ` +
+      "by their index in that split";
+    for (const im of meta.images) {
+      const where = `${d.spec} (${d.split}) image #${im.index}`;
+      box.append(el("figure", { "data-image": im.index, title: where }, el("img", { src: im.file, alt: where }),
+        el("figcaption", { text: `#${im.index}` })));
+    }
+  }
+
+  // The effects table: the most influential nodes with their labels and effects on the target (and, where
+  // measured, what zeroing them did); a click selects the node.
+  function topNodes() {
+    const fx = G.effects || {};
+    const ranked = nodes.map((n, i) => i).filter((i) => nodes[i].kind !== "target").sort((a, b) => nodes[b].influence - nodes[a].influence);
+    const chosen = ranked.slice(0, 20);
+    for (const i of ranked.slice(20)) if (fx[nodes[i].id]) chosen.push(i);
+    const measured = Object.keys(fx).length > 0, cls = meta.kind === "class";
+    const head = ["node", "label", "influence", "direct effect", "total effect"];
+    if (cls) head.push("share of images");
+    if (measured) head.push("zeroed: graph", "CLT replacement", "original model");
+    const table = $("top-nodes");
+    table.replaceChildren(el("tr", {}, ...head.map((h) => el("th", { text: h }))));
+    for (const i of chosen) {
+      const n = nodes[i], f = fx[n.id];
+      const a = el("a", { href: "#", text: name(n) });
+      a.addEventListener("click", (ev) => { ev.preventDefault(); select(i); });
+      const cells = [el("td", {}, a), el("td", { text: label(n) }), el("td", { text: fmt(n.influence) }), el("td", { text: fmt(n.direct) }),
+        el("td", { text: n.kind === "feature" ? fmt(n.total) : "" })];
+      if (cls) cells.push(el("td", { text: n.images === undefined ? "" : `${Math.round(100 * n.images)}%` }));
+      if (measured) cells.push(el("td", { text: f ? fmt(f.predicted) : "" }), el("td", { text: f ? fmt(f.replacement) : "" }),
+        el("td", { text: f ? fmt(f.original) : "" }));
+      const tr = el("tr", { "data-id": n.id }, ...cells);
+      table.append(tr);
+    }
+    $("top-nodes-note").textContent = `The ${Math.min(20, ranked.length)} most influential of the ${nodes.length - 1} kept nodes` +
+      (measured ? ", and every node whose zeroing was measured (--effects-top)." : ".") +
+      " Direct effect: the edge into the target; total effect: along all paths of the linear graph.";
   }
 
   // Selection and details ------------------------------------------------------------------------
   let selected = null;
-  function select(i) {
+  function select(i, write = true) {
+    if (i !== null && !nodeEls[i] && write) {
+      // A folded node: unfold its row first, so that it can be seen.
+      view.open.add(rowOf(nodes[i]));
+      selected = i;
+      return redraw(), writeHash();
+    }
     selected = i;
-    nodeEls.forEach((e, k) => e.classList.toggle("selected", k === i));
-    edgeEls.forEach((e, k) => {
-      const on = i !== null && (edges[k][0] === i || edges[k][1] === i);
-      e.classList.toggle("hot", on);
-      e.classList.toggle("cold", i !== null && !on);
+    nodeEls.forEach((e, k) => e && e.classList.toggle("selected", k === i));
+    drawnEdges.forEach((e, k) => {
+      const on = i !== null && e.members.some(([s, t]) => s === i || t === i);
+      edgeEls[k].classList.toggle("hot", on);
+      edgeEls[k].style.strokeOpacity = i === null ? edgeEls[k].dataset.base : on ? 0.95 : (0.3 * edgeEls[k].dataset.base).toFixed(3);
     });
+    document.querySelectorAll("#top-nodes tr[data-id]").forEach((tr) => tr.classList.toggle("selected", i !== null && tr.dataset.id === nodes[i].id));
     markPatch(i === null ? null : nodes[i].token >= P ? nodes[i].token : null);
     $("imagebox").classList.toggle("cls", i !== null && nodes[i].token >= 0 && nodes[i].token < P);
     details(i);
-    writeHash();
+    if (write) writeHash();
   }
   function details(i) {
     const box = $("details");
@@ -162,7 +315,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     if (i === null) { box.append(el("p", { class: "muted", text: "Select a node to see it here." })); return; }
     const n = nodes[i];
     box.append(el("h2", { text: name(n) }));
-    const rowsT = [["kind", n.kind], ["influence on the target", fmt(n.influence)], ["direct effect on the target", fmt(n.direct)]];
+    const rowsT = [["kind", n.kind], ...(label(n) && n.kind === "feature" ? [["label (feature browser)", label(n)]] : []), ["influence on the target", fmt(n.influence)], ["direct effect on the target", fmt(n.direct)]];
     if (n.kind === "feature") {
       rowsT.push(["activation", fmt(n.value)], ["total effect on the target (linear graph)", fmt(n.total)]);
       if (n.token >= 0) rowsT.push(["token", `${n.token} (${tokName(n.token)})`]);
@@ -206,7 +359,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   const picked = new Set();
   function togglePick(i) {
     if (picked.has(i)) picked.delete(i); else picked.add(i);
-    nodeEls[i].classList.toggle("picked", picked.has(i));
+    if (nodeEls[i]) nodeEls[i].classList.toggle("picked", picked.has(i));
     $("selection-note").textContent = picked.size ? `${picked.size} node(s) selected for grouping.` :
       "Shift-click nodes to select them, then group them.";
   }
@@ -219,7 +372,8 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
       const members = g.slice(1).map((id) => byId.get(id)).filter((i) => i !== undefined);
       for (const i of members) {
         const [x, y] = xy[i];
-        ringLayer.append(el("svg:circle", { cx: x, cy: y, r: radius(nodes[i]) + 4, class: "groupring", stroke: color }));
+        const r = nodeEls[i] ? radius(nodes[i]) : +groupEls.get(rowOf(nodes[i])).getAttribute("r");
+        ringLayer.append(el("svg:circle", { cx: x, cy: y, r: r + 4, class: "groupring", stroke: color }));
       }
       const infl = members.reduce((s, i) => s + nodes[i].influence, 0);
       const remove = el("button", { text: "remove" });
@@ -227,8 +381,8 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
       const li = el("li", {}, el("span", { class: "swatch", style: `background:${color}` }), el("b", { text: g[0] }),
         ` · ${members.length} nodes · influence ${fmt(infl)} `, remove);
       li.dataset.name = g[0];
-      li.addEventListener("mouseenter", () => members.forEach((i) => nodeEls[i].classList.add("selected")));
-      li.addEventListener("mouseleave", () => members.forEach((i) => nodeEls[i].classList.toggle("selected", i === selected)));
+      li.addEventListener("mouseenter", () => members.forEach((i) => nodeEls[i] && nodeEls[i].classList.add("selected")));
+      li.addEventListener("mouseleave", () => members.forEach((i) => nodeEls[i] && nodeEls[i].classList.toggle("selected", i === selected)));
       ul.append(li);
     });
   }
@@ -264,10 +418,14 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   function writeHash() {
     const h = new URLSearchParams();
     if (selected !== null) h.set("node", nodes[selected].id);
+    if (view.per) h.set("per", view.per === Infinity ? "all" : String(view.per));
+    if (view.open.size) h.set("open", [...view.open].sort((a, b) => a - b).join(","));
     if (groups.length) h.set("supernodes", JSON.stringify(groups));
     history.replaceState(null, "", h.toString() ? `#${h}` : window.location.pathname + window.location.search);
   }
-  const h = new URLSearchParams(window.location.hash.slice(1));
+  layout();
+  topNodes();
+  const h = hash0;
   if (h.get("supernodes")) setGroups(JSON.parse(h.get("supernodes")));
   if (h.get("node") && byId.has(h.get("node"))) select(byId.get(h.get("node")));
   else {
