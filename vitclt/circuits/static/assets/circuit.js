@@ -262,8 +262,9 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   function topNodes() {
     const fx = G.effects || {};
     const ranked = nodes.map((n, i) => i).filter((i) => nodes[i].kind !== "target").sort((a, b) => nodes[b].influence - nodes[a].influence);
-    const chosen = ranked.slice(0, 20);
-    for (const i of ranked.slice(20)) if (fx[nodes[i].id]) chosen.push(i);
+    const feats = ranked.filter((i) => nodes[i].kind === "feature"), others = ranked.filter((i) => nodes[i].kind !== "feature");
+    // Features first (what a reader looks for), then the strongest errors, embeddings and biases.
+    const chosen = [...feats.slice(0, 20), ...feats.slice(20).filter((i) => fx[nodes[i].id]), ...others.slice(0, 5)];
     const measured = Object.keys(fx).length > 0, cls = meta.kind === "class";
     const head = ["node", "label", "influence", "direct effect", "total effect"];
     if (cls) head.push("share of images");
@@ -282,8 +283,9 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
       const tr = el("tr", { "data-id": n.id }, ...cells);
       table.append(tr);
     }
-    $("top-nodes-note").textContent = `The ${Math.min(20, ranked.length)} most influential of the ${nodes.length - 1} kept nodes` +
-      (measured ? ", and every node whose zeroing was measured (--effects-top)." : ".") +
+    $("top-nodes-note").textContent = `The ${Math.min(20, feats.length)} most influential of the ${feats.length} kept features` +
+      (measured ? " and every feature whose zeroing was measured (--effects-top)" : "") +
+      `, then the ${Math.min(5, others.length)} most influential other nodes (of ${others.length}).` +
       " Direct effect: the edge into the target; total effect: along all paths of the linear graph.";
   }
 
