@@ -1,6 +1,7 @@
 """The feature browser's library: the streaming pass, write directions and labels, exports, and bad input."""
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -186,6 +187,31 @@ def test_site_lists_every_feature_and_marks_the_dead_one(tiny_run, tiny_backbone
     assert len(live["labels"]["classes"]) == len(CLASSES) and len(live["labels"]["words"]) == 5
     assert all((out / p).is_file() for p in site["images"]["files"].values())
     assert not list(out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.mark.parametrize("max_images", [None, 7])
+def test_browse_json_records_the_subset_and_each_shown_image_maps_to_its_dataset_index(tmp_path, tiny_run, tiny_backbone,
+                                                                                    max_images):
+    from PIL import Image
+
+    from vitclt.browser.site import thumbnail
+    from vitclt.data.datasets import load_dataset
+
+    run, spec, _ = tiny_run
+    out = build_browser(run, spec, backbone=str(tiny_backbone.name), out=tmp_path / "site", images_per_forward=5, top_k=4,
+                        samples=4, vocab_size=0, exports=False, progress=False, max_images=max_images, seed=1)
+    subset = json.loads((out / "browse.json").read_text())["subset"]
+    whole = load_dataset(spec, "test")
+    assert (subset["spec"], subset["split"], subset["seed"], subset["max_images"]) == (spec, whole.split, 1, max_images)
+    browsed = load_dataset(spec, "test", max_images=max_images, seed=1)
+    expected = None if max_images is None else browsed.indices.tolist()
+    assert subset["indices"] == expected and subset["n_images"] == len(browsed)
+    site = read_data(out / "data" / "site.js")
+    assert site["subset"]["subsampled"] == (max_images is not None)
+    for image_id, index in site["images"]["index"].items():
+        shown = Image.open(out / site["images"]["files"][image_id])
+        assert shown.tobytes() == Image.open(io.BytesIO(thumbnail(whole[index][0], 128)[0])).tobytes()
+        assert index == (int(image_id) if expected is None else expected[int(image_id)])
 
 
 def test_exports_have_the_layouts_circuit_tracer_and_neuronpedia_read(tiny_run):
