@@ -161,7 +161,8 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     svg.dataset.per = per === Infinity ? "all" : String(per);
   }
   function drawNode(i, x, y, step) {
-    const n = nodes[i], r = radius(n);
+    // In a crowded (unfolded) row nodes shrink to their spacing rather than hide each other.
+    const n = nodes[i], r = Math.min(radius(n), Math.max(1.5, step / 2 - 0.5));
     const shape = n.kind === "error" || n.kind === "embedding"
       ? el("svg:rect", { x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: n.kind === "embedding" ? 3 : 1 })
       : el("svg:circle", { cx: x, cy: y, r });
@@ -374,7 +375,8 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
       const members = g.slice(1).map((id) => byId.get(id)).filter((i) => i !== undefined);
       for (const i of members) {
         const [x, y] = xy[i];
-        const r = nodeEls[i] ? radius(nodes[i]) : +groupEls.get(rowOf(nodes[i])).getAttribute("r");
+        const shape = nodeEls[i] || groupEls.get(rowOf(nodes[i]));
+        const r = shape.tagName === "circle" ? +shape.getAttribute("r") : +shape.getAttribute("width") / 2;
         ringLayer.append(el("svg:circle", { cx: x, cy: y, r: r + 4, class: "groupring", stroke: color }));
       }
       const infl = members.reduce((s, i) => s + nodes[i].influence, 0);
