@@ -197,6 +197,13 @@ def test_activation_map_replaces_the_image(driver, site):
     driver.find_element(By.CSS_SELECTOR, '#views input[value="image"]').click()
     assert image.value_of_css_property("visibility") == "visible"
     assert all(max(p[3::4]) == 0 for p in driver.execute_script(CANVAS_PIXELS))
+    # The choice is kept in the address.
+    url = driver.current_url
+    assert "view=image" in url
+    driver.get("about:blank")
+    open_page(driver, url.replace("view=image", "view=map"))
+    assert driver.find_element(By.CSS_SELECTOR, '#views input[value="map"]').is_selected()
+    assert driver.find_element(By.CSS_SELECTOR, ".imgbox img").value_of_css_property("visibility") == "hidden"
     assert js_errors(driver) == []
 
 

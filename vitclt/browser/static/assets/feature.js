@@ -1,4 +1,4 @@
-// One feature: its images with per-patch heatmaps, histogram, decoder profile, neighbours and text labels.
+// One feature: its images with per-patch activations (outlines or a map), histogram, decoder profile, neighbours and text labels.
 "use strict";
 (async function () {
   const site = await V.load("site");
@@ -49,7 +49,7 @@
     return VIRIDIS[i].map((c, j) => Math.round(c + t * (VIRIDIS[i + 1][j] - c)));
   };
   const painted = [];
-  let view = "outlines";
+  let view = ["outlines", "map", "image"].includes(p.get("view")) ? p.get("view") : "outlines";
   function paint(canvas, acts) {
     const S = 128, cell = S / g, ctx = canvas.getContext("2d");
     canvas.width = S; canvas.height = S;
@@ -81,6 +81,9 @@
     view = v;
     document.body.dataset.view = v;
     for (const [canvas, acts] of painted) paint(canvas, acts);
+    const q = V.params();
+    if (v === "outlines") q.delete("view"); else q.set("view", v);
+    history.replaceState(null, "", `${window.location.pathname}?${q}`);
   }
 
   function cards(list, b64, what) {
