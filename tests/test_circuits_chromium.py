@@ -120,14 +120,16 @@ def test_a_click_on_a_fold_unfolds_its_row_and_the_address_keeps_it(driver, view
     assert drawn(driver)["ids"] == after["ids"]
 
 
-@pytest.mark.parametrize("width", [1300, 900])
-def test_the_graph_fits_the_window(driver, viewer, width):  # noqa: F811
+@pytest.mark.parametrize("width, height", [(1300, 900), (900, 900), (1300, 480)])
+def test_the_graph_fits_the_window(driver, viewer, width, height):  # noqa: F811
     out, _, _ = viewer
-    driver.set_window_size(width, 900)
+    driver.set_window_size(width, height)
     try:
         open_page(driver, (out / "index.html").as_uri())
         g = drawn(driver)
         assert g["svg"] <= g["panel"] and g["page"] <= g["window"], "no horizontal scrolling"
+        svg_height = driver.execute_script("return document.getElementById('graph').getBoundingClientRect().height")
+        assert svg_height <= driver.execute_script("return window.innerHeight") - 100, "the whole graph in one screen"
     finally:
         driver.set_window_size(1280, 900)
 

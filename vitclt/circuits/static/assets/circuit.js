@@ -94,6 +94,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   const svg = $("graph");
   const edgeLayer = el("svg:g"), ringLayer = el("svg:g"), nodeLayer = el("svg:g"), textLayer = el("svg:g");
   let xy = [], unitOf = [], nodeEls = [], edgeEls = [], groupEls = new Map(), drawnEdges = [], svgWidth = 0;
+  let compact = false, maxR = 14;
 
   function fit(text, px) {
     const n = Math.floor(px / 5.6);
@@ -103,7 +104,12 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     const width = Math.max(480, svg.parentElement.clientWidth - 18), left = 52, gap = 92;
     const per = view.per || Math.max(3, Math.min(12, Math.floor((width - left) / gap) - 1));
     const top = svg.getBoundingClientRect().top + window.scrollY;
-    const rowH = Math.max(64, Math.min(96, (window.innerHeight - Math.min(top, 200) - 40) / (L + 2)));
+    // Rows share the window's height: two label lines per node where they fit, one line and smaller nodes
+    // in a short window or a deep model (a 12-layer ViT-B has 14 rows).
+    const fair = Math.min(96, (window.innerHeight - Math.min(top, 200) - 40) / (L + 2));
+    compact = fair < 60;
+    const rowH = Math.max(compact ? 40 : 60, fair);
+    maxR = compact ? rowH * 0.28 : 14;
     const height = (L + 2) * rowH;
     svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
     svgWidth = svg.parentElement.clientWidth;
@@ -162,7 +168,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   }
   function drawNode(i, x, y, step) {
     // In a crowded (unfolded) row nodes shrink to their spacing rather than hide each other.
-    const n = nodes[i], r = Math.min(radius(n), Math.max(1.5, step / 2 - 0.5));
+    const n = nodes[i], r = Math.min(radius(n), maxR, Math.max(1.5, step / 2 - 0.5));
     const shape = n.kind === "error" || n.kind === "embedding"
       ? el("svg:rect", { x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: n.kind === "embedding" ? 3 : 1 })
       : el("svg:circle", { cx: x, cy: y, r });
@@ -174,20 +180,25 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     nodeEls[i] = shape;
     if (step < 44) return;   // too crowded for words (an unfolded row): the tooltip names it
     const main = fit(label(n), step - 6), sub = fit(subLabel(n), step - 6);
-    if (main) textLayer.append(el("svg:text", { x, y: y + 25, class: "nodelabel", "text-anchor": "middle", "data-id": n.id, text: main }));
-    if (n.kind !== "target") textLayer.append(el("svg:text", { x, y: y + (main ? 36 : 25), class: "nodesub", "text-anchor": "middle", text: sub }));
+    const y1 = y + Math.min(maxR, 14) + 11;
+    if (main) textLayer.append(el("svg:text", { x, y: y1, class: "nodelabel", "text-anchor": "middle", "data-id": n.id, text: main }));
+    if (n.kind !== "target" && !(compact && main)) {
+      textLayer.append(el("svg:text", { x, y: y1 + (main ? 11 : 0), class: "nodesub", "text-anchor": "middle", text: sub }));
+    }
   }
   function drawGroup(r, folded, x, y, step) {
     const infl = folded.reduce((s, i) => s + Math.max(nodes[i].influence, 0), 0);
-    const rr = Math.min(14, 3 + 11 * Math.sqrt(infl / maxInfl));
+    const rr = Math.min(maxR, 3 + 11 * Math.sqrt(infl / maxInfl)), y1 = y + Math.min(maxR, 14) + 11;
     const g = el("svg:circle", { cx: x, cy: y, r: rr, class: "node group" });
     g.dataset.row = r; g.dataset.count = folded.length;
     g.append(el("svg:title", { text: `${folded.length} weaker nodes of ${rowName(r)} (influence ${fmt(infl)} together): click to show them` }));
     g.addEventListener("click", () => toggleRow(r));
     nodeLayer.append(g);
     groupEls.set(r, g);
-    textLayer.append(el("svg:text", { x, y: y + 25, class: "nodelabel", "text-anchor": "middle", text: `+${folded.length} more` }),
-      el("svg:text", { x, y: y + 36, class: "nodesub", "text-anchor": "middle", text: fit(`influence ${fmt(infl, 2)}`, step - 6) }));
+    textLayer.append(el("svg:text", { x, y: y1, class: "nodelabel", "text-anchor": "middle", text: `+${folded.length} more` }));
+    if (!compact) {
+      textLayer.append(el("svg:text", { x, y: y1 + 11, class: "nodesub", "text-anchor": "middle", text: fit(`influence ${fmt(infl, 2)}`, step - 6) }));
+    }
   }
   function toggleRow(r) {
     if (view.open.has(r)) view.open.delete(r); else view.open.add(r);
