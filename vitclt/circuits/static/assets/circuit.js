@@ -88,7 +88,6 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   const hash0 = new URLSearchParams(window.location.hash.slice(1));
   const view = { per: hash0.get("per") === "all" ? Infinity : Number(hash0.get("per")) || null,
     open: new Set((hash0.get("open") || "").split(",").filter((x) => x !== "" && rows.has(Number(x))).map(Number)) };
-  const maxW = Math.max(...edges.map((e) => Math.abs(e[2])), 1e-12);
   const maxInfl = Math.max(...nodes.filter((n) => n.kind !== "target").map((n) => n.influence), 1e-12);
   const radius = (n) => n.kind === "target" ? 12 : 3 + 11 * Math.sqrt(Math.max(n.influence, 0) / maxInfl);
   const svg = $("graph");
@@ -117,7 +116,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     edgeLayer.replaceChildren(); ringLayer.replaceChildren(); nodeLayer.replaceChildren(); textLayer.replaceChildren();
     const yOf = (r) => height - rowH * 0.6 - (r + 1) * rowH;
     xy = new Array(nodes.length); unitOf = new Array(nodes.length); nodeEls = new Array(nodes.length); groupEls = new Map();
-    const units = [];   // [x, y, kind ("node" | "group"), node index or row]
+    const units = [];   // where each drawn node or fold stands: [x, y]
     for (const [r, list] of rows) {
       const open = view.open.has(r) || list.length <= per + 1;
       const keep = new Set(open ? list : [...list].sort((a, b) => nodes[b].influence - nodes[a].influence).slice(0, per));
@@ -133,12 +132,12 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
       svg.append(el("svg:line", { x1: left - 6, x2: width - 4, y1: y, y2: y, stroke: "#f0f1f3" }), name);
       shown.forEach((i, k) => {
         const x = left + step * (k + 0.5);
-        xy[i] = [x, y]; unitOf[i] = units.length; units.push([x, y, "node", i]);
+        xy[i] = [x, y]; unitOf[i] = units.length; units.push([x, y]);
         drawNode(i, x, y, step);
       });
       if (folded.length) {
         const x = left + step * (shown.length + 0.5), u = units.length;
-        units.push([x, y, "group", r]);
+        units.push([x, y]);
         folded.forEach((i) => { xy[i] = [x, y]; unitOf[i] = u; });
         drawGroup(r, folded, x, y, step);
       }
@@ -314,7 +313,6 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     nodeEls.forEach((e, k) => e && e.classList.toggle("selected", k === i));
     drawnEdges.forEach((e, k) => {
       const on = i !== null && e.members.some(([s, t]) => s === i || t === i);
-      edgeEls[k].classList.toggle("hot", on);
       edgeEls[k].style.strokeOpacity = i === null ? edgeEls[k].dataset.base : on ? 0.95 : (0.3 * edgeEls[k].dataset.base).toFixed(3);
     });
     document.querySelectorAll("#top-nodes tr[data-id]").forEach((tr) => tr.classList.toggle("selected", i !== null && tr.dataset.id === nodes[i].id));
