@@ -65,7 +65,7 @@ V.strip = function (norms, own) {
 V.image = (site, id) => site.images.files[id];
 // Provenance: the image's index in the whole split (load_dataset(spec, split)[index]) and, for a subset
 // (--max-images), the seed that picked it, so that anyone can find the image again.
-V.datasetIndex = (site, id) => (site.images.index ? site.images.index[id] : Number(id));
+V.datasetIndex = (site, id) => site.images.index[id];
 V.provenance = function (site, id) {
   const s = site.subset || {}, index = V.datasetIndex(site, id);
   const seed = s.subsampled ? ` · seed ${s.seed}` : "";

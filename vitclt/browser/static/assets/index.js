@@ -141,6 +141,7 @@
   for (const id of ["layer", "band", "later", "text"]) {
     for (const ev of ["input", "change"]) $(id).addEventListener(ev, () => { state.page = 0; render(); });
   }
+  // A placeholder option lets the address's layer survive until loadTranscoder lists the real ones.
   if (params.get("layer") !== null) $("layer").append(V.el("option", { value: params.get("layer"), text: params.get("layer") }));
   $("layer").value = params.get("layer") || "";
   $("band").value = [...$("band").options].some((o) => o.value === params.get("band")) ? params.get("band") : "";
