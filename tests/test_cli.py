@@ -1,5 +1,6 @@
 """The command line: composed configs with flat flags, one meaning per flag, --version, quiet progress, fast --help."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -66,3 +67,41 @@ def test_the_command_line_imports_no_torch():
     code = "import sys, vitclt.cli; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+REQUIRED = {"eval": ["RUN"], "browse": ["RUN"], "explain": ["RUN"], "intervene": ["RUN", "--image", "x.png"],
+            "push": ["RUN", "me/repo"]}
+"""Each command's required arguments (intervene's --set is added where it is not the flag under test)."""
+SAMPLES = {"--set": ("0:1=0", "1:2*0"), "--windows": ("0-1", "2"), "--ablate-layers": ("0-1", "2"),
+           "--models": ("clt:jumprelu", "plt:relu-topk")}
+
+
+def _list_flags_in_help(name: str, capsys, monkeypatch) -> dict[str, tuple[str, str]]:
+    """Every flag whose --help metavar takes several values (`[X [X ...]]`), with two values it accepts."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit):
+        main([name, *REQUIRED.get(name, []), "--help"])
+    found = {}
+    for flag, metavar in re.findall(r"(--[a-z-]+) (?:\{None\}\|)?\{?\[(\S+)", capsys.readouterr().out):
+        choices = re.match(r"\{([^}]*)\}", metavar)
+        found[flag] = SAMPLES.get(flag) or (tuple(choices[1].split(",")[:2]) if choices else
+                                             ("4", "8") if metavar == "INT" else ("a", "b"))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_repeated_list_flag_appends_like_the_one_flag_form(name, capsys, monkeypatch):
+    flags = _list_flags_in_help(name, capsys, monkeypatch)
+    assert name not in ("train", "eval", "intervene", "zeroshot", "browse") or flags  # the help is read right
+    for flag, (a, b) in flags.items():
+        base = [*REQUIRED.get(name, []), *(["--set", "0:0=0"] if name == "intervene" and flag != "--set" else [])]
+        repeated, together = _parse(name, *base, flag, a, "--device", "cpu", flag, b), _parse(name, *base, flag, a, b)
+        assert repeated == dataclasses.replace(together, runtime=dataclasses.replace(together.runtime, device="cpu")), flag
+        assert repr((a, b)) in repr(together) or repr(tuple(int(v) for v in (a, b))) in repr(together), flag
+
+
+def test_repeated_list_flags_merge_with_equals_and_keep_other_flags():
+    cfg = _parse("train", "--k=4", "--lr", "0.1", "--k", "8", "16", "--topology", "plt", "--topology", "clt")
+    assert cfg.sweep.k == (4, 8, 16) and cfg.sweep.topology == ("plt", "clt") and cfg.optim.lr == 0.1
