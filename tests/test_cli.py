@@ -84,7 +84,7 @@ def _list_flags_in_help(name: str, capsys, monkeypatch) -> dict[str, tuple[str, 
     with pytest.raises(SystemExit):
         main([name, *REQUIRED.get(name, []), "--help"])
     found = {}
-    for flag, metavar in re.findall(r"(--[a-z-]+) (?:\{None\}\|)?\{?\[(\S+)", capsys.readouterr().out):
+    for flag, metavar in re.findall(r"(--[a-z-]+) (?:\{None\}\|)?\{?\[(\S+) [^\n]*\.\.\.\]", capsys.readouterr().out):
         choices = re.match(r"\{([^}]*)\}", metavar)
         found[flag] = SAMPLES.get(flag) or (tuple(choices[1].split(",")[:2]) if choices else
                                              ("4", "8") if metavar == "INT" else ("a", "b"))

@@ -221,7 +221,10 @@ def write_transcoder(root: Path, p: TranscoderPages) -> set[int]:
 def _load_transcoders(source: Path, names: list[str] | None) -> dict[str, Path]:
     from vitclt.eval.suite import featured_transcoder, find_transcoders
 
-    found = find_transcoders(source)  # its own message names the fix
+    try:
+        found = find_transcoders(source)
+    except FileNotFoundError as e:
+        raise BrowserError(str(e)) from None  # its message names the fix
     featured = featured_transcoder(found)
     if not names and featured is not None:  # the index opens on the first: the featured CLT, as explain and push pick it
         found = {featured: found[featured]} | found

@@ -60,6 +60,14 @@ def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict
     }
 
 
+def run_relative(path: Path | str, run_dir: Path | str, out: Path) -> str:
+    """`path` as metrics.json records it: relative to metrics.json's directory when it lies in the run (so a copied or
+    moved run still finds its transcoders), else as given (a hub id, the hub cache)."""
+    resolved, run = Path(path).resolve(), Path(run_dir).resolve()
+    inside = Path(run_dir).is_dir() and (resolved == run or run in resolved.parents)
+    return os.path.relpath(resolved, Path(out).resolve()) if inside else str(path)
+
+
 def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     """Run `vitclt eval`: evaluate, write metrics.json, figures and report.html, print the headline table;
     return the report's path.
@@ -105,7 +113,9 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     for name, entry in suite["transcoders"].items():
         page = pages.get(name)
         entry["browser"] = os.path.relpath(Path(cfg.run_dir) / "browser", out) + "/" + page if page else None
-    metrics = {"schema": suite.pop("schema"), "run_dir": str(cfg.run_dir), "backbone": suite.pop("backbone"),
+        entry["path"] = run_relative(paths[name], cfg.run_dir, out)
+    metrics = {"schema": suite.pop("schema"), "run_dir": run_relative(cfg.run_dir, cfg.run_dir, out),
+               "backbone": suite.pop("backbone"),
                "dataset": dataset_protocol(cfg, dataset, templates), "config": jsonable(asdict(cfg)), **suite,
                "context": jsonable(context or {})}
     missing = check_metric_keys(metrics)

@@ -13,7 +13,6 @@ the evaluation suite runs on all of them and writes the combined report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +114,12 @@ class ReproduceConfig:
 def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None:
     """The feature browser of the study's ReLU-TopK CLT (else its first CLT) on the evaluation images; None without a CLT."""
     from vitclt.browser import build_browser
+    from vitclt.eval.suite import featured_transcoder
     from vitclt.runtime import resolve_device
 
-    clts = [name for name in trained if (cfg.out / "train" / name / "config.json").is_file()
-            and json.loads((cfg.out / "train" / name / "config.json").read_text()).get("topology") == "clt"]
-    if not clts:
+    chosen = featured_transcoder({name: cfg.out / "train" / name for name in trained})
+    if chosen is None:
         return None
-    chosen = next((n for n in clts if n.endswith("relu-topk")), clts[0])
     rt = cfg.runtime
     site = build_browser(cfg.out / "train", cfg.dataset, transcoders=[chosen], backbone=cfg.backbone, split=cfg.eval_split,
                          max_images=cfg.eval_images, images_per_forward=rt.images_per_forward, exports=False,
