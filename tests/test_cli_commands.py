@@ -174,3 +174,21 @@ def test_ctrl_c_before_anything_is_written_says_so(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err.strip() == "vitclt zeroshot: interrupted; nothing written"
+
+
+@pytest.mark.parametrize("args", [["zeroshot", "--ablate-layers", "0", "2-1"], ["eval", "RUN", "--windows", "2-1"],
+                                  ["reproduce", "--windows", "2-1", "--out", "OUT"], ["zeroshot", "--ablate-layers", "x-1"]])
+def test_windows_are_checked_before_anything_loads(args, tmp_path, capsys, monkeypatch):
+    import vitclt.backbones
+    import vitclt.data.datasets
+
+    def refuse(*a, **kw):
+        raise AssertionError("something was loaded before the windows were checked")
+
+    monkeypatch.setattr(vitclt.backbones, "load_backbone", refuse)
+    monkeypatch.setattr(vitclt.data.datasets, "load_dataset", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / a) if a in ("RUN", "OUT") else a for a in args] + ["--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert ("is reversed: write START-END with START ≤ END, e.g. 1-2" if "2-1" in args else "cannot read layer window") in err
