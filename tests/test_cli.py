@@ -105,3 +105,58 @@ def test_a_repeated_list_flag_appends_like_the_one_flag_form(name, capsys, monke
 def test_repeated_list_flags_merge_with_equals_and_keep_other_flags():
     cfg = _parse("train", "--k=4", "--lr", "0.1", "--k", "8", "16", "--topology", "plt", "--topology", "clt")
     assert cfg.sweep.k == (4, 8, 16) and cfg.sweep.topology == ("plt", "clt") and cfg.optim.lr == 0.1
+
+
+def _help_entries(name: str, capsys, monkeypatch) -> tuple[str, dict[str, str]]:
+    """The --help text of a command, and each flag's help entry (its lines joined), by flag."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main([name, *REQUIRED.get(name, []), "--help"])
+    text, entries, current = capsys.readouterr().out, {}, None
+    for line in text.splitlines():
+        body = line[1:].rstrip(" │")  # without the box's borders, drawn or not
+        indent = len(body) - len(body.lstrip())
+        if body.strip().startswith("--") and indent <= 1:
+            current = body.split()[0].rstrip(",")
+            entries[current] = body.strip()
+        elif current and indent > 3 and body.strip():
+            entries[current] += " " + body.strip()
+        else:
+            current = None
+    return text, entries
+
+
+def _values(cfg) -> dict[str, tuple[object, str]]:
+    """Every field of a config and its groups, by flag: (the value a run uses when no flag is given, its docstring)."""
+    from tyro._docstrings import get_field_docstring
+
+    out: dict[str, tuple[object, str]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out = {**_values(value), **out}  # a group's field never hides one of the command's own
+        else:
+            out.setdefault("--" + f.name.replace("_", "-"), (value, get_field_docstring(type(cfg), f.name, ()) or ""))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_default_the_help_shows_is_the_one_a_run_uses(name, capsys, monkeypatch):
+    import re
+
+    text, entries = _help_entries(name, capsys, monkeypatch)
+    used = _values(_parse(name, *REQUIRED.get(name, []), *(["--set", "0:0=0"] if name == "intervene" else [])))
+    shown = {flag: e[e.rindex("(default: ") + len("(default: "):-1] for flag, e in entries.items() if e.endswith(")")
+             and "(default: " in e}
+    assert len(shown) > 10
+    for flag, label in shown.items():
+        value, doc = used[flag]
+        assert label == (" ".join(map(str, value)) if isinstance(value, tuple) else str(value)), flag
+        # A docstring that states a default in words is for a field whose shown default is unset (None, empty),
+        # never one that contradicts the value shown beside it (--top-class said "the default" over False).
+        if re.search(r"\bdefault: |\bthe default\b", doc):
+            assert value in (None, ()), f"{flag}: {doc!r} beside (default: {label})"
+    # A group's box is titled once: "evaluation options", not "options options".
+    assert "options options" not in text
+    if "--split" in entries:
+        assert "all" in entries["--split"]

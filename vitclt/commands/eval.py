@@ -24,7 +24,7 @@ class EvalConfig:
     dataset: str = "demo"
     """Eval dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, folder:DIR."""
     split: str = "test"
-    """Dataset split: test (= val, held out) or train."""
+    """Dataset split: test (= val, held out), train, or all (the whole of a folder: dataset without split folders)."""
     backbone: str | None = None
     """Backbone spec; default: the one named in the transcoders' config."""
     eval_images: int | None = None
@@ -35,7 +35,7 @@ class EvalConfig:
     """File of class names (one per line, label order); default: the dataset's shipped names."""
     allow_backbone_mismatch: bool = False
     """Evaluate transcoders trained on other weights of the same shape (their fingerprint differs); the report marks them."""
-    options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
+    options: Annotated[EvalOptions, OmitArgPrefixes, tyro.conf.arg(name="evaluation")] = field(default_factory=EvalOptions)
     """What the suite measures: task head, windows, tokens, faithfulness and retrieval settings."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
     """Device, threads, image decoding, seed (of the subset, the random controls and the retrieval queries), progress bars."""

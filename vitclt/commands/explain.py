@@ -31,9 +31,9 @@ class ExplainConfig:
     target: str | None = None
     """Class whose score (cosine of image and class embedding) is explained; default: the predicted class."""
     top_class: bool = False
-    """Explain the predicted class (the default when --target is not given)."""
+    """Refuse a --target: explain the predicted class (which is explained anyway when --target is not given)."""
     split: str = "test"
-    """Split of --classes read by --class-images."""
+    """Split of --classes read by --class-images: test, train, or all (the whole of a folder: dataset without split folders)."""
     max_images: int = 16
     """Images of the class aggregated by --class-images (the first ones of the split)."""
     transcoder: str | None = None

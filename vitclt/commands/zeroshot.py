@@ -22,7 +22,7 @@ class ZeroShotConfig:
     dataset: str = "demo"
     """Dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, coco:/data/coco, folder:DIR."""
     split: str = "test"
-    """Split to evaluate: test (= val, the held-out labelled split) or train."""
+    """Split to evaluate: test (= val, held out), train, or all (the whole of a folder: dataset without split folders)."""
     templates: str | None = None
     """Prompt templates (zero-shot head): a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
