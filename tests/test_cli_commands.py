@@ -126,14 +126,23 @@ def test_a_study_directory_defaults_to_its_featured_clt(tiny, tmp_path, capsys):
     assert report["changes"] and "featured clt-relu-topk" in capsys.readouterr().out
 
 
-def test_the_browser_of_a_study_opens_on_its_featured_clt(tiny, tmp_path):
+def test_the_browser_of_a_study_opens_on_its_featured_clt_and_explain_links_it(tiny, tmp_path):
     from tests.test_browser import read_data
     from vitclt.browser import build_browser
 
-    site = build_browser(tiny.study / "train", tiny.spec, tmp_path / "site", images_per_forward=8, top_k=2, samples=2,
-                         vocab_size=0, exports=False, progress=False)
-    names = [t["name"] for t in read_data(site / "data" / "site.js")["transcoders"]]
-    assert names[0] == "clt-relu-topk" and sorted(names) == sorted(STUDY)
+    site = build_browser(tiny.study / "train", tiny.spec, images_per_forward=8, top_k=2, samples=2, vocab_size=0,
+                         exports=False, progress=False)
+    try:
+        transcoders = read_data(site / "data" / "site.js")["transcoders"]
+        assert transcoders[0]["name"] == "clt-relu-topk" and sorted(t["name"] for t in transcoders) == sorted(STUDY)
+        # explain from the study directory: the featured CLT, linked to its page in the browser beside it.
+        out = tmp_path / "viewer"
+        main(["explain", str(tiny.study), "--image", str(tiny.image), "--classes", tiny.spec, "--effects-top", "0",
+              "--device", "cpu", "--out", str(out)])
+        meta = json.loads((out / "graph.json").read_text())["meta"]
+        assert meta["transcoder"] == "clt-relu-topk" and meta["browser"]["tc"] == transcoders[0]["id"]
+    finally:
+        shutil.rmtree(site)
 
 
 def test_a_missing_run_dir_says_its_fix_once(tmp_path, capsys):
