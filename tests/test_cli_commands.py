@@ -201,3 +201,19 @@ def test_windows_are_checked_before_anything_loads(args, tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert ("is reversed: write START-END with START ≤ END, e.g. 1-2" if "2-1" in args else "cannot read layer window") in err
+
+
+def test_reproduce_checks_its_browser_output_before_training(tmp_path, capsys, monkeypatch):
+    import vitclt.training.runner
+
+    def refuse(*a, **kw):
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(vitclt.training.runner, "train", refuse)
+    (tmp_path / "out" / "train" / "browser").mkdir(parents=True)
+    (tmp_path / "out" / "train" / "browser" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was not written by vitclt browse" in err
+    assert (tmp_path / "out" / "train" / "browser" / "notes.txt").read_text() == "mine"

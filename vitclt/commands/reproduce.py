@@ -142,9 +142,15 @@ def run(cfg: ReproduceConfig) -> Path:
     tcfg, ecfg = cfg.train_config(), cfg.eval_config()
     tcfg.validate()
     ecfg.options.validate()
-    # Before any compute: the training run in OUT/train must be this command's, and OUT/eval writable.
+    # Before any compute: the training run in OUT/train must be this command's, OUT/eval and OUT/train/browser writable.
     check_owner(tcfg.out, cfg.command)
     check_writable_dir(ecfg.out_dir)
+    if cfg.browse:
+        import shutil
+
+        from vitclt.browser.build import prepare_output
+
+        shutil.rmtree(prepare_output(tcfg.out / "browser"))  # the browser is built after training: check it now
     pairs = [f"{t}:{s}" for t, s in tcfg.sweep.pairs()]
     print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
