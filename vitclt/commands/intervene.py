@@ -48,6 +48,10 @@ class InterveneConfig:
 
 def run(cfg: InterveneConfig) -> dict:
     """Run the interventions and print the top classes before and after, both ways."""
+    from vitclt.runtime import check_writable_file, setup
+
+    if cfg.out:
+        check_writable_file(cfg.out)  # first: a bad --out fails before torch, or any model, loads
     import dataclasses
 
     import torch
@@ -61,13 +65,10 @@ def run(cfg: InterveneConfig) -> dict:
     from vitclt.eval.zeroshot import build_classifier
     from vitclt.io import write_json
     from vitclt.nn.transcoder import Transcoder
-    from vitclt.runtime import check_writable_file, setup
 
     if not cfg.set:
         raise CircuitError("nothing to do: pass at least one --set LAYER:FEATURE=VALUE (or *SCALE)")
     changes = [parse_intervention(s) for s in cfg.set]
-    if cfg.out:
-        check_writable_file(cfg.out)
     device = setup(cfg.runtime)
     tc_name, tc_dir = find_transcoder(cfg.run_dir, cfg.transcoder)
     classnames, templates = load_classes(cfg.classes, cfg.templates)
