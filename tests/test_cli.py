@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vitclt
-from vitclt.cli import COMMANDS, main, parse
+from vitclt.cli import COMMANDS, main, merge_repeated, parse
 from vitclt.runtime import RuntimeConfig
 
 EVERY = ["zeroshot", "train", "eval RUN", "reproduce", "demo"]
@@ -100,6 +102,15 @@ def test_a_repeated_list_flag_appends_like_the_one_flag_form(name, capsys, monke
         repeated, together = _parse(name, *base, flag, a, "--device", "cpu", flag, b), _parse(name, *base, flag, a, b)
         assert repeated == dataclasses.replace(together, runtime=dataclasses.replace(together.runtime, device="cpu")), flag
         assert repr((a, b)) in repr(together) or repr(tuple(int(v) for v in (a, b))) in repr(together), flag
+
+
+@given(st.lists(st.lists(st.sampled_from(["a", "0:1@cls=-2", "-1", "3-5"]), max_size=3), min_size=1, max_size=4),
+       st.booleans())
+def test_merging_repeated_flags_gives_the_one_flag_form(groups, other_first):
+    other = ["--top", "3"]
+    args = (other if other_first else []) + [x for g in groups for x in ["--set", *g]] + ([] if other_first else other)
+    merged = ["--set", *[v for g in groups for v in g]]
+    assert merge_repeated(args, {"--set"}) == ((other + merged) if other_first else (merged + other))
 
 
 def test_repeated_list_flags_merge_with_equals_and_keep_other_flags():

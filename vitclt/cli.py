@@ -79,17 +79,17 @@ def merge_repeated(args: Sequence[str], flags: set[str]) -> list[str]:
     tyro keeps only the last occurrence of a flag, which silently dropped all but the last `--set`;
     merged, a repeated flag means what the one-flag form means, in every command.
     """
-    out: list[str] = []
+    out: list[str | list[str]] = []  # a list flag's values stay one list, which its later occurrences extend
     first: dict[str, list[str]] = {}
     i = 0
     while i < len(args):
         name, eq, inline = args[i].partition("=")
         flag = name.replace("_", "-") if name.startswith("--") else None
+        i += 1
         if flag not in flags:
-            out.append(args[i])
-            i += 1
+            out.append(args[i - 1])
             continue
-        values, i = ([inline], i + 1) if eq else ([], i + 1)
+        values = [inline] if eq else []
         while not eq and i < len(args) and not args[i].startswith("--") and args[i] != "-h":
             values.append(args[i])
             i += 1
@@ -97,9 +97,8 @@ def merge_repeated(args: Sequence[str], flags: set[str]) -> list[str]:
             first[flag].extend(values)
         else:
             first[flag] = values
-            out.append(flag)
-            out.append(values)  # type: ignore[arg-type]  # filled in below, once every occurrence is read
-    return [v for a in out for v in (a if isinstance(a, list) else [a])]
+            out += [flag, values]
+    return [v for a in out for v in ([a] if isinstance(a, str) else a)]
 
 
 def parse(args: Sequence[str]) -> tuple[str, Any]:
