@@ -112,6 +112,10 @@ def test_transcoder_names_of_metrics_json_and_of_the_run_root_both_work(tiny):
 
 
 def test_a_study_directory_defaults_to_its_featured_clt(tiny, tmp_path, capsys):
+    from vitclt.eval import suite
+    from vitclt.training import checkpoint
+
+    assert suite.RUN_FILE == checkpoint.RUN_FILE
     assert pick_transcoder(tiny.study) == ("clt-relu-topk", tiny.study / "train" / "clt-relu-topk")
     assert pick_transcoder(tiny.study / "train")[0] == "clt-relu-topk"
     assert "featured clt-relu-topk" in capsys.readouterr().out

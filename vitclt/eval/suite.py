@@ -73,8 +73,9 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-STUDY_RUN = "run.json"
-"""The file a training run records its command in (`vitclt.training.checkpoint.RUN_FILE`)."""
+RUN_FILE = "run.json"
+"""The file a training run records its command and transcoders in: `vitclt.training.checkpoint.RUN_FILE`, named here
+because eval does not import training (a test keeps the two equal)."""
 
 
 def featured_transcoder(paths: dict[str, Path]) -> str | None:
@@ -95,7 +96,7 @@ def featured_transcoder(paths: dict[str, Path]) -> str | None:
 def _study(run_dir: Path) -> list[str] | None:
     """The transcoders, in training order, of the `vitclt reproduce`/`demo` run at `run_dir` or `run_dir`/train; None if
     `run_dir` is not such a run (a `vitclt train` run names its transcoder with --transcoder)."""
-    for path in (run_dir / STUDY_RUN, run_dir / "train" / STUDY_RUN):
+    for path in (run_dir / RUN_FILE, run_dir / "train" / RUN_FILE):
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -108,7 +109,7 @@ def _study(run_dir: Path) -> list[str] | None:
 def _own_name(key: str, path: Path) -> str:
     """A transcoder's name as its training run, metrics.json, the demo's table and the browser call it (the directory
     name when its parent is a training run), else its key in `find_transcoders`."""
-    return path.name if (path.parent / STUDY_RUN).is_file() else key
+    return path.name if (path.parent / RUN_FILE).is_file() else key
 
 
 def pick_transcoder(run_dir: str | Path, name: str | None = None) -> tuple[str, Path]:
