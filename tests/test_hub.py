@@ -295,7 +295,7 @@ def test_push_finds_the_evaluation_of_a_copied_or_moved_run(run_dir, tmp_path):
     assert "`transcoders.renamed.replacement.0-2.all.top1`" in (tmp_path / "copied" / "README.md").read_text()
 
 
-def test_push_from_a_study_directory_matches_the_metrics_json_name(tmp_path):
+def test_push_from_a_study_directory_matches_the_metrics_json_name(tmp_path, capsys):
     study = tmp_path / "demo"
     tc = _transcoder().save_pretrained(study / "train" / "clt-relu-topk")
     _transcoder(seed=1).save_pretrained(study / "train" / "clt-jumprelu")
@@ -307,9 +307,11 @@ def test_push_from_a_study_directory_matches_the_metrics_json_name(tmp_path):
         _push(study, transcoder=name, dry_run=out)
         card = (out / "README.md").read_text()
         assert "# clt-relu-topk" in card and "`transcoders.clt-relu-topk.replacement.0-2.all.top1`" in card, name
+    capsys.readouterr()
     _push(study, transcoder="clt-jumprelu", dry_run=tmp_path / "other")
     card = (tmp_path / "other" / "README.md").read_text()
     assert "metrics.json has no entry for clt-jumprelu (it holds clt-relu-topk)" in card
+    assert "metrics.json has no entry for clt-jumprelu" in capsys.readouterr().out
     assert (tc / "model.safetensors").read_bytes() == (tmp_path / "staged-None" / "model.safetensors").read_bytes()
 
 

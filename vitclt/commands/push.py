@@ -72,13 +72,15 @@ def stage(cfg: PushConfig, folder: Path) -> tuple[str, Path]:
     from vitclt.io import write_text
     from vitclt.nn.formats import CONFIG_NAME, WEIGHTS_NAME
     from vitclt.nn.transcoder import Transcoder
-    from vitclt.report.card import model_card
+    from vitclt.report.card import find_evaluation, missing_evaluation, model_card
     from vitclt.runtime import setup
 
     name, source = pick_transcoder(cfg.run_dir, cfg.transcoder)
     # A corrupt or mismatched file fails here, before anything is written.
     model = Transcoder.from_pretrained(source, device=setup(cfg.runtime))
     card = model_card(dataclasses.asdict(model.cfg), source, name, cfg.repo_id, Path(cfg.run_dir))
+    if find_evaluation(Path(cfg.run_dir), source, name) is None:
+        print(f"note: {missing_evaluation(Path(cfg.run_dir), source, name)}; the model card has no evaluation numbers")
     for file in (WEIGHTS_NAME, CONFIG_NAME):
         shutil.copyfile(source / file, folder / file)
     write_text(folder / "README.md", card)
