@@ -277,3 +277,62 @@ def test_the_push_command_line_prints_one_line_errors(run_dir, tmp_path, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err
+
+
+def test_push_finds_the_evaluation_of_a_copied_or_moved_run(run_dir, tmp_path):
+    # metrics.json as older versions wrote it: an absolute path, which no longer exists once the run is moved.
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(str(run_dir), moved)
+    _push(moved, dry_run=tmp_path / "moved")
+    assert "| 44.25 | `transcoders.clt-relu-topk.replacement.0-2.all.top1` |" in (tmp_path / "moved" / "README.md").read_text()
+    # As eval writes it now: relative to metrics.json, so a copy finds its own transcoder by path.
+    metrics = json.loads((moved / "eval" / "metrics.json").read_text())
+    metrics["transcoders"]["renamed"] = metrics["transcoders"].pop("clt-relu-topk") | {"path": "../clt-relu-topk"}
+    (moved / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    _push(copy, dry_run=tmp_path / "copied")
+    assert "`transcoders.renamed.replacement.0-2.all.top1`" in (tmp_path / "copied" / "README.md").read_text()
+
+
+def test_push_from_a_study_directory_matches_the_metrics_json_name(tmp_path, capsys):
+    study = tmp_path / "demo"
+    tc = _transcoder().save_pretrained(study / "train" / "clt-relu-topk")
+    _transcoder(seed=1).save_pretrained(study / "train" / "clt-jumprelu")
+    (study / "train" / "run.json").write_text(json.dumps({"command": "demo", "transcoders": ["clt-jumprelu", "clt-relu-topk"]}))
+    (study / "eval").mkdir()
+    (study / "eval" / "metrics.json").write_text(json.dumps(_metrics("clt-relu-topk", Path("/gone/clt-relu-topk"))))
+    for name in (None, "clt-relu-topk", "train-clt-relu-topk"):
+        out = tmp_path / f"staged-{name}"
+        _push(study, transcoder=name, dry_run=out)
+        card = (out / "README.md").read_text()
+        assert "# clt-relu-topk" in card and "`transcoders.clt-relu-topk.replacement.0-2.all.top1`" in card, name
+    capsys.readouterr()
+    _push(study, transcoder="clt-jumprelu", dry_run=tmp_path / "other")
+    card = (tmp_path / "other" / "README.md").read_text()
+    assert "metrics.json has no entry for clt-jumprelu (it holds clt-relu-topk)" in card
+    assert "metrics.json has no entry for clt-jumprelu" in capsys.readouterr().out
+    assert (tc / "model.safetensors").read_bytes() == (tmp_path / "staged-None" / "model.safetensors").read_bytes()
+
+
+def test_push_dry_run_without_a_directory_stages_into_a_printed_temporary_one(run_dir, capsys):
+    from vitclt.cli import main
+
+    main(["push", str(run_dir), "me/clt", "--dry-run", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    folder = Path(printed.split("temporary directory ", 1)[1].split()[0])
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+        assert str(folder) in printed.splitlines()[-1]
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_eval_records_paths_in_the_run_relative_to_metrics_json(tmp_path):
+    from vitclt.commands.eval import run_relative
+
+    run = tmp_path / "run"
+    (run / "clt").mkdir(parents=True)
+    assert run_relative(run / "clt", run, run / "eval") == "../clt" and run_relative(run, run, run / "eval") == ".."
+    assert run_relative(tmp_path / "cache" / "tc", run, run / "eval") == str(tmp_path / "cache" / "tc")
+    assert run_relative("org/repo", "org/repo", tmp_path / "out") == "org/repo"

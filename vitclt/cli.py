@@ -7,8 +7,10 @@ no torch, so `vitclt --help` is quick; a command loads what it needs when it run
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NamedTuple, Union
 
@@ -52,9 +54,60 @@ def version() -> str:
         return __version__
 
 
+def list_flags(config: type, prefix: str = "") -> set[str]:
+    """The flags of `config` (a config dataclass, its groups included) that take a list of values."""
+    from tyro.conf import OmitArgPrefixes, Suppress
+
+    hints = typing.get_type_hints(config, include_extras=True)
+    flags = set()
+    for f in dataclasses.fields(config):
+        hint, markers = hints[f.name], ()
+        if typing.get_origin(hint) is Annotated:
+            hint, *markers = typing.get_args(hint)
+        if Suppress in markers:
+            continue
+        if dataclasses.is_dataclass(hint):
+            flags |= list_flags(hint, prefix if OmitArgPrefixes in markers else f"{prefix}{f.name}.")
+        elif any(typing.get_origin(t) in (tuple, list) for t in (hint, *typing.get_args(hint))):
+            flags.add("--" + f"{prefix}{f.name}".replace("_", "-"))
+    return flags
+
+
+def merge_repeated(args: Sequence[str], flags: set[str]) -> list[str]:
+    """`args` with every repeated list flag merged into its first occurrence: `--set A --set B` → `--set A B`.
+
+    tyro keeps only the last occurrence of a flag, which silently dropped all but the last `--set`;
+    merged, a repeated flag means what the one-flag form means, in every command.
+    """
+    out: list[str | list[str]] = []  # a list flag's values stay one list, which its later occurrences extend
+    first: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        name, eq, inline = args[i].partition("=")
+        flag = name.replace("_", "-") if name.startswith("--") else None
+        i += 1
+        if flag not in flags:
+            out.append(args[i - 1])
+            continue
+        values = [inline] if eq else []
+        while not eq and i < len(args) and not args[i].startswith("--") and args[i] != "-h":
+            values.append(args[i])
+            i += 1
+        if flag in first:
+            first[flag].extend(values)
+        else:
+            first[flag] = values
+            out += [flag, values]
+    return [v for a in out for v in ([a] if isinstance(a, str) else a)]
+
+
 def parse(args: Sequence[str]) -> tuple[str, Any]:
     """The subcommand's name and its config, parsed from `args` (tyro exits on --help and bad flags)."""
     import tyro
+
+    if args and args[0] in COMMANDS:
+        config = COMMANDS[args[0]].config
+        args = [args[0], *merge_repeated(args[1:], list_flags(config if isinstance(config, type) else type(config)))]
 
     options = []
     for name, cmd in COMMANDS.items():
@@ -87,6 +140,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"vitclt {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, no traceback. Writes are atomic (vitclt.io), so nothing is left half-written.
+        if os.environ.get("VITCLT_DEBUG"):
+            raise
+        from vitclt.io import written
+
+        kept = "earlier output kept (every file written before it is complete)" if written() else "nothing written"
+        print(f"\nvitclt {name}: interrupted; {kept}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.vitclt-(?P<pid>\d+)-[a-z0-9_]{8}\
 
 _in_flight: set[Path] = set()
 _in_flight_lock = threading.Lock()
+_completed: list[Path] = []
 
 
 def _temporary_for(path: Path) -> Path:
@@ -48,6 +49,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        record_written(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -55,6 +57,18 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
         with _in_flight_lock:
             _in_flight.discard(tmp)
     return path
+
+
+def record_written(path: str | Path) -> None:
+    """Note that `path` (a file, or a directory renamed into place whole) was written completely by this process."""
+    with _in_flight_lock:
+        _completed.append(Path(path))
+
+
+def written() -> list[Path]:
+    """What this process has written completely so far, in order (an interrupted command says whether it kept any)."""
+    with _in_flight_lock:
+        return list(_completed)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -89,6 +89,9 @@ def check_writable_dir(path: Path, flag: str = "--out") -> Path:
     disk, a missing permission or a parent that is a file fails now, in one line naming `flag`.
     """
     path = Path(path)
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise OutputError(f"cannot write to {path} ({blocked} is a file, not a directory): choose another {flag}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path, prefix=".vitclt-write-check-"):

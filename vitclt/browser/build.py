@@ -33,6 +33,7 @@ from vitclt.browser.labels import (
 )
 from vitclt.browser.site import SHARD_SIZE, ListView, copy_static, thumbnail, write_data
 from vitclt.errors import OutputError, VitcltError
+from vitclt.io import record_written
 
 MARKER = ".vitclt-browser"
 """File that marks a directory as a browser written by `vitclt browse` (so it may be replaced)."""
@@ -116,6 +117,7 @@ def finish_output(tmp: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         out.rename(old / "site")
     tmp.rename(out)
+    record_written(out)
     if old is not None:
         shutil.rmtree(old)
         print(f"replaced the earlier browser in {out}")
@@ -217,12 +219,15 @@ def write_transcoder(root: Path, p: TranscoderPages) -> set[int]:
 
 
 def _load_transcoders(source: Path, names: list[str] | None) -> dict[str, Path]:
-    from vitclt.eval.suite import find_transcoders
+    from vitclt.eval.suite import featured_transcoder, find_transcoders
 
     try:
         found = find_transcoders(source)
     except FileNotFoundError as e:
-        raise BrowserError(f"{e}; pass a directory written by vitclt train (or one transcoder directory)") from None
+        raise BrowserError(str(e)) from None  # its message names the fix
+    featured = featured_transcoder(found)
+    if not names and featured is not None:  # the index opens on the first: the featured CLT, as explain and push pick it
+        found = {featured: found[featured]} | found
     if names:
         missing = [n for n in names if n not in found]
         if missing:

@@ -28,6 +28,7 @@ from PIL import Image
 from vitclt.circuits.graph import KINDS, Graph
 from vitclt.circuits.pipeline import Explanation
 from vitclt.errors import OutputError
+from vitclt.io import record_written
 
 MARKER = ".vitclt-circuit"
 """File that marks a directory as written by `vitclt explain` (so it may be replaced)."""
@@ -154,6 +155,7 @@ def write_viewer(out: str | Path, ex: Explanation, meta: dict, image: Image.Imag
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        record_written(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

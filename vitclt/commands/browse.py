@@ -23,7 +23,7 @@ class BrowseConfig:
     dataset: str = "demo"
     """Dataset spec to browse on (any `--dataset` spec); it may differ from the training set, and the pages say so."""
     split: str = "test"
-    """Split of the dataset: test (held out) or train."""
+    """Split of the dataset: test (held out), train, or all (the whole of a folder: dataset without split folders)."""
     transcoders: tuple[str, ...] = ()
     """Names of the transcoders in RUN_DIR to include (default: all); names as `vitclt eval` lists them."""
     backbone: str | None = None

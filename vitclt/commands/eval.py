@@ -24,7 +24,7 @@ class EvalConfig:
     dataset: str = "demo"
     """Eval dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, folder:DIR."""
     split: str = "test"
-    """Dataset split: test (= val, held out) or train."""
+    """Dataset split: test (= val, held out), train, or all (the whole of a folder: dataset without split folders)."""
     backbone: str | None = None
     """Backbone spec; default: the one named in the transcoders' config."""
     eval_images: int | None = None
@@ -35,7 +35,7 @@ class EvalConfig:
     """File of class names (one per line, label order); default: the dataset's shipped names."""
     allow_backbone_mismatch: bool = False
     """Evaluate transcoders trained on other weights of the same shape (their fingerprint differs); the report marks them."""
-    options: Annotated[EvalOptions, OmitArgPrefixes] = field(default_factory=EvalOptions)
+    options: Annotated[EvalOptions, OmitArgPrefixes, tyro.conf.arg(name="evaluation")] = field(default_factory=EvalOptions)
     """What the suite measures: task head, windows, tokens, faithfulness and retrieval settings."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
     """Device, threads, image decoding, seed (of the subset, the random controls and the retrieval queries), progress bars."""
@@ -58,6 +58,14 @@ def dataset_protocol(cfg: EvalConfig, dataset, templates: Sequence[str]) -> dict
         "subset": (f"class-stratified {cfg.eval_images} images (seed {cfg.runtime.seed})" if cfg.eval_images
                    else "the whole split"),
     }
+
+
+def run_relative(path: Path | str, run_dir: Path | str, out: Path) -> str:
+    """`path` as metrics.json records it: relative to metrics.json's directory when it lies in the run (so a copied or
+    moved run still finds its transcoders), else as given (a hub id, the hub cache)."""
+    resolved, run = Path(path).resolve(), Path(run_dir).resolve()
+    inside = Path(run_dir).is_dir() and (resolved == run or run in resolved.parents)
+    return os.path.relpath(resolved, Path(out).resolve()) if inside else str(path)
 
 
 def run(cfg: EvalConfig, context: dict | None = None) -> Path:
@@ -105,7 +113,9 @@ def run(cfg: EvalConfig, context: dict | None = None) -> Path:
     for name, entry in suite["transcoders"].items():
         page = pages.get(name)
         entry["browser"] = os.path.relpath(Path(cfg.run_dir) / "browser", out) + "/" + page if page else None
-    metrics = {"schema": suite.pop("schema"), "run_dir": str(cfg.run_dir), "backbone": suite.pop("backbone"),
+        entry["path"] = run_relative(paths[name], cfg.run_dir, out)
+    metrics = {"schema": suite.pop("schema"), "run_dir": run_relative(cfg.run_dir, cfg.run_dir, out),
+               "backbone": suite.pop("backbone"),
                "dataset": dataset_protocol(cfg, dataset, templates), "config": jsonable(asdict(cfg)), **suite,
                "context": jsonable(context or {})}
     missing = check_metric_keys(metrics)

@@ -31,9 +31,9 @@ class ExplainConfig:
     target: str | None = None
     """Class whose score (cosine of image and class embedding) is explained; default: the predicted class."""
     top_class: bool = False
-    """Explain the predicted class (the default when --target is not given)."""
+    """Refuse a --target: explain the predicted class (which is explained anyway when --target is not given)."""
     split: str = "test"
-    """Split of --classes read by --class-images."""
+    """Split of --classes read by --class-images: test, train, or all (the whole of a folder: dataset without split folders)."""
     max_images: int = 16
     """Images of the class aggregated by --class-images (the first ones of the split)."""
     transcoder: str | None = None
@@ -41,7 +41,7 @@ class ExplainConfig:
     backbone: str | None = None
     """Backbone spec; default: the one the transcoder was trained on."""
     browser: Path | None = None
-    """Feature browser directory (vitclt browse) to link features to; default: RUN_DIR/browser when it exists."""
+    """Feature browser (vitclt browse) to link features to; default: RUN_DIR/browser, else the one beside the transcoder."""
     node_fraction: float = 0.8
     """Keep the fewest nodes carrying this share of the influence on the target."""
     edge_fraction: float = 0.98
@@ -118,7 +118,9 @@ def run(cfg: ExplainConfig) -> Path:
         ex = explain_image(backbone, transcoder, image, classifier, classnames, target, effects_top=cfg.effects_top, **common)
         kind, title, shown = "image", Path(cfg.image).name, image
         provenance, class_images = {"source": str(cfg.image)}, []
-    browser = cfg.browser if cfg.browser is not None else (run_dir / "browser" if (run_dir / "browser").is_dir() else None)
+    # A study's browser sits beside its transcoders (OUT/train/browser), a browse of RUN_DIR in RUN_DIR/browser.
+    browser = cfg.browser if cfg.browser is not None else next(
+        (d for d in (run_dir / "browser", tc_dir.parent / "browser") if d.is_dir()), None)
     if cfg.out is None and target is None:
         out = run_dir / "circuits" / f"{stem}-{_slug(classnames[ex.target])}"
         check_output(out)

@@ -48,6 +48,10 @@ class InterveneConfig:
 
 def run(cfg: InterveneConfig) -> dict:
     """Run the interventions and print the top classes before and after, both ways."""
+    from vitclt.runtime import check_writable_file, setup
+
+    if cfg.out:
+        check_writable_file(cfg.out)  # first: a bad --out fails before torch, or any model, loads
     import dataclasses
 
     import torch
@@ -61,7 +65,6 @@ def run(cfg: InterveneConfig) -> dict:
     from vitclt.eval.zeroshot import build_classifier
     from vitclt.io import write_json
     from vitclt.nn.transcoder import Transcoder
-    from vitclt.runtime import setup
 
     if not cfg.set:
         raise CircuitError("nothing to do: pass at least one --set LAYER:FEATURE=VALUE (or *SCALE)")
@@ -86,7 +89,9 @@ def run(cfg: InterveneConfig) -> dict:
         graph = image_graph(backbone, transcoder, pixels, classifier, target, dtype)
     rep = intervene(backbone, transcoder, pixels, changes, classifier, classnames, target, graph=graph, top=cfg.top)
     for ch in rep.changes:
-        pairs = ", ".join(f"t{t}: {a:.3g}→{b:.3g}" for t, a, b in zip(ch["tokens"], ch["clean"], ch["new"]))
+        # Only the tokens that changed: scaling leaves every token where the feature is inactive at 0→0.
+        pairs = ", ".join(f"t{t}: {a:.3g}→{b:.3g}" for t, a, b in zip(ch["tokens"], ch["clean"], ch["new"]) if a != b)
+        pairs = pairs or f"no change at its {len(ch['tokens'])} token(s) (inactive there, or already at the value)"
         print(f"layer {ch['layer']} feature {ch['feature']}: {pairs if len(pairs) < 300 else pairs[:300] + ' …'}")
     cols = [("clean", rep.clean), ("CLT replacement", rep.replacement), ("original + decoder change", rep.original)]
     print("  ".join(f"{name:<34}" for name, _ in cols))

@@ -12,8 +12,24 @@ from pathlib import Path
 from typing import Annotated
 
 from tyro.conf import OmitArgPrefixes, Positional, arg
+from tyro.constructors import PrimitiveConstructorSpec
 
 from vitclt.runtime import RuntimeConfig
+
+TEMPORARY = Path("<temporary>")
+"""`--dry-run` given without a directory: stage into a new temporary directory (printed)."""
+
+
+def _dry_run_dir(values: list[str]) -> Path:
+    if len(values) > 1:
+        raise ValueError(f"--dry-run takes at most one directory, got {len(values)}: {' '.join(values)}")
+    return Path(values[0]) if values else TEMPORARY
+
+
+DRY_RUN = PrimitiveConstructorSpec(nargs="*", metavar="[DIR]", instance_from_str=_dry_run_dir,
+                                   is_instance=lambda x: x is None or isinstance(x, Path),
+                                   str_from_instance=lambda x: [] if x == TEMPORARY else [str(x)])
+"""`--dry-run` and `--dry-run DIR` both parse (a plain `Path | None` flag demands a value)."""
 
 
 @dataclass
@@ -32,8 +48,8 @@ class PushConfig:
     """Branch to commit to (default: the main branch); created from the main branch if missing."""
     commit_message: str | None = None
     """Commit message (default: "Upload NAME with vitclt VERSION")."""
-    dry_run: Path | None = None
-    """Write what would be uploaded (model.safetensors, config.json, README.md) into this directory; upload nothing."""
+    dry_run: Annotated[Path | None, DRY_RUN] = None
+    """Upload nothing; write what would be uploaded (model.safetensors, config.json, README.md) into DIR or a new temp dir."""
     runtime: Annotated[RuntimeConfig, OmitArgPrefixes] = field(default_factory=lambda: RuntimeConfig(workers=0))
     """Device and threads for the check that loads the transcoder before anything is written."""
 
@@ -56,13 +72,15 @@ def stage(cfg: PushConfig, folder: Path) -> tuple[str, Path]:
     from vitclt.io import write_text
     from vitclt.nn.formats import CONFIG_NAME, WEIGHTS_NAME
     from vitclt.nn.transcoder import Transcoder
-    from vitclt.report.card import model_card
+    from vitclt.report.card import find_evaluation, missing_evaluation, model_card
     from vitclt.runtime import setup
 
     name, source = pick_transcoder(cfg.run_dir, cfg.transcoder)
     # A corrupt or mismatched file fails here, before anything is written.
     model = Transcoder.from_pretrained(source, device=setup(cfg.runtime))
     card = model_card(dataclasses.asdict(model.cfg), source, name, cfg.repo_id, Path(cfg.run_dir))
+    if find_evaluation(Path(cfg.run_dir), source, name) is None:
+        print(f"note: {missing_evaluation(Path(cfg.run_dir), source, name)}; the model card has no evaluation numbers")
     for file in (WEIGHTS_NAME, CONFIG_NAME):
         shutil.copyfile(source / file, folder / file)
     write_text(folder / "README.md", card)
@@ -81,7 +99,15 @@ def run(cfg: PushConfig) -> str:
     if parse_hub_id(cfg.repo_id) is None or "@" in cfg.repo_id or cfg.repo_id.startswith("hf:"):
         raise ConfigError(f"{cfg.repo_id!r} is not a hub repository id: write org/repo (a branch goes in --revision)")
     if cfg.dry_run is not None:
-        folder = check_writable_dir(cfg.dry_run, "--dry-run")
+        folder = cfg.dry_run
+        if folder == TEMPORARY:
+            try:
+                folder = Path(tempfile.mkdtemp(prefix="vitclt-push-dry-run-"))
+            except OSError as err:
+                raise OutputError(f"cannot create a temporary directory in {tempfile.gettempdir()} ({err.strerror or err}): "
+                                  "pass --dry-run DIR") from None
+            print(f"dry run: staging into the temporary directory {folder}")
+        folder = check_writable_dir(folder, "--dry-run")
         clash = [f for f in ("model.safetensors", "config.json", "README.md") if (folder / f).exists()]
         if clash:
             raise OutputError(f"{folder} already holds {', '.join(clash)}: pass an empty or new --dry-run directory")

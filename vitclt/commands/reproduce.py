@@ -13,7 +13,6 @@ the evaluation suite runs on all of them and writes the combined report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +114,12 @@ class ReproduceConfig:
 def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None:
     """The feature browser of the study's ReLU-TopK CLT (else its first CLT) on the evaluation images; None without a CLT."""
     from vitclt.browser import build_browser
+    from vitclt.eval.suite import featured_transcoder
     from vitclt.runtime import resolve_device
 
-    clts = [name for name in trained if (cfg.out / "train" / name / "config.json").is_file()
-            and json.loads((cfg.out / "train" / name / "config.json").read_text()).get("topology") == "clt"]
-    if not clts:
+    chosen = featured_transcoder({name: cfg.out / "train" / name for name in trained})
+    if chosen is None:
         return None
-    chosen = next((n for n in clts if n.endswith("relu-topk")), clts[0])
     rt = cfg.runtime
     site = build_browser(cfg.out / "train", cfg.dataset, transcoders=[chosen], backbone=cfg.backbone, split=cfg.eval_split,
                          max_images=cfg.eval_images, images_per_forward=rt.images_per_forward, exports=False,
@@ -144,9 +142,15 @@ def run(cfg: ReproduceConfig) -> Path:
     tcfg, ecfg = cfg.train_config(), cfg.eval_config()
     tcfg.validate()
     ecfg.options.validate()
-    # Before any compute: the training run in OUT/train must be this command's, and OUT/eval writable.
+    # Before any compute: the training run in OUT/train must be this command's, OUT/eval and OUT/train/browser writable.
     check_owner(tcfg.out, cfg.command)
     check_writable_dir(ecfg.out_dir)
+    if cfg.browse:
+        import shutil
+
+        from vitclt.browser.build import prepare_output
+
+        shutil.rmtree(prepare_output(tcfg.out / "browser"))  # the browser is built after training: check it now
     pairs = [f"{t}:{s}" for t, s in tcfg.sweep.pairs()]
     print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")

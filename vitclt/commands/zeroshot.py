@@ -22,7 +22,7 @@ class ZeroShotConfig:
     dataset: str = "demo"
     """Dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, coco:/data/coco, folder:DIR."""
     split: str = "test"
-    """Split to evaluate: test (= val, the held-out labelled split) or train."""
+    """Split to evaluate: test (= val, held out), train, or all (the whole of a folder: dataset without split folders)."""
     templates: str | None = None
     """Prompt templates (zero-shot head): a file (one per line, with {}) or a shipped set: cifar100, imagenet, imagenet7, coco."""
     classnames: Path | None = None
@@ -48,7 +48,7 @@ def run(cfg: ZeroShotConfig) -> dict:
     from vitclt.data.prompts import get_templates
     from vitclt.errors import ConfigError
     from vitclt.eval.task import task_head
-    from vitclt.eval.windows import parse_windows, union_layers
+    from vitclt.eval.windows import check_windows, parse_windows, union_layers
     from vitclt.eval.zeroshot import dataset_templates, evaluate, zero_mlp
     from vitclt.io import jsonable, write_json
     from vitclt.runtime import check_writable_file, setup
@@ -56,6 +56,7 @@ def run(cfg: ZeroShotConfig) -> dict:
     if cfg.out:
         check_writable_file(cfg.out)
     cfg.task.validate()
+    check_windows(cfg.ablate_layers, "--ablate-layers")
     device = setup(cfg.runtime)
     rt = cfg.runtime
     # The cheap inputs first, so a wrong path fails before a large model loads.

@@ -33,7 +33,8 @@ RET = f"{TC}.retrieval"
 
 METRIC_KEYS: list[MetricKey] = [
     MetricKey("schema", "format version of this file, `vitclt.eval/1`"),
-    MetricKey("run_dir", "the evaluated run directory"),
+    MetricKey("run_dir", "the evaluated run directory, relative to this file's directory (as given when it is not a local "
+              "directory, e.g. a hub id)"),
     MetricKey("backbone.name", "backbone spec the model was loaded from"),
     MetricKey("backbone.n_layers", "number of transformer blocks L"),
     MetricKey("backbone.d_model", "residual width D"),
@@ -68,7 +69,8 @@ METRIC_KEYS: list[MetricKey] = [
     MetricKey("tokens", "token subsets replaced in the cascade (the default leaves out cls on a model without a CLS token)"),
     MetricKey("zero_ablation.<window>.<tokens>", "top-1 (%) with the MLP outputs of the window zeroed at those "
               "tokens: the control"),
-    MetricKey(f"{TC}.path", "the transcoder's directory"),
+    MetricKey(f"{TC}.path", "the transcoder's directory, relative to this file's directory when it lies in the run "
+              "(older files hold it absolute; readers accept both)"),
     MetricKey(f"{TC}.browser", "its page in the feature browser built in RUN_DIR/browser, relative to metrics.json "
               "(null when none was built)"),
     MetricKey(f"{TC}.backbone_mismatch", "true when the transcoder was trained on other backbone weights than the "

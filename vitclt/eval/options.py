@@ -67,7 +67,10 @@ class EvalOptions:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first setting out of range."""
+        from vitclt.eval.windows import check_windows
+
         self.task.validate()
+        check_windows(self.windows, "--windows")
         for name in ("replace_tokens", "faith_tokens"):
             values = getattr(self, name)
             if values is None:

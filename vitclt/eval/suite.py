@@ -69,23 +69,85 @@ def find_transcoders(run_dir: Path, max_depth: int = 3) -> dict[str, Path]:
         frontier = [p for p in below if not is_tc(p)]
     if not found:
         raise InputNotFoundError(f"no transcoder in {run_dir}: expected config.json + model.safetensors there or in its "
-                                 "subdirectories")
+                                 "subdirectories: pass a directory written by vitclt train (or one transcoder directory)")
     return dict(sorted(found.items()))
 
 
+RUN_FILE = "run.json"
+"""The file a training run records its command and transcoders in: `vitclt.training.checkpoint.RUN_FILE`, named here
+because eval does not import training (a test keeps the two equal)."""
+
+
+def featured_transcoder(paths: dict[str, Path]) -> str | None:
+    """The transcoder a study features: its ReLU-TopK CLT, else its first CLT in the order of `paths`; None without a CLT.
+
+    `vitclt reproduce` and `demo` browse it; from their output directory explain, intervene and push default to it.
+    """
+    def topology(path: Path) -> str | None:
+        try:
+            return json.loads((path / "config.json").read_text()).get("topology")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    clts = [name for name, path in paths.items() if topology(path) == "clt"]
+    return next((n for n in clts if n.endswith("relu-topk")), clts[0] if clts else None)
+
+
+def _study(run_dir: Path) -> list[str] | None:
+    """The transcoders, in training order, of the `vitclt reproduce`/`demo` run at `run_dir` or `run_dir`/train; None if
+    `run_dir` is not such a run (a `vitclt train` run names its transcoder with --transcoder)."""
+    for path in (run_dir / RUN_FILE, run_dir / "train" / RUN_FILE):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("command", "train") != "train":
+            return list(meta.get("transcoders") or [])
+    return None
+
+
+def _own_name(key: str, path: Path) -> str:
+    """A transcoder's name as its training run, metrics.json, the demo's table and the browser call it (the directory
+    name when its parent is a training run), else its key in `find_transcoders`."""
+    return path.name if (path.parent / RUN_FILE).is_file() else key
+
+
 def pick_transcoder(run_dir: str | Path, name: str | None = None) -> tuple[str, Path]:
-    """(name, directory) of one transcoder in `run_dir`: the one named `name`, else the only one there."""
-    try:
-        found = find_transcoders(run_dir)
-    except FileNotFoundError as e:
-        raise InputNotFoundError(f"{e}; pass a directory written by vitclt train (or one transcoder directory)") from None
+    """(name, directory) of one transcoder in `run_dir`: the one named `name`, else the only one there, else (in a
+    `vitclt reproduce` or `demo` directory) the featured one.
+
+    `name` may be its name under `run_dir` (`train-clt-relu-topk`) or any trailing part of that path
+    (`clt-relu-topk`, the name metrics.json, the demo's table and the browser use).
+    """
+    found = find_transcoders(run_dir)  # its own message names the fix
     if name is not None:
-        if name not in found:
-            raise ConfigError(f"no transcoder named {name!r} in {run_dir}; found: {', '.join(found)}")
-        return name, found[name]
+        matches = [key for key, path in found.items() if key == name or _tail_is(path, Path(run_dir), name)]
+        if len(matches) != 1:
+            problem = "several transcoders match" if matches else "no transcoder named"
+            raise ConfigError(f"{problem} {name!r} in {run_dir}; found: {', '.join(matches or found)}")
+        return _own_name(matches[0], found[matches[0]]), found[matches[0]]
     if len(found) > 1:
+        order = _study(Path(run_dir))
+        if order is not None:
+            by_name = {_own_name(key, path): path for key, path in found.items()}
+            ordered = {n: by_name[n] for n in order if n in by_name} | by_name
+            featured = featured_transcoder(ordered)
+            if featured is not None:
+                print(f"note: {run_dir} holds {len(found)} transcoders; using its featured {featured} "
+                      "(pick another with --transcoder NAME)")
+                return featured, ordered[featured]
         raise ConfigError(f"{run_dir} holds {len(found)} transcoders ({', '.join(found)}): pick one with --transcoder NAME")
-    return next(iter(found.items()))
+    key, path = next(iter(found.items()))
+    return _own_name(key, path), path
+
+
+def _tail_is(path: Path, run_dir: Path, name: str) -> bool:
+    """Whether `name` is the trailing part of `path` below `run_dir`, its directories joined with `-`."""
+    try:
+        parts = path.relative_to(run_dir).parts
+    except ValueError:
+        return False
+    return any("-".join(parts[i:]) == name for i in range(len(parts)))
 
 
 def load_transcoders(paths: dict[str, Path], backbone: Backbone, allow_mismatch: bool = False) -> dict[str, Transcoder]:

@@ -51,36 +51,52 @@ def default_windows(n_layers: int) -> list[Window]:
     return [Window(s, last) for s in sorted(min(max(s, 0), last) for s in starts)]
 
 
-def parse_window(text: str, n_layers: int) -> Window:
-    """One window from its text form (see the module docstring), checked against the backbone's depth."""
+def parse_window(text: str, n_layers: int | None) -> Window:
+    """One window from its text form (see the module docstring), checked against the backbone's depth.
+
+    With `n_layers` None (before a backbone is loaded) only the form is checked: the syntax, the order
+    of START-END, no negative layer; `all` and `last:N` then read as the window 0-0.
+    """
     spec = text.strip().replace("→", "-")
-    last = n_layers - 1
     try:
         if spec in ("all", "*"):
-            window = Window(0, last)
+            window = Window(0, (n_layers or 1) - 1)
         elif spec.startswith("last:"):
             count = int(spec[len("last:"):])
             if count < 1:
                 raise ValueError
-            window = Window(n_layers - count, last)
+            window = Window(n_layers - count, n_layers - 1) if n_layers is not None else Window(0, 0)
         else:
             lo, sep, hi = spec.partition("-")
             window = Window(int(lo), int(hi) if sep else int(lo))
     except ValueError:
         raise ConfigError(f"cannot read layer window {text!r}: use {GRAMMAR}") from None
-    if not 0 <= window.start <= window.end <= last:
-        raise ConfigError(f"layer window {text!r} is out of range: this backbone has layers 0-{last}")
+    if window.start > window.end:
+        raise ConfigError(f"layer window {text!r} is reversed: write START-END with START ≤ END, e.g. "
+                          f"{window.end}-{window.start}")
+    if n_layers is not None and not 0 <= window.start <= window.end <= n_layers - 1:
+        raise ConfigError(f"layer window {text!r} is out of range: this backbone has layers 0-{n_layers - 1}")
     return window
 
 
-def parse_windows(specs: str | Iterable[str], n_layers: int) -> list[Window]:
-    """Windows from a list of specs, each of which may hold several separated by commas; in the order given."""
+def parse_windows(specs: str | Iterable[str], n_layers: int | None) -> list[Window]:
+    """Windows from a list of specs, each of which may hold several separated by commas; in the order given.
+
+    `n_layers` None checks only their form (`check_windows`)."""
     texts = [specs] if isinstance(specs, str) else list(specs)
     parts = [p for text in texts for p in text.split(",") if p.strip()]
     windows = [parse_window(p, n_layers) for p in parts]
-    if len(set(windows)) != len(windows):
+    if len(set(windows)) != len(windows) and (n_layers is not None or len(set(parts)) != len(parts)):
         raise ConfigError(f"a layer window is listed twice in {', '.join(parts)}: list each once")
     return windows
+
+
+def check_windows(specs: Iterable[str], flag: str) -> None:
+    """Raise `ConfigError` naming `flag` if a window is malformed or reversed (before anything is loaded)."""
+    try:
+        parse_windows(specs, None)
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def union_layers(windows: Iterable[Window]) -> list[int]:

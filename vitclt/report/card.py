@@ -45,28 +45,49 @@ def eval_candidates(run_dir: Path, transcoder_dir: Path) -> list[Path]:
 
 
 def find_evaluation(run_dir: Path, transcoder_dir: Path, name: str) -> Evaluation | None:
-    """The first metrics.json among `eval_candidates` with an entry for this transcoder (matched by its path, else
-    by `name` when that metrics.json evaluated a single transcoder of that name); None if there is none."""
+    """The first metrics.json among `eval_candidates` with an entry for this transcoder (matched by its recorded path,
+    else by name: `name`, or its directory's path read as a metrics.json name); None if there is none."""
     target = transcoder_dir.resolve()
+    names = {name, *("-".join(target.parts[i:]) for i in range(1, len(target.parts)))}
     for path in eval_candidates(run_dir, transcoder_dir):
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-            entries = metrics["transcoders"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        entries = _entries(path)
         for key, entry in entries.items():
             recorded = entry.get("path") if isinstance(entry, dict) else None
             if recorded and _same(recorded, path, target):
-                return Evaluation(path, key, metrics)
-        if name in entries and len(entries) == 1:
-            return Evaluation(path, name, metrics)
+                return Evaluation(path, key, json.loads(path.read_text(encoding="utf-8")))
+        # A copied or moved run: its recorded paths point elsewhere, but the name still says which entry it is.
+        by_name = [key for key in entries if key in names]
+        if len(by_name) == 1:
+            return Evaluation(path, by_name[0], json.loads(path.read_text(encoding="utf-8")))
     return None
 
 
+def _entries(path: Path) -> dict:
+    """The `transcoders` entries of the metrics.json at `path`; {} if it is missing or unreadable."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["transcoders"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
 def _same(recorded: str, metrics_path: Path, target: Path) -> bool:
-    """Whether a metrics.json `path` entry names `target` (absolute, or relative to the directory eval ran in)."""
-    candidates = [Path(recorded)] if os.path.isabs(recorded) else [Path(recorded), metrics_path.parent.parent / recorded]
+    """Whether a metrics.json `path` entry names `target`: relative to the metrics.json (what eval writes), or, as
+    older files wrote it, absolute or relative to where eval ran."""
+    if os.path.isabs(recorded):
+        candidates = [Path(recorded)]
+    else:
+        candidates = [metrics_path.parent / recorded, Path(recorded), metrics_path.parent.parent / recorded]
     return any(c.exists() and c.resolve() == target for c in candidates)
+
+
+def missing_evaluation(run_dir: Path, transcoder_dir: Path, name: str) -> str:
+    """Why `find_evaluation` found nothing, in one line: which metrics.json has no entry for `name`, or where it looked."""
+    held = [(p, _entries(p)) for p in eval_candidates(run_dir, transcoder_dir) if p.is_file()]
+    if held:
+        return "; ".join(f"{p} has no entry for {name} (it holds {', '.join(e) or 'none'})" for p, e in held)
+    looked = ", ".join(str(p) for p in eval_candidates(run_dir, transcoder_dir))
+    return f"No evaluation was found next to the transcoder when it was published (looked for {looked})"
 
 
 def _training(transcoder_dir: Path) -> dict:
@@ -170,9 +191,7 @@ def model_card(cfg: dict, transcoder_dir: Path, name: str, repo_id: str, run_dir
     ]
     evaluation = find_evaluation(run_dir, transcoder_dir, name)
     if evaluation is None:
-        looked = ", ".join(str(p) for p in eval_candidates(run_dir, transcoder_dir))
-        lines += [f"No evaluation was found next to the transcoder when it was published (looked for {looked}); "
-                  f"run `vitclt eval {repo_id}` to measure it."]
+        lines += [f"{missing_evaluation(run_dir, transcoder_dir, name)}; run `vitclt eval {repo_id}` to measure it."]
     else:
         where = os.path.relpath(evaluation.path, run_dir)
         data = evaluation.metrics.get("dataset", {})

@@ -136,7 +136,7 @@ class TrainConfig:
     dataset: str = "demo"
     """Dataset spec, e.g. cifar100:/data/cifar-100-python, imagenet100:/data/imagenet, coco:/data/coco, folder:DIR."""
     split: str = "train"
-    """Dataset split to train on: train, or test (= val)."""
+    """Dataset split to train on: train, test (= val), or all (the whole of a folder: dataset without split folders)."""
     max_images: int | None = None
     """Train on a class-stratified subset of this many images (quick runs)."""
     tokens: TokenSet = "all"
