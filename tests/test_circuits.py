@@ -297,24 +297,60 @@ def test_a_later_intervention_on_the_same_feature_and_token_overrides_an_earlier
     assert once.predicted is not None and abs(twice.predicted - once.predicted) < 1e-12
 
 
+def _influence(A, target):
+    """Σ_{k≥1} w Âᵏ by one solve, w (I − Â)⁻¹ − w (Â nilpotent: the graph is acyclic), not the power series prune sums."""
+    absA = A.double().abs()
+    rows = absA.sum(1, keepdim=True)
+    An = torch.where(rows > 0, absA / torch.where(rows > 0, rows, 1), 0)
+    w = torch.zeros(A.shape[0], dtype=torch.float64)
+    w[target] = 1
+    return torch.linalg.solve((torch.eye(A.shape[0], dtype=torch.float64) - An).T, w) - w, An
+
+
+def _shortest_prefix(scores, fraction):
+    """How many of the largest scores it takes to reach `fraction` of their sum."""
+    cum = scores.sort(descending=True).values.cumsum(0)
+    return int((cum < fraction * cum[-1]).sum()) + 1
+
+
 @settings(max_examples=25, deadline=None)
 @given(node_fraction=st.floats(0.05, 1.0), edge_fraction=st.floats(0.05, 1.0))
-def test_pruning_keeps_at_least_the_requested_fraction(setup64, node_fraction, edge_fraction):
+def test_pruning_keeps_the_fewest_nodes_and_edges_that_carry_the_fractions(setup64, node_fraction, edge_fraction):
+    """Every figure recomputed from the adjacency, not read from what `prune` reports."""
     g = setup64[4]
+    A, n = g.adjacency.double(), g.n
     p = prune(g.adjacency, g.target, node_fraction, edge_fraction)
-    assert p.node_fraction >= node_fraction and p.edge_fraction >= edge_fraction
-    assert p.node_mask[g.target]
-    # Minimal: without its weakest kept node the set carries less than asked.
-    others = p.node_mask.clone()
-    others[g.target] = False
-    infl = p.influence.clone()
-    infl[g.target] = 0
-    total = float(infl.sum())
-    weakest = float(infl[others].min())
-    assert (float(infl[others].sum()) - weakest) / total < node_fraction
-    # Kept edges join kept nodes only.
-    rows, cols = torch.nonzero(p.edge_mask, as_tuple=True)
-    assert bool(p.node_mask[rows].all() and p.node_mask[cols].all())
+    infl, _ = _influence(A, g.target)
+    torch.testing.assert_close(p.influence[:-1], infl[:-1], atol=1e-12, rtol=1e-10)
+    # Nodes: exactly the most influential ones, as many as it takes to reach the fraction, and the target.
+    others = torch.arange(n) != g.target
+    need = _shortest_prefix(infl[others], node_fraction)
+    assert bool(p.node_mask[g.target]) and int(p.node_mask[others].sum()) == need
+    if not bool(p.node_mask.all()):
+        assert float(infl[p.node_mask & others].min()) >= float(infl[~p.node_mask].max())
+    assert abs(p.node_fraction - float(infl[p.node_mask & others].sum() / infl[others].sum())) < 1e-12
+    # Edges: scored on the pruned graph, kept ones join kept nodes; the strongest ones up to the fraction are
+    # all kept, and every other kept edge is the strongest way out of its source.
+    keep = p.node_mask[:, None] & p.node_mask[None, :]
+    infl_p, An = _influence(A * keep, g.target)
+    infl_p[g.target] += 1
+    score = An * infl_p[:, None]
+    assert not bool((p.edge_mask & ~keep).any())
+    need = _shortest_prefix(score.flatten(), edge_fraction)
+    strongest = torch.zeros(n * n, dtype=torch.bool)
+    strongest[score.flatten().argsort(descending=True)[:need]] = True
+    assert bool(p.edge_mask.flatten()[strongest].all())
+    best_out = score.argmax(0)
+    for i, j in zip(*torch.nonzero(p.edge_mask & ~strongest.view(n, n), as_tuple=True)):
+        assert int(best_out[j]) == int(i)
+    assert abs(p.edge_fraction - float(score[p.edge_mask].sum() / score.sum())) < 1e-12
+    # The documented promise: every kept node with a way to the target in the pruned graph keeps one along kept edges.
+    reaches = torch.zeros(n, dtype=torch.bool)
+    reaches[g.target] = True
+    for _ in range(n):
+        reaches = reaches | (p.edge_mask & reaches[:, None]).any(0)
+    assert bool(reaches[p.node_mask & (infl_p > 0)].all())
+    assert bool((p.node_mask & (infl_p > 0)).sum() > 1)
 
 
 def test_class_aggregate_is_complete_and_averages(tiny_backbone):
