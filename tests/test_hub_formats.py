@@ -12,7 +12,8 @@ import torch
 from vitclt.errors import ConfigError
 from vitclt.nn import CheckpointError, Transcoder, TranscoderConfig
 from vitclt.nn.calibrate import calibrate_jumprelu
-from vitclt.nn.formats import CALIBRATION_NAME, CIRCUIT_TRACER_CONFIG, load_circuit_tracer, load_prisma_transcoders
+from vitclt.nn.foreign import load_circuit_tracer, load_prisma_transcoders
+from vitclt.nn.formats import CALIBRATION_NAME, CIRCUIT_TRACER_CONFIG
 
 L, D = 3, 8
 
