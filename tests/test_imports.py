@@ -101,6 +101,7 @@ def test_imports_resolve_relative_and_lazily_exported_names():
     graph = import_graph()
     assert "vitclt.backbones.base" in graph["vitclt.backbones.heads"]  # from .base import Backbone
     assert "vitclt.nn.formats" in graph["vitclt.nn.transcoder"]  # from vitclt.nn import formats
+    assert "vitclt.nn.transcoder" in graph["vitclt.training.runner"]  # from vitclt.nn import Transcoder (lazy export)
 
 
 def test_no_module_of_vitclt_imports_itself_through_others():
