@@ -13,7 +13,7 @@ from tests.conftest import write_image_folder
 from vitclt.browser import MARKER, BrowserError, build_browser
 from vitclt.browser.collect import FeatureCollector
 from vitclt.browser.export import cantor
-from vitclt.browser.geometry import residual_writes
+from vitclt.browser.geometry import decoder_norms, later_fraction, residual_writes
 from vitclt.browser.labels import Vocabulary, bpe_words, final_projection, label_check, label_features, write_directions
 from vitclt.errors import OutputError
 from vitclt.nn.config import TranscoderConfig
@@ -118,8 +118,8 @@ def test_streaming_top_k_equals_the_dense_reference_for_any_batching(tiny_backbo
     assert torch.allclose(st.hist_LFG.sum(-1).float(), st.fire_LF.float())
 
 
-def decoded_writes(tc) -> torch.Tensor:
-    """u_LFD by the transcoder's reference decode: one unit of each feature alone, minus the empty code, summed over layers."""
+def decoded_writes_per_layer(tc) -> torch.Tensor:
+    """writes_LFJD by the transcoder's reference decode: one unit of each feature alone, minus the empty code."""
     L, F_ = tc.n_layers, tc.n_features
     rows = torch.arange(L * F_)
     values_NLK = torch.zeros(L * F_, L, 1)
@@ -128,7 +128,12 @@ def decoded_writes(tc) -> torch.Tensor:
     with torch.no_grad():
         one_hot_NLD = tc.decode(Codes(values_NLK, indices_NLK), dense=True)
         empty_NLD = tc.decode(Codes(torch.zeros_like(values_NLK), indices_NLK), dense=True)
-    return (one_hot_NLD - empty_NLD).sum(1).view(L, F_, tc.d_model)
+    return (one_hot_NLD - empty_NLD).view(L, F_, L, tc.d_model)
+
+
+def decoded_writes(tc) -> torch.Tensor:
+    """u_LFD: the decoded writes summed over target layers."""
+    return decoded_writes_per_layer(tc).sum(2)
 
 
 @pytest.mark.parametrize("topology", ["clt", "plt", "sae"])
@@ -138,9 +143,17 @@ def test_residual_writes_are_one_unit_of_the_feature_decoded_and_summed_over_tar
     tc = Transcoder(TranscoderConfig(n_layers=L, d_model=D, n_features=8, sparsifier="relu-topk", k=2, topology=topology))
     # Unequal scales and means per layer, so a write in the wrong units or to the wrong layer shows.
     tc.set_normalization(torch.randn(L, D), 0.5 + torch.rand(L), torch.randn(L, D), torch.tensor([0.3, 1.0, 3.0]))
-    u_LFD = decoded_writes(tc)
+    writes_LFJD = decoded_writes_per_layer(tc)
+    u_LFD = writes_LFJD.sum(2)
     assert float(u_LFD.norm(dim=-1).min()) > 0
     torch.testing.assert_close(residual_writes(tc), u_LFD, atol=1e-5, rtol=1e-5)
+    # The per-target-layer norms the feature pages show, and the share written after the feature's own layer.
+    norms_LFJ = writes_LFJD.norm(dim=-1)
+    torch.testing.assert_close(decoder_norms(tc), norms_LFJ, atol=1e-5, rtol=1e-5)
+    later_LJ = torch.arange(L)[None, :] > torch.arange(L)[:, None]
+    expected = (norms_LFJ * later_LJ[:, None]).sum(-1) / norms_LFJ.sum(-1)
+    torch.testing.assert_close(later_fraction(decoder_norms(tc)), expected, atol=1e-6, rtol=1e-5)
+    assert bool((expected > 0).any()) == (topology == "clt")
 
 
 def test_write_direction_is_the_embedding_change_per_unit_activation(tiny_backbone, images):
