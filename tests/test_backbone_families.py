@@ -64,6 +64,19 @@ def test_family_is_detected_from_its_files_and_loads_by_prefix_too(family):
     assert type(again) is cls and again.fingerprint == bb.fingerprint
 
 
+def test_tiny_models_have_random_layernorms_and_biases(family):
+    """Identity LayerNorms or zero biases would let code that reads the wrong norm or drops a bias pass the tests."""
+    _, _, bb = family
+    norms = [m for m in bb.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    biases = [(n, p) for n, p in bb.model.named_parameters() if n.endswith("bias") and p.dim() == 1]
+    assert norms and biases
+    for ln in norms:
+        assert (ln.weight - 1).abs().min() > 0 and ln.bias.abs().min() > 0
+        assert not torch.allclose(ln.weight, torch.ones_like(ln.weight), atol=0.02)
+    for name, b in biases:
+        assert not torch.allclose(b, torch.zeros_like(b), atol=0.02), name
+
+
 def test_capture_records_every_layer_in_one_forward_and_leaves_no_hooks(family):
     _, _, bb = family
     px = bb.preprocess(random_images(3))

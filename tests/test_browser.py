@@ -14,9 +14,11 @@ from tests.conftest import write_image_folder
 from vitclt.browser import MARKER, BrowserError, build_browser
 from vitclt.browser.collect import FeatureCollector
 from vitclt.browser.export import cantor
+from vitclt.browser.geometry import decoder_norms, later_fraction, residual_writes
 from vitclt.browser.labels import Vocabulary, bpe_words, final_projection, label_check, label_features, write_directions
 from vitclt.errors import OutputError
 from vitclt.nn.config import TranscoderConfig
+from vitclt.nn.sparse import Codes
 from vitclt.nn.transcoder import Transcoder
 
 CLASSES = ["red apple", "green apple", "red car"]
@@ -117,6 +119,44 @@ def test_streaming_top_k_equals_the_dense_reference_for_any_batching(tiny_backbo
     assert torch.allclose(st.hist_LFG.sum(-1).float(), st.fire_LF.float())
 
 
+def decoded_writes_per_layer(tc) -> torch.Tensor:
+    """writes_LFJD by the transcoder's reference decode: one unit of each feature alone, minus the empty code."""
+    L, F_ = tc.n_layers, tc.n_features
+    rows = torch.arange(L * F_)
+    values_NLK = torch.zeros(L * F_, L, 1)
+    values_NLK[rows, rows // F_, 0] = 1
+    indices_NLK = (rows % F_)[:, None, None].expand(-1, L, 1).contiguous()
+    with torch.no_grad():
+        one_hot_NLD = tc.decode(Codes(values_NLK, indices_NLK), dense=True)
+        empty_NLD = tc.decode(Codes(torch.zeros_like(values_NLK), indices_NLK), dense=True)
+    return (one_hot_NLD - empty_NLD).view(L, F_, L, tc.d_model)
+
+
+def decoded_writes(tc) -> torch.Tensor:
+    """u_LFD: the decoded writes summed over target layers."""
+    return decoded_writes_per_layer(tc).sum(2)
+
+
+@pytest.mark.parametrize("topology", ["clt", "plt", "sae"])
+def test_residual_writes_are_one_unit_of_the_feature_decoded_and_summed_over_target_layers(topology):
+    torch.manual_seed(0)
+    L, D = 3, 16
+    tc = Transcoder(TranscoderConfig(n_layers=L, d_model=D, n_features=8, sparsifier="relu-topk", k=2, topology=topology))
+    # Unequal scales and means per layer, so a write in the wrong units or to the wrong layer shows.
+    tc.set_normalization(torch.randn(L, D), 0.5 + torch.rand(L), torch.randn(L, D), torch.tensor([0.3, 1.0, 3.0]))
+    writes_LFJD = decoded_writes_per_layer(tc)
+    u_LFD = writes_LFJD.sum(2)
+    assert float(u_LFD.norm(dim=-1).min()) > 0
+    torch.testing.assert_close(residual_writes(tc), u_LFD, atol=1e-5, rtol=1e-5)
+    # The per-target-layer norms the feature pages show, and the share written after the feature's own layer.
+    norms_LFJ = writes_LFJD.norm(dim=-1)
+    torch.testing.assert_close(decoder_norms(tc), norms_LFJ, atol=1e-5, rtol=1e-5)
+    later_LJ = torch.arange(L)[None, :] > torch.arange(L)[:, None]
+    expected = (norms_LFJ * later_LJ[:, None]).sum(-1) / norms_LFJ.sum(-1)
+    torch.testing.assert_close(later_fraction(decoder_norms(tc)), expected, atol=1e-6, rtol=1e-5)
+    assert bool((expected > 0).any()) == (topology == "clt")
+
+
 def test_write_direction_is_the_embedding_change_per_unit_activation(tiny_backbone, images):
     """For a residual change that leaves σ(h) unchanged, P·LN is exactly linear: w must match it."""
     tc = make_transcoder(tiny_backbone, images)
@@ -124,9 +164,7 @@ def test_write_direction_is_the_embedding_change_per_unit_activation(tiny_backbo
     h = torch.randn(tiny_backbone.d_model)
     sigma = float((h.var(unbiased=False) + ln.eps).sqrt())
     w_LFP = write_directions(tc, ln, proj, sigma)
-    from vitclt.browser.geometry import residual_writes
-
-    u = residual_writes(tc)[1, 2].double()
+    u = decoded_writes(tc)[1, 2].double()
     ln64, proj64, h = copy.deepcopy(ln).double(), proj.double(), h.double()
     hc = h - h.mean()
     u_perp = u - u.mean() - (u - u.mean()) @ hc / (hc @ hc) * hc  # no first-order change of mean(h) or σ(h)

@@ -19,6 +19,7 @@ from vitclt.circuits.inputs import check_transcoder, class_index, read_image
 from vitclt.circuits.intervene import check_interventions, clean_pass, parse_intervention
 from vitclt.circuits.tower import clean_forward, vision_weights
 from vitclt.nn.config import TranscoderConfig
+from vitclt.nn.sparse import LayerCodes
 from vitclt.nn.transcoder import Transcoder
 
 SETTINGS = [("clt", "relu-topk"), ("clt", "abs-topk"), ("clt", "jumprelu"), ("plt", "relu-topk")]
@@ -178,24 +179,178 @@ def test_small_intervention_on_the_real_model_matches_the_prediction(setup64, ti
             assert 0.5 < ratio < 2, (node, which, ratio)
 
 
+def _dense_codes(tc, x_TD):
+    return [tc.encode_layer(i, x_TD[i]).to_dense(tc.n_features) for i in range(tc.n_layers)]
+
+
+def _as_codes(z_TF):
+    """Dense activations as LayerCodes with one slot per feature (no sparse bookkeeping to trust)."""
+    return LayerCodes(z_TF, torch.arange(z_TF.shape[1]).expand_as(z_TF).contiguous())
+
+
+def _clamped(iv, z_TF, clean_TF, backbone):
+    """z with the intervention's feature set at its tokens (from the clean activations for a scale)."""
+    z_TF = z_TF.clone()
+    index = backbone.token_index(iv.tokens)
+    z_TF[index, iv.feature] = iv.value if iv.value is not None else clean_TF[index, iv.feature] * iv.scale
+    return z_TF
+
+
+# Three interventions of every kind (value and scale; all, cls, patches and listed tokens), two at one layer.
+SEVERAL = [Intervention(0, 3, "all", value=2.0), Intervention(1, 5, [0, 4, 9], scale=-3.0),
+           Intervention(1, 11, "patches", value=1.5), Intervention(2, 7, "cls", value=-2.5)]
+
+
+def _cosines(backbone, pixels, classifier, fn, layers):
+    with backbone.replace(fn, layers=layers):
+        return F.normalize(backbone.image_embeds(pixels)[0], dim=-1) @ classifier.T
+
+
+@pytest.fixture(scope="module")
+def several(setup64, tiny_backbone):
+    """(transcoder, pixels, classifier, clean inputs x_LTD, clean outputs y_LTD, clean dense codes) of one image."""
+    tc, pixels, c, _, _ = setup64
+    classifier = F.normalize(torch.stack([c.float()] + [class_vector(tiny_backbone, s).float() for s in (7, 8, 9)]), dim=-1)
+    with tiny_backbone.capture() as cap:
+        tiny_backbone.image_embeds(pixels)
+    x_LTD, y_LTD = cap.x_BTLD()[0].transpose(0, 1), cap.y_BTLD()[0].transpose(0, 1)
+    return tc, pixels, classifier, x_LTD, y_LTD, _dense_codes(tc, x_LTD)
+
+
+def _run(backbone, tc, pixels, classifier, interventions):
+    rep = intervene(backbone, tc, pixels, interventions, classifier, ["a", "b", "c", "d"], 0, top=4)
+    return rep, {name: cos for name, cos in rep.original.top}, {name: cos for name, cos in rep.replacement.top}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_several_interventions_add_their_combined_decoder_write_to_the_original_model(several, tiny_backbone, n):
+    """Original model: the MLP outputs plus Σ over interventions of (new − clean) × decoder, for every target layer.
+
+    The expected write is decoded independently: the transcoder decodes the clamped dense codes minus the clean ones.
+    """
+    tc, pixels, classifier, _, y_LTD, z_clean = several
+    z_new = list(z_clean)
+    for iv in SEVERAL[:n]:
+        z_new[iv.layer] = _clamped(iv, z_new[iv.layer], z_clean[iv.layer], tiny_backbone)
+    new, old = [_as_codes(z) for z in z_new], [_as_codes(z) for z in z_clean]
+    delta_LTD = torch.stack([tc.decode_layer(j, new) - tc.decode_layer(j, old) for j in range(tc.n_layers)])
+    assert bool((delta_LTD.abs() > 1e-3).any(-1).any(-1).all())  # every layer gets a write
+    expected = _cosines(tiny_backbone, pixels, classifier, lambda layer, x, y: y + delta_LTD[layer][None], range(tc.n_layers))
+    rep, original, _ = _run(tiny_backbone, tc, pixels, classifier, SEVERAL[:n])
+    torch.testing.assert_close(torch.tensor([original[k] for k in "abcd"]), expected, atol=2e-6, rtol=0)
+    # Each intervention matters: leaving out any one of them moves the result.
+    for drop in range(n):
+        _, partial, _ = _run(tiny_backbone, tc, pixels, classifier, SEVERAL[:drop] + SEVERAL[drop + 1 : n])
+        assert max(abs(partial[k] - original[k]) for k in "abcd") > 1e-4, drop
+    assert len(rep.changes) == n
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_several_interventions_are_all_clamped_in_the_clt_replacement(several, tiny_backbone, n):
+    """CLT replacement: every layer re-encodes its input, every intervention clamps its feature, frozen errors added.
+
+    Re-implemented here on dense codes (one slot per feature) and compared with `intervene`.
+    """
+    tc, pixels, classifier, _, y_LTD, z_clean = several
+    err_LTD = torch.stack([y_LTD[j] - tc.decode_layer(j, [_as_codes(z) for z in z_clean]) for j in range(tc.n_layers)])
+    codes = []
+
+    def replacement(layer, x_BTD, y_BTD):
+        z = tc.encode_layer(layer, x_BTD[0]).to_dense(tc.n_features)
+        for iv in SEVERAL[:n]:
+            if iv.layer == layer:
+                z = _clamped(iv, z, z_clean[layer], tiny_backbone)
+        codes[layer:] = [_as_codes(z)]
+        return (tc.decode_layer(layer, codes) + err_LTD[layer])[None]
+
+    expected = _cosines(tiny_backbone, pixels, classifier, replacement, range(tc.n_layers))
+    _, _, replaced = _run(tiny_backbone, tc, pixels, classifier, SEVERAL[:n])
+    torch.testing.assert_close(torch.tensor([replaced[k] for k in "abcd"]), expected, atol=2e-6, rtol=0)
+    for drop in range(n):
+        _, _, partial = _run(tiny_backbone, tc, pixels, classifier, SEVERAL[:drop] + SEVERAL[drop + 1 : n])
+        assert max(abs(partial[k] - replaced[k]) for k in "abcd") > 1e-4, drop
+
+
+def test_interventions_in_the_last_layer_give_the_same_result_both_ways(several, tiny_backbone):
+    """Nothing is re-encoded after the last layer, so the CLT replacement is the original model plus the same write."""
+    tc, pixels, classifier, _, _, _ = several
+    last = tc.n_layers - 1
+    # Two of them set feature 2 at CLS: the later one holds, in both ways alike.
+    ivs = [Intervention(last, 2, "all", value=1.0), Intervention(last, 9, [0, 3], value=-2.0),
+           Intervention(last, 2, "cls", value=3.0)]
+    rep, original, replaced = _run(tiny_backbone, tc, pixels, classifier, ivs)
+    assert abs(rep.original.target - rep.clean.target) > 1e-3
+    for k in "abcd":
+        assert abs(original[k] - replaced[k]) < 2e-6
+
+
+def test_a_later_intervention_on_the_same_feature_and_token_overrides_an_earlier_one(setup64, several, tiny_backbone):
+    """Setting a feature twice at a token is setting it once to the later value: both ways and in the prediction."""
+    tc, pixels, classifier, _, _, _ = several
+    g = setup64[4]
+    node = _top_feature_nodes(g, 1)[0]
+    layer, token, feature = int(g.layer_N[node]), int(g.token_N[node]), int(g.feature_N[node])
+    run = lambda ivs: intervene(tiny_backbone, tc, pixels, ivs, classifier, list("abcd"), 0, top=4, graph=g)  # noqa: E731
+    twice = run([Intervention(layer, feature, [token], scale=2.0), Intervention(layer, feature, "all", scale=3.0)])
+    once = run([Intervention(layer, feature, "all", scale=3.0)])
+    assert twice.original == once.original and twice.replacement == once.replacement
+    assert once.predicted is not None and abs(twice.predicted - once.predicted) < 1e-12
+
+
+def _influence(A, target):
+    """Σ_{k≥1} w Âᵏ by one solve, w (I − Â)⁻¹ − w (Â nilpotent: the graph is acyclic), not the power series prune sums."""
+    absA = A.double().abs()
+    rows = absA.sum(1, keepdim=True)
+    An = torch.where(rows > 0, absA / torch.where(rows > 0, rows, 1), 0)
+    w = torch.zeros(A.shape[0], dtype=torch.float64)
+    w[target] = 1
+    return torch.linalg.solve((torch.eye(A.shape[0], dtype=torch.float64) - An).T, w) - w, An
+
+
+def _shortest_prefix(scores, fraction):
+    """How many of the largest scores it takes to reach `fraction` of their sum."""
+    cum = scores.sort(descending=True).values.cumsum(0)
+    return int((cum < fraction * cum[-1]).sum()) + 1
+
+
 @settings(max_examples=25, deadline=None)
 @given(node_fraction=st.floats(0.05, 1.0), edge_fraction=st.floats(0.05, 1.0))
-def test_pruning_keeps_at_least_the_requested_fraction(setup64, node_fraction, edge_fraction):
+def test_pruning_keeps_the_fewest_nodes_and_edges_that_carry_the_fractions(setup64, node_fraction, edge_fraction):
+    """Every figure recomputed from the adjacency, not read from what `prune` reports."""
     g = setup64[4]
+    A, n = g.adjacency.double(), g.n
     p = prune(g.adjacency, g.target, node_fraction, edge_fraction)
-    assert p.node_fraction >= node_fraction and p.edge_fraction >= edge_fraction
-    assert p.node_mask[g.target]
-    # Minimal: without its weakest kept node the set carries less than asked.
-    others = p.node_mask.clone()
-    others[g.target] = False
-    infl = p.influence.clone()
-    infl[g.target] = 0
-    total = float(infl.sum())
-    weakest = float(infl[others].min())
-    assert (float(infl[others].sum()) - weakest) / total < node_fraction
-    # Kept edges join kept nodes only.
-    rows, cols = torch.nonzero(p.edge_mask, as_tuple=True)
-    assert bool(p.node_mask[rows].all() and p.node_mask[cols].all())
+    infl, _ = _influence(A, g.target)
+    torch.testing.assert_close(p.influence[:-1], infl[:-1], atol=1e-12, rtol=1e-10)
+    # Nodes: exactly the most influential ones, as many as it takes to reach the fraction, and the target.
+    others = torch.arange(n) != g.target
+    need = _shortest_prefix(infl[others], node_fraction)
+    assert bool(p.node_mask[g.target]) and int(p.node_mask[others].sum()) == need
+    if not bool(p.node_mask.all()):
+        assert float(infl[p.node_mask & others].min()) >= float(infl[~p.node_mask].max())
+    assert abs(p.node_fraction - float(infl[p.node_mask & others].sum() / infl[others].sum())) < 1e-12
+    # Edges: scored on the pruned graph, kept ones join kept nodes; the strongest ones up to the fraction are
+    # all kept, and every other kept edge is the strongest way out of its source.
+    keep = p.node_mask[:, None] & p.node_mask[None, :]
+    infl_p, An = _influence(A * keep, g.target)
+    infl_p[g.target] += 1
+    score = An * infl_p[:, None]
+    assert not bool((p.edge_mask & ~keep).any())
+    need = _shortest_prefix(score.flatten(), edge_fraction)
+    strongest = torch.zeros(n * n, dtype=torch.bool)
+    strongest[score.flatten().argsort(descending=True)[:need]] = True
+    assert bool(p.edge_mask.flatten()[strongest].all())
+    best_out = score.argmax(0)
+    for i, j in zip(*torch.nonzero(p.edge_mask & ~strongest.view(n, n), as_tuple=True)):
+        assert int(best_out[j]) == int(i)
+    assert abs(p.edge_fraction - float(score[p.edge_mask].sum() / score.sum())) < 1e-12
+    # The documented promise: every kept node with a way to the target in the pruned graph keeps one along kept edges.
+    reaches = torch.zeros(n, dtype=torch.bool)
+    reaches[g.target] = True
+    for _ in range(n):
+        reaches = reaches | (p.edge_mask & reaches[:, None]).any(0)
+    assert bool(reaches[p.node_mask & (infl_p > 0)].all())
+    assert bool((p.node_mask & (infl_p > 0)).sum() > 1)
 
 
 def test_class_aggregate_is_complete_and_averages(tiny_backbone):

@@ -12,7 +12,8 @@ import torch
 from vitclt.errors import ConfigError
 from vitclt.nn import CheckpointError, Transcoder, TranscoderConfig
 from vitclt.nn.calibrate import calibrate_jumprelu
-from vitclt.nn.formats import CALIBRATION_NAME, CIRCUIT_TRACER_CONFIG, load_circuit_tracer, load_prisma_transcoders
+from vitclt.nn.foreign import load_circuit_tracer, load_prisma_transcoders
+from vitclt.nn.formats import CALIBRATION_NAME, CIRCUIT_TRACER_CONFIG
 
 L, D = 3, 8
 
@@ -102,6 +103,26 @@ def test_calibrated_thresholds_keep_about_k_features_and_the_reconstruction(spar
     ema = jumprelu_copy(model, model.sparsifier.thresholds())
     ema_l0 = (ema.encode(x).values_NLK != 0).sum(-1).float().mean(0)
     assert (ema_l0 - k).abs().max() >= max(abs(v - k) for v in cal.l0_exported_L)
+
+
+@pytest.mark.parametrize("sparsifier", ["relu-topk", "batch-topk"])
+def test_calibrated_thresholds_pass_each_feature_in_exactly_the_rows_the_topk_selects_it_in(sparsifier):
+    """Frequency matching per feature: of the model's own pre-activations on the sample, exactly c_f exceed θ_f,
+    c_f the rows in which the TopK selects f (the calibrated copy's folded encoder rounds differently, so it is
+    not the copy's firing that is counted)."""
+    model, (x, _) = _trained_topk(sparsifier)
+    cal = calibrate_jumprelu(model, x)
+    codes = model.encode(x)  # a per-row TopK; BatchTopK's selection is batch-wide, over the whole sample
+    xn_NLD = (x - model.x_mean_LD) / model.x_scale_L[:, None]
+    for layer in range(L):
+        pre_NF = (xn_NLD[:, layer] @ model.W_enc[layer].T + model.b_enc[layer]).detach()
+        if sparsifier == "relu-topk":
+            selected_F = codes.layer(layer).to_dense(model.n_features).gt(0).sum(0)
+        else:
+            top = pre_NF.relu().flatten().topk(model.cfg.k * pre_NF.shape[0])
+            selected_F = torch.bincount(top.indices[top.values > 0] % model.n_features, minlength=model.n_features)
+        passed_F = (pre_NF > cal.threshold_LF[layer]).sum(0)
+        assert torch.equal(passed_F, selected_F), layer
 
 
 def test_a_calibrated_export_writes_its_thresholds_and_report_and_loads_back(tmp_path, capsys):

@@ -14,14 +14,16 @@ from __future__ import annotations
 from vitclt.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["Backbone", "BackboneError", "Capture", "MLPSite", "Replacement", "ReplaceFn", "TokenSel",
+    **dict.fromkeys(["BackboneError"], "errors"),
+    **dict.fromkeys(["Backbone", "Capture", "MLPSite", "Replacement", "ReplaceFn", "TokenSel",
                      "token_index"], "base"),
     **dict.fromkeys(["HFClipBackbone"], "hf_clip"),
     **dict.fromkeys(["SiglipBackbone"], "hf_siglip"),
     **dict.fromkeys(["Dinov2Backbone"], "hf_dinov2"),
     **dict.fromkeys(["OpenClipBackbone"], "open_clip"),
     **dict.fromkeys(["TimmViTBackbone"], "timm_vit"),
-    **dict.fromkeys(["LinearHead", "TaskHead", "ZeroShotHead", "build_task_head", "fit_probe", "zero_shot_head"], "heads"),
+    **dict.fromkeys(["LinearHead", "TaskHead", "ZeroShotHead"], "classifiers"),
+    **dict.fromkeys(["build_task_head", "fit_probe", "zero_shot_head"], "heads"),
     **dict.fromkeys(["ALIASES", "FAMILIES", "LOADERS", "detect_family", "load_backbone"], "loading"),
 }
 """Public name → the submodule of vitclt.backbones that defines it."""

@@ -23,12 +23,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vitclt.errors import VitcltError
-
+from .errors import BackboneError
 from .transforms import pixels_from_uint8
 
 if TYPE_CHECKING:
-    from .heads import LinearHead
+    from .classifiers import LinearHead
     from .transforms import ImagePrep
 
 TokenSel = str | Sequence[int]
@@ -59,10 +58,6 @@ class MLPSite(NamedTuple):
     """The MLP module; its first argument is the LN2 output x."""
     out: nn.Module
     """The module whose output is added to the residual stream: the MLP itself, or a layer scale applied after it."""
-
-
-class BackboneError(VitcltError, ValueError):
-    """A backbone could not be loaded or was used wrongly; the message says how to fix it."""
 
 
 def token_index(tokens: TokenSel, n_tokens: int, n_prefix: int) -> slice | Tensor:

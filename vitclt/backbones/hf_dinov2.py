@@ -27,7 +27,7 @@ from transformers import Dinov2Model, Dinov2WithRegistersModel, PreTrainedModel
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from .base import Backbone, MLPSite
-from .hf_files import load_hf_model, load_processor
+from .hf_files import load_hf_model, load_processor, read_hf_config
 from .transforms import HFImagePrep, ImagePrep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,7 +98,5 @@ class Dinov2Backbone(Backbone):
 
 
 def _model_type(source: str) -> str | None:
-    from .loading import read_hf_config
-
     config = read_hf_config(source)
     return config.get("model_type") if config else None

@@ -6,6 +6,7 @@ the same messages for a missing path, an unknown hub id or a damaged file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,22 @@ def load_processor(processor_cls: Any, source: str):
         return processor_cls.from_pretrained(source)
     except OSError:
         return None
+
+
+def read_hf_config(source: str) -> dict[str, Any] | None:
+    """config.json of a directory or hub repo as a dict, or None if it has none."""
+    path = Path(source)
+    if path.is_dir():
+        file = path / "config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # offline without a cached copy, unknown repo, no access, bad id
+        raise BackboneError(f"could not load a model from hub id {source!r}: {str(err).splitlines()[0]}; pass a local "
+                            "directory with config.json + model.safetensors, or a hub id such as "
+                            "openai/clip-vit-base-patch32 on a machine with internet access") from None

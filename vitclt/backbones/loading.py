@@ -8,11 +8,9 @@ by the config beside it. Anything else is one line listing the supported familie
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,7 +18,7 @@ from .base import Backbone, BackboneError
 from .checkpoints import WEIGHT_SUFFIXES
 from .hf_clip import HFClipBackbone
 from .hf_dinov2 import Dinov2Backbone
-from .hf_files import check_source
+from .hf_files import check_source, read_hf_config
 from .hf_siglip import SiglipBackbone
 from .open_clip import CONFIG_NAME as OPEN_CLIP_CONFIG
 from .open_clip import OpenClipBackbone
@@ -42,25 +40,6 @@ MODEL_TYPES: dict[str, str] = {"clip": "clip", "siglip": "siglip", "dinov2": "di
 def supported() -> str:
     """The families as one line, for error messages."""
     return "; ".join(f"{k}: {v}" for k, v in FAMILIES.items())
-
-
-def read_hf_config(source: str) -> dict[str, Any] | None:
-    """config.json of a directory or hub repo as a dict, or None if it has none."""
-    path = Path(source)
-    if path.is_dir():
-        file = path / "config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(source, "config.json")).read_text(encoding="utf-8"))
-    except EntryNotFoundError:
-        return None
-    except Exception as err:  # offline without a cached copy, unknown repo, no access, bad id
-        raise BackboneError(f"could not load a model from hub id {source!r}: {str(err).splitlines()[0]}; pass a local "
-                            "directory with config.json + model.safetensors, or a hub id such as "
-                            "openai/clip-vit-base-patch32 on a machine with internet access") from None
 
 
 def _has_open_clip_config(source: str) -> bool:

@@ -33,7 +33,7 @@ from vitclt.io import read_json_object
 
 from .base import Backbone, BackboneError, MLPSite
 from .checkpoints import WEIGHT_SUFFIXES, check_layout, hub_checkpoint, read_state_dict
-from .heads import LinearHead
+from .classifiers import LinearHead
 from .transforms import RESAMPLE, EvalTransform, ImagePrep
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}

@@ -40,11 +40,31 @@ def tiny_clip_config(
     )
 
 
+def randomize_norms_and_biases(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every LayerNorm a random γ (1 + 0.1·N(0, 1)) and β, and every other bias, random values (0.1·N(0, 1)).
+
+    transformers initialises γ = 1, β = 0 and biases 0; with those, code that reads the wrong LayerNorm
+    or drops a bias computes the same numbers, so no test could tell. The scales match `random_state`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(module, torch.nn.LayerNorm) and weight is not None:
+                weight.copy_(1 + 0.1 * torch.randn(weight.shape, generator=gen))
+            if isinstance(bias, torch.nn.Parameter):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
+            for name, p in module.named_parameters(recurse=False):
+                if name.endswith("_bias") and p.dim() == 1:  # packed projections: in_proj_bias
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def build_tiny_clip(out_dir: str | Path, seed: int = 0, config: CLIPConfig | None = None) -> Path:
-    """Save a randomly initialised (seeded) CLIPModel with its processor and tokenizer to `out_dir`."""
+    """Save a seeded random CLIPModel (random LayerNorms and biases too) with its processor and tokenizer to `out_dir`."""
     config = config or tiny_clip_config()
     torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
+    model = randomize_norms_and_biases(CLIPModel(config), seed + 1).eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     size = config.vision_config.image_size
@@ -98,14 +118,15 @@ def build_tiny_siglip(out_dir: str | Path, seed: int = 0, config=None) -> Path:
     """Save a seeded SiglipModel of the real class, its image processor and a (CLIP BPE) tokenizer to `out_dir`.
 
     Real SigLIP checkpoints carry a SentencePiece tokenizer; this one carries CLIP's, which needs no
-    extra package. Logit scale and bias are set away from their init so that scoring tests can see them.
+    extra package. LayerNorms and biases are random (`randomize_norms_and_biases`); logit scale and bias
+    are set away from their init so that scoring tests can see them.
     """
     from transformers import SiglipModel
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     config = config or tiny_siglip_config()
     torch.manual_seed(seed)
-    model = SiglipModel(config).eval()
+    model = randomize_norms_and_biases(SiglipModel(config), seed + 1).eval()
     with torch.no_grad():
         model.logit_scale.fill_(2.0)
         model.logit_bias.fill_(-3.0)
@@ -122,8 +143,8 @@ def build_tiny_dinov2(out_dir: str | Path, seed: int = 0, registers: int = 0, sw
     """Save a seeded Dinov2Model (Dinov2WithRegistersModel with `registers`) and a BitImageProcessor to `out_dir`.
 
     Patch 8 on a 32-px crop (16 patches) of a model configured for 40 px, so the position embeddings
-    are interpolated as in the released models (518 → 224). Layer scales, CLS and register tokens are
-    random, not their init values (1, 0), so that tests see them.
+    are interpolated as in the released models (518 → 224). Layer scales, CLS and register tokens,
+    LayerNorms and biases are random, not their init values (1, 0), so that tests see them.
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
@@ -135,6 +156,7 @@ def build_tiny_dinov2(out_dir: str | Path, seed: int = 0, registers: int = 0, sw
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
     else:
         model = Dinov2Model(Dinov2Config(**common))
+    randomize_norms_and_biases(model, seed + 2)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -12,6 +12,9 @@ activation (its activation in the unmodified forward; 0 where it is inactive). T
   outputs, Δy_j[t] = Σ (new − clean)·W^{i→j}_f for every target layer j of the feature
   (`Backbone.replace`). Nothing else about the transcoder enters.
 
+Several interventions apply in order; where two set the same feature at the same token, the later one
+holds (in both ways and in the prediction).
+
 Both report the cosine of the image embedding with every class vector, top-k before and after. The
 graph's prediction (`predict`) is the linear one: Σ Δa × the node's total effect per unit
 (`Graph.total_effect`), with attention, LayerNorm scales and the embedding norm frozen; it matches a
@@ -217,20 +220,28 @@ def intervene(backbone, transcoder, pixels_B3HW: Tensor, interventions: Sequence
     clean = clean or clean_pass(backbone, transcoder, pixels_B3HW)
     L, T = transcoder.n_layers, backbone.n_tokens
     sets, changes = [], []
-    delta_LTD = torch.zeros(L, T, transcoder.d_model, device=clean.err_LTD[0].device)
+    # Per (layer, feature): clean and final activations, and the tokens set. Interventions that set the same
+    # feature at the same token override each other in order (as the clamps do), so their writes are not summed.
+    final: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
     for iv in interventions:
         index = backbone.token_index(iv.tokens)
         clean_T = clean.codes[iv.layer].to_dense(transcoder.n_features)[:, iv.feature]
         new = _new_values(iv, clean_T, index)
         sets.append((iv, index, new))
-        change_T = torch.zeros_like(clean_T)
-        change_T[index] = new - clean_T[index]
-        for j in transcoder.targets(iv.layer):
-            W_D = transcoder.decoder(iv.layer, j)[iv.feature] * transcoder.y_scale_L[j]
-            delta_LTD[j] += change_T[:, None] * W_D
+        unset = (clean_T, clean_T.clone(), torch.zeros_like(clean_T, dtype=torch.bool))
+        _, now_T, set_T = final.setdefault((iv.layer, iv.feature), unset)
+        now_T[index], set_T[index] = new, True
         tokens = torch.arange(T, device=clean_T.device)[index].tolist()
         changes.append({"layer": iv.layer, "feature": iv.feature, "tokens": tokens,
                         "clean": [float(v) for v in clean_T[index]], "new": [float(v) for v in new]})
+    delta_LTD = torch.zeros(L, T, transcoder.d_model, device=clean.err_LTD[0].device)
+    net = []
+    for (layer, feature), (clean_T, now_T, set_T) in final.items():
+        for j in transcoder.targets(layer):
+            W_D = transcoder.decoder(layer, j)[feature] * transcoder.y_scale_L[j]
+            delta_LTD[j] += (now_T - clean_T)[:, None] * W_D
+        net.append({"layer": layer, "feature": feature, "tokens": set_T.nonzero().flatten().tolist(),
+                    "clean": [float(v) for v in clean_T[set_T]], "new": [float(v) for v in now_T[set_T]]})
     first = min(iv.layer for iv in interventions) if interventions else 0
     with backbone.replace(_ClampedReplacement(transcoder, clean, sets), layers=range(L)):
         emb_a = backbone.image_embeds(pixels_B3HW)[0]
@@ -238,7 +249,7 @@ def intervene(backbone, transcoder, pixels_B3HW: Tensor, interventions: Sequence
         emb_b = backbone.image_embeds(pixels_B3HW)[0]
     rank = lambda e: _ranking(e, classifier_CP, classnames, target, top)  # noqa: E731
     return InterventionReport(classnames[target], rank(clean.embed_P), rank(emb_a), rank(emb_b),
-                              predict(graph, changes) if graph is not None else None, changes)
+                              predict(graph, net) if graph is not None else None, changes)
 
 
 def predict(graph, changes: Sequence[dict]) -> float | None:

@@ -18,16 +18,13 @@ can, and is refused.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vitclt.errors import ConfigError
-
-if TYPE_CHECKING:
-    from vitclt.nn.transcoder import Transcoder
 
 
 class Calibration(NamedTuple):
@@ -71,7 +68,7 @@ class Calibration(NamedTuple):
         return line
 
 
-def _selection_counts(model: Transcoder, pre_NF: Tensor, layer: int) -> Tensor:
+def _selection_counts(model: nn.Module, pre_NF: Tensor, layer: int) -> Tensor:
     """c_F: rows in which the sparsifier's TopK selects each feature with a positive value."""
     name, k = model.cfg.sparsifier, model.cfg.k_layers[layer]
     score_NF = pre_NF.relu()
@@ -89,7 +86,7 @@ def _selection_counts(model: Transcoder, pre_NF: Tensor, layer: int) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate_thresholds(model: Transcoder, x_NLD: Tensor) -> Tensor:
+def calibrate_thresholds(model: nn.Module, x_NLD: Tensor) -> Tensor:
     """threshold_LF fitted on the sample x_NLD (raw MLP inputs) by frequency matching (see the module docstring)."""
     if x_NLD.dim() != 3 or tuple(x_NLD.shape[1:]) != (model.n_layers, model.d_model):
         raise ConfigError(f"the calibration sample must have shape (rows, {model.n_layers}, {model.d_model}), "
@@ -103,20 +100,28 @@ def calibrate_thresholds(model: Transcoder, x_NLD: Tensor) -> Tensor:
         padded_NF = torch.cat([sorted_NF, sorted_NF.new_zeros(1, sorted_NF.shape[1])])
         # A feature never selected keeps its largest value (index 0), so it does not fire on the sample.
         thresholds.append(padded_NF.gather(0, count_F[None]).squeeze(0))
-    # Folding keeps pre-activations (and so thresholds) in raw units: see formats.folded_state.
+    # Folding keeps pre-activations (and so thresholds) in raw units: see Transcoder.folded_state.
     return torch.stack(thresholds)
 
 
-def jumprelu_copy(model: Transcoder, threshold_LF: Tensor) -> Transcoder:
-    """A frozen copy of `model` (normalisation folded) whose sparsifier is a JumpReLU with thresholds `threshold_LF`."""
-    from vitclt.nn.formats import folded_state, jumprelu_state, transcoder_from_state
+def jumprelu_state(state: dict[str, Tensor], threshold_LF: Tensor) -> dict[str, Tensor]:
+    """`state` with its sparsifier entries replaced by a JumpReLU's, thresholds `threshold_LF` (raw units)."""
+    out = {k: v for k, v in state.items() if not k.startswith("sparsifier.")}
+    # As Sparsifier.to_jumprelu: θ is stored as log θ, so a zero threshold becomes a tiny positive one.
+    out["sparsifier.log_threshold_LF"] = threshold_LF.float().clamp_min(1e-12).log()
+    return out
 
+
+def jumprelu_copy(model: nn.Module, threshold_LF: Tensor) -> nn.Module:
+    """A frozen copy of `model` (a `Transcoder`; normalisation folded) whose sparsifier is a JumpReLU with thresholds
+    `threshold_LF`."""
     cfg = dataclasses.replace(model.cfg, sparsifier="jumprelu")
-    state = jumprelu_state(folded_state(model), threshold_LF.to(model.b_enc.device))
-    return transcoder_from_state(cfg, state, "the calibrated copy", model.b_enc.device)
+    copy = type(model)(cfg, device=model.b_enc.device, initialize=False)
+    copy.load_state_dict(jumprelu_state(model.folded_state(), threshold_LF.to(model.b_enc.device)), strict=True, assign=True)
+    return copy.eval().requires_grad_(False)
 
 
-def _l0_fvu(model: Transcoder, x_NLD: Tensor, y_NLD: Tensor | None) -> tuple[list[float], list[float] | None]:
+def _l0_fvu(model: nn.Module, x_NLD: Tensor, y_NLD: Tensor | None) -> tuple[list[float], list[float] | None]:
     codes = model.encode(x_NLD)
     l0_L = (codes.values_NLK != 0).sum(-1).float().mean(0).tolist()
     if y_NLD is None:
@@ -127,7 +132,7 @@ def _l0_fvu(model: Transcoder, x_NLD: Tensor, y_NLD: Tensor | None) -> tuple[lis
 
 
 @torch.no_grad()
-def calibrate_jumprelu(model: Transcoder, x_NLD: Tensor, y_NLD: Tensor | None = None) -> Calibration:
+def calibrate_jumprelu(model: nn.Module, x_NLD: Tensor, y_NLD: Tensor | None = None) -> Calibration:
     """Fit per-feature thresholds on x_NLD and measure L0 (and FVU against y_NLD, raw MLP outputs) of both models."""
     if model.cfg.topology == "sae":
         raise ConfigError("calibration fits a transcoder's encoder on MLP inputs; an sae reads MLP outputs: pass a clt or plt")

@@ -228,13 +228,40 @@ class Transcoder(nn.Module):
     def _normalize_target(self, y_NLD: Tensor) -> Tensor:
         return (y_NLD.float() - self.y_mean_LD) / self.y_scale_L[:, None]
 
+    def folded_state(self) -> dict[str, Tensor]:
+        """The state dict with the normalisation folded into the weights (new tensors, no grad).
+
+        Encoder: pre = ((x − μ_x)/s_x)·Wᵀ + b = x·(W/s_x)ᵀ + (b − W·μ_x/s_x), so thresholds on the
+        pre-activations stay valid. Decoder: ŷ_raw = s_y·(Σ z W + b) + μ_y.
+        """
+        with torch.no_grad():
+            state = {k: v.detach() for k, v in self.state_dict().items()}
+            sx, mx = self.x_scale_L, self.x_mean_LD
+            sy, my = self.y_scale_L, self.y_mean_LD
+            W_enc = [W.detach() for W in self.W_enc]
+            for i, W_FD in enumerate(W_enc):
+                state[f"W_enc.{i}"] = W_FD / sx[i]
+            state["b_enc"] = self.b_enc.detach() - torch.stack([W_FD @ mx[i] for i, W_FD in enumerate(W_enc)]) / sx[:, None]
+            for i, decoders in enumerate(self.W_dec):
+                for t, j in enumerate(self.targets(i)):
+                    state[f"W_dec.{i}.{t}"] = decoders[t].detach() * sy[j]
+            state["b_dec"] = self.b_dec.detach() * sy[:, None] + my
+            state["x_mean_LD"] = torch.zeros_like(mx)
+            state["x_scale_L"] = torch.ones_like(sx)
+            state["y_mean_LD"] = torch.zeros_like(my)
+            state["y_scale_L"] = torch.ones_like(sy)
+        return state
+
     def fold_normalization(self) -> None:
         """Fold the statistics into W_enc, b_enc, W_dec, b_dec and reset them to identity.
 
         Changes no output. Do it when training is over (optimiser moments refer to the
         unfolded scale); ``save_pretrained`` saves a folded copy without touching the model.
         """
-        formats.fold_normalization(self)
+        folded = self.folded_state()
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                tensor.copy_(folded[name])
 
     @property
     def b_dec_LD(self) -> Tensor:
