@@ -14,7 +14,7 @@ from tests.conftest import random_images
 from tests.test_browser import make_run
 from tests.test_circuits import SETTINGS, random_transcoder
 from vitclt.circuits import CircuitError, Intervention, LocalReplacement, attribute, intervene
-from vitclt.circuits.fidelity import VARIANTS, LiveModel, agreement, image_cases, summarise
+from vitclt.circuits.fidelity import LINEARISED, VARIANTS, LiveModel, agreement, image_cases, summarise
 from vitclt.circuits.graph import FEATURE
 from vitclt.circuits.intervene import clean_pass
 from vitclt.circuits.targets import DEFAULT_SCORE, SCORES, target_score
@@ -109,6 +109,23 @@ def test_live_model_frozen_is_the_graph_and_all_live_is_the_clt_replacement(diff
                         clean=clean, score=score)
         assert abs(live.score(VARIANTS["all live"], (layer, tok, f)) - live.score(VARIANTS["all live"])
                    - (rep.replacement.score - rep.clean.score)) < 2e-5
+
+
+def test_the_gradient_with_nothing_linearised_is_the_graphs_total_effect(diff_setup):
+    tc, pixels, cls_CP, score, model, g = diff_setup
+    live = LiveModel(model)
+    feats = torch.nonzero(g.kind_N == FEATURE).flatten()
+    idx = (g.layer_N[feats], g.token_N[feats], g.feature_N[feats])
+    torch.testing.assert_close(live.gradient(())[idx], g.total_effect()[feats], atol=1e-10, rtol=0)
+    linearised = live.gradient()[idx]  # attention, LayerNorm scales and the norm now respond: a different slope
+    assert float((linearised - g.total_effect()[feats]).abs().max()) > 1e-4
+    node = int(feats[0])  # which is the live model's slope: a small change, measured by finite differences
+    layer, tok, f = int(g.layer_N[node]), int(g.token_N[node]), int(g.feature_N[node])
+    delta = torch.zeros(model.L, model.T, tc.n_features, dtype=torch.float64)
+    delta[layer, tok, f] = 1e-6
+    with torch.no_grad():
+        fd = (float(live.forward(LINEARISED, delta_LTF=delta)) - float(live.forward(LINEARISED, delta_LTF=-delta))) / 2e-6
+    assert abs(fd - float(linearised[0])) < 1e-6
 
 
 def test_agreement_statistics():

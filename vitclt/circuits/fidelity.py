@@ -44,6 +44,8 @@ VARIANTS: dict[str, frozenset[str]] = {
     "all live": frozenset(PARTS),
 }
 """Local-model variants measured per case: name → the parts made live."""
+LINEARISED = frozenset({"attention", "layernorm", "norm"})
+"""What `LiveModel.gradient` linearises by default: everything the graph freezes but the active feature set."""
 
 
 class LiveModel:
@@ -64,10 +66,9 @@ class LiveModel:
         mask.scatter_(2, model.index_LTK, model.active_LTK)
         self.active_LTF = mask
 
-    @torch.no_grad()
-    def score(self, live: Iterable[str] = (), zero: tuple[int, int, int] | None = None) -> float:
-        """The target score with the parts in `live` recomputed, and feature `zero` = (layer, token, feature) set to 0."""
-        live = frozenset(live)
+    def forward(self, live: frozenset[str], zero: tuple[int, int, int] | None = None, delta_LTF: Tensor | None = None) -> Tensor:
+        """The target score with the parts in `live` recomputed, feature `zero` = (layer, token, feature) set to 0, and
+        `delta_LTF` added to the activations (after the zeroing)."""
         m, st, w = self.m, self.m.state, self.m.w
         h = st.h0_TD.clone()
         acts: list[Tensor] = []
@@ -82,7 +83,9 @@ class LiveModel:
             else:
                 z = (x @ m.W_enc[ell].T + m.b_enc_LF[ell]) * self.active_LTF[ell]
             if zero is not None and zero[0] == ell:
-                z[zero[1], zero[2]] = 0
+                z = z.index_put((torch.tensor(zero[1]), torch.tensor(zero[2])), z.new_zeros(()))
+            if delta_LTF is not None:
+                z = z + delta_LTF[ell]
             acts.append(z)
             y = m.b_dec_LD[ell] + m.err_LTD[ell]
             for i in m.tc.sources(ell):
@@ -92,7 +95,21 @@ class LiveModel:
         e = w.post_ln.frozen(cls, w.post_ln.sigma(cls) if "layernorm" in live else st.sigma_post) @ w.W_proj_PD.T
         if w.b_proj_P is not None:
             e = e + w.b_proj_P
-        return float(m.class_P @ e / (e.norm() if "norm" in live else m.norm0))
+        return m.class_P @ e / (e.norm() if "norm" in live else m.norm0)
+
+    @torch.no_grad()
+    def score(self, live: Iterable[str] = (), zero: tuple[int, int, int] | None = None) -> float:
+        """The target score with the parts in `live` recomputed, and feature `zero` = (layer, token, feature) set to 0."""
+        return float(self.forward(frozenset(live), zero))
+
+    def gradient(self, live: Iterable[str] = LINEARISED) -> Tensor:
+        """∂s/∂a_LTF: every feature's total effect per unit with the parts in `live` linearised around the clean image
+        rather than frozen (the active set fixed, so "topk" is ignored). With none live it is `Graph.total_effect`."""
+        m = self.m
+        with torch.enable_grad():
+            delta = torch.zeros(m.L, m.T, self.F, dtype=m.dtype, device=m.acts_LTK.device, requires_grad=True)
+            self.forward(frozenset(live) - {"topk"}, delta_LTF=delta).backward()
+        return delta.grad
 
 
 @dataclass
@@ -108,6 +125,8 @@ class Case:
     activation: float
     predicted: float
     """The graph's prediction of the target's change."""
+    linearised: float | None
+    """−a × ∂s/∂a with attention patterns, LayerNorm scales and the norm linearised (`LiveModel.gradient`)."""
     measured: dict[str, float] = field(default_factory=dict)
     """"replacement", "original", and each of VARIANTS: the measured change."""
 
@@ -139,6 +158,7 @@ def image_cases(backbone, transcoder, pixels_B3HW: Tensor, classifier_CP: Tensor
     clean = clean_pass(backbone, transcoder, pixels_B3HW)
     live = LiveModel(model) if variants else None
     base = {name: live.score(parts) for name, parts in VARIANTS.items()} if live else {}
+    grad_LTF = live.gradient() if live else None
     n_prefix = int(backbone.n_prefix_tokens)
     cases = []
     for node in feats.tolist():
@@ -150,7 +170,8 @@ def image_cases(backbone, transcoder, pixels_B3HW: Tensor, classifier_CP: Tensor
         if live:
             for name, parts in VARIANTS.items():
                 measured[name] = live.score(parts, (layer, tok, f)) - base[name]
-        cases.append(Case(image, graph.node_id(node), layer, tok < n_prefix, a, -a * float(total[node]), measured))
+        lin = -a * float(grad_LTF[layer, tok, f]) if live else None
+        cases.append(Case(image, graph.node_id(node), layer, tok < n_prefix, a, -a * float(total[node]), lin, measured))
     return ImageResult(cases, t1 - t0, t2 - t1, graph.score)
 
 
@@ -198,6 +219,9 @@ def summarise(results: Sequence[ImageResult]) -> dict:
     for where, sel in (("cls", lambda c: c.cls), ("patch", lambda c: not c.cls), ("all", lambda c: True)):
         chosen = [c for c in cases if sel(c)]
         out[where] = {k: agreement([c.predicted for c in chosen], [c.measured[k] for c in chosen]) for k in keys}
+        if chosen and chosen[0].linearised is not None:
+            for k in ("original", "replacement", "all live"):
+                out[where][f"{k} vs linearised"] = agreement([c.linearised for c in chosen], [c.measured[k] for c in chosen])
     secs = [r.seconds_graph for r in results]
     out["seconds_per_graph"] = {"median": statistics.median(secs), "max": max(secs)} if secs else {}
     out["seconds_per_pruning"] = statistics.median([r.seconds_prune for r in results]) if results else None
