@@ -34,6 +34,9 @@ def table(name: str, summary: dict) -> str:
                 continue
             lines.append(f"        {key:<26} {s['n']:>4} {s['sign']:>6.1%} {s['median']:>7.3f} "
                          f"{s['q25']:>7.3f}..{s['q75']:<7.3f} {s['within2']:>9.1%}")
+    for where, per_layer in summary["by_layer"].items():
+        lines.append(f"  {where:<5} original model by source layer: " + ", ".join(
+            f"L{layer} {s['sign']:.0%} of {s['n']}" for layer, s in per_layer.items() if s.get("n")))
     return "\n".join(lines)
 
 

@@ -143,6 +143,8 @@ def test_image_cases_split_cls_and_patches(diff_setup, tiny_backbone):
     s = summarise([res])
     assert s["cls"]["original"].get("n", 0) + s["patch"]["original"].get("n", 0) == s["all"]["original"]["n"]
     assert s["all"]["frozen"]["sign"] == 1.0 and s["all"]["frozen"]["median"] == pytest.approx(1.0, abs=1e-4)
+    for where in ("cls", "patch"):  # the per-layer split covers every case of its token kind once
+        assert sum(a.get("n", 0) for a in s["by_layer"][where].values()) == s[where]["original"].get("n", 0)
 
 
 def test_commands_take_the_score_and_versus(tiny_backbone, tmp_path, capsys):

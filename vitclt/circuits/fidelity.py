@@ -212,7 +212,8 @@ def agreement(predicted: Sequence[float], measured: Sequence[float]) -> dict:
 
 
 def summarise(results: Sequence[ImageResult]) -> dict:
-    """Per token kind ("cls", "patch", "all") and per measurement, `agreement` of measured with predicted; and timings."""
+    """Per token kind ("cls", "patch", "all") and per measurement, `agreement` of measured with predicted; per token kind
+    and source layer, that of the original model ("by_layer"); and timings."""
     cases = [c for r in results for c in r.cases]
     keys = list(cases[0].measured) if cases else []
     out: dict = {"images": len(results), "cases": len(cases)}
@@ -222,6 +223,12 @@ def summarise(results: Sequence[ImageResult]) -> dict:
         if chosen and chosen[0].linearised is not None:
             for k in ("original", "replacement", "all live"):
                 out[where][f"{k} vs linearised"] = agreement([c.linearised for c in chosen], [c.measured[k] for c in chosen])
+    out["by_layer"] = {}
+    for where in ("cls", "patch"):
+        chosen = [c for c in cases if c.cls == (where == "cls")]
+        out["by_layer"][where] = {layer: agreement([c.predicted for c in chosen if c.layer == layer],
+                                                   [c.measured["original"] for c in chosen if c.layer == layer])
+                                  for layer in sorted({c.layer for c in chosen})}
     secs = [r.seconds_graph for r in results]
     out["seconds_per_graph"] = {"median": statistics.median(secs), "max": max(secs)} if secs else {}
     out["seconds_per_pruning"] = statistics.median([r.seconds_prune for r in results]) if results else None
