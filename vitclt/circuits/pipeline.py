@@ -26,8 +26,6 @@ class Explanation:
     pruned: Pruned
     target: int
     """Index of the target class."""
-    score: TargetScore | None
-    """What the graph explains (targets.py); None for a class circuit (each image has its own runner-up)."""
     top: list[tuple[str, float]]
     """Top classes of the clean model (cosine), best first; for a class circuit, over its images (mean)."""
     effects: dict[str, dict] = field(default_factory=dict)
@@ -35,6 +33,8 @@ class Explanation:
     feature is set to 0 at its token, predicted by the graph and measured both ways."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of attribution, pruning and the effect measurements."""
+    score: TargetScore | None = None
+    """What the graph explains (targets.py); None for a class circuit (each image has its own runner-up)."""
 
 
 def _scores(backbone, pixels_B3HW, classifier_CP) -> torch.Tensor:
@@ -82,8 +82,8 @@ def explain_image(backbone, transcoder, image: Image.Image, classifier_CP: torch
     t2 = time.perf_counter()
     effects = feature_effects(backbone, transcoder, pixels, graph, pruned, classifier_CP, classnames, tscore, effects_top)
     t3 = time.perf_counter()
-    return Explanation(graph, pruned, target, tscore, [(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)],
-                       effects, {"attribution": t1 - t0, "pruning": t2 - t1, "effects": t3 - t2})
+    return Explanation(graph, pruned, target, [(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)],
+                       effects, {"attribution": t1 - t0, "pruning": t2 - t1, "effects": t3 - t2}, tscore)
 
 
 def feature_effects(backbone, transcoder, pixels_B3HW, graph: Graph, pruned: Pruned, classifier_CP, classnames,
@@ -123,10 +123,10 @@ def explain_class(backbone, transcoder, images: Sequence[Image.Image], classifie
             mean_cos += _scores(backbone, pixels, classifier_CP)[0].cpu()
         graphs.append(image_graph(backbone, transcoder, pixels, classifier_CP, target, dtype, batch_size, score, versus))
     graph = aggregate(graphs)
-    graph.meta["target_score"] = {"kind": getattr(score, "kind", score), "target": target, "versus": versus}
+    graph.meta["target_score"] = {"kind": score, "target": target, "versus": versus}
     t1 = time.perf_counter()
     pruned = prune(graph.adjacency, graph.target, node_fraction, edge_fraction)
     mean_cos /= len(images)
     top = mean_cos.topk(min(5, len(classnames)))
-    return Explanation(graph, pruned, target, None, [(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)],
+    return Explanation(graph, pruned, target, [(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)],
                        {}, {"attribution": t1 - t0, "pruning": time.perf_counter() - t1})
