@@ -15,8 +15,9 @@ activation (its activation in the unmodified forward; 0 where it is inactive). T
 Several interventions apply in order; where two set the same feature at the same token, the later one
 holds (in both ways and in the prediction).
 
-Both report the cosine of the image embedding with every class vector, top-k before and after. The
-graph's prediction (`predict`) is the linear one: Σ Δa × the node's total effect per unit
+Both report the cosine of the image embedding with every class vector, top-k before and after, and the
+target score the graph explains (`targets.TargetScore`; default the target's cosine). The graph's
+prediction (`predict`) is the linear one: Σ Δa × the node's total effect per unit
 (`Graph.total_effect`), with attention, LayerNorm scales and the embedding norm frozen; it matches a
 measurement when the change is small and those frozen quantities barely move.
 """
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitclt.circuits.errors import CircuitError
+from vitclt.circuits.targets import TargetScore, target_score
 from vitclt.nn.sparse import LayerCodes
 
 _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*([A-Za-z0-9,\s-]+?))?\s*([=*])\s*([-+0-9.eE]+)\s*$")
@@ -105,6 +107,8 @@ class Ranking:
     """(class name, cosine) of the top-k classes, best first."""
     target: float
     """Cosine with the target class."""
+    score: float
+    """The target score (targets.py) the graph explains, from these cosines."""
 
 
 @dataclass
@@ -201,23 +205,26 @@ class _DecoderDelta:
         return y_BTD + self.delta_LTD[layer][None].to(y_BTD.dtype)
 
 
-def _ranking(embed_P: Tensor, classifier_CP: Tensor, classnames: Sequence[str], target: int, k: int) -> Ranking:
+def _ranking(embed_P: Tensor, classifier_CP: Tensor, classnames: Sequence[str], score: TargetScore, k: int) -> Ranking:
     cos_C = F.normalize(embed_P.float(), dim=-1) @ classifier_CP.float().T
     top = cos_C.topk(min(k, len(classnames)))
-    return Ranking([(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)], float(cos_C[target]))
+    return Ranking([(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)], float(cos_C[score.target]),
+                   score.of(cos_C.double()))
 
 
 @torch.no_grad()
 def intervene(backbone, transcoder, pixels_B3HW: Tensor, interventions: Sequence[Intervention], classifier_CP: Tensor,
-              classnames: Sequence[str], target: int, *, graph=None, top: int = 5, clean: CleanPass | None = None
-              ) -> InterventionReport:
+              classnames: Sequence[str], target: int, *, graph=None, top: int = 5, clean: CleanPass | None = None,
+              score: TargetScore | None = None) -> InterventionReport:
     """Run `interventions` on one image both ways and report the top-`top` classes before and after.
 
-    `target` indexes `classnames` (rows of `classifier_CP`); `graph` (optional, built for this image and
-    target) adds the linear prediction. `clean` reuses an earlier `clean_pass` of the same image.
+    `target` indexes `classnames` (rows of `classifier_CP`); `score` is the target score reported and predicted
+    (default: the target's cosine), and must be the one `graph` (optional, built for this image) explains, whose
+    linear prediction it adds. `clean` reuses an earlier `clean_pass` of the same image.
     """
     check_interventions(interventions, transcoder, backbone)
     clean = clean or clean_pass(backbone, transcoder, pixels_B3HW)
+    score = score or target_score("cosine", torch.zeros(len(classnames)), target)
     L, T = transcoder.n_layers, backbone.n_tokens
     sets, changes = [], []
     # Per (layer, feature): clean and final activations, and the tokens set. Interventions that set the same
@@ -247,7 +254,7 @@ def intervene(backbone, transcoder, pixels_B3HW: Tensor, interventions: Sequence
         emb_a = backbone.image_embeds(pixels_B3HW)[0]
     with backbone.replace(_DecoderDelta(delta_LTD), layers=range(first, L)):
         emb_b = backbone.image_embeds(pixels_B3HW)[0]
-    rank = lambda e: _ranking(e, classifier_CP, classnames, target, top)  # noqa: E731
+    rank = lambda e: _ranking(e, classifier_CP, classnames, score, top)  # noqa: E731
     return InterventionReport(classnames[target], rank(clean.embed_P), rank(emb_a), rank(emb_b),
                               predict(graph, net) if graph is not None else None, changes)
 

@@ -1,6 +1,7 @@
 """The local replacement model of one image: MLPs → transcoder + error, attention and LayerNorms frozen.
 
-For an image and a target class vector c (unit norm), the clean forward (`tower.clean_forward`) fixes
+For an image and a target direction d (targets.py: Σ_C w_C c_C over class vectors; one unit class
+vector for the cosine), the clean forward (`tower.clean_forward`) fixes
 every attention pattern A_ℓ, every LayerNorm scale σ (LN1, LN2 per token, LN_post of the CLS token) and
 the norm |e₀| of the image embedding. Each MLP output is replaced by the transcoder's reconstruction
 from the active features plus an error term,
@@ -10,9 +11,9 @@ from the active features plus an error term,
 so with the errors the model reproduces the clean forward exactly. Given the frozen quantities the
 model is affine in the residual stream, and the target
 
-    s = c · P(LN_post(h_L[CLS])) / |e₀|
+    s = d · P(LN_post(h_L[CLS])) / |e₀|
 
-is affine too; at this image s equals the zero-shot cosine cos(e₀, c) exactly. (Linearising the cosine
+is affine too; at this image s equals the target score Σ_C w_C cos(e₀, c_C) exactly. (Linearising the cosine
 itself would not do: its gradient is orthogonal to e₀, so the linear terms would sum to zero.)
 
 A feature's activation equals its pre-activation W_enc·(x − x_mean)/x_scale + b_enc whenever it is
@@ -36,7 +37,7 @@ class ForwardResult:
     """What a forward of the local replacement model gives."""
 
     score: Tensor
-    """The target s = c · e / |e₀| (the frozen-norm class score)."""
+    """The target s = d · e / |e₀| (the frozen-norm target score)."""
     embed_P: Tensor
     """The unnormalised image embedding e."""
     acts_LTK: Tensor
@@ -122,7 +123,7 @@ class LocalReplacement:
         return self.w.post_ln.frozen_transposed(read_D[None], self.state.sigma_post[None])[0] / self.norm0
 
     def target_constant(self) -> Tensor:
-        """The part of s that no node writes: c · (P β_post + b_proj) / |e₀|."""
+        """The part of s that no node writes: d · (P β_post + b_proj) / |e₀|."""
         e = self.w.W_proj_PD @ self.w.post_ln.beta_D
         if self.w.b_proj_P is not None:
             e = e + self.w.b_proj_P

@@ -15,6 +15,16 @@ from vitclt.runtime import RuntimeConfig
 
 
 @dataclass
+class ScoreConfig:
+    """What the graph explains about the target class (docs/circuits.md, "The target"; vitclt.circuits.targets)."""
+
+    score: Literal["logit-diff", "logit-mean", "cosine"] = "logit-diff"
+    """Target score: its cosine minus --versus's (logit-diff), minus the mean cosine (logit-mean), or the cosine alone."""
+    versus: str | None = None
+    """Class that --score logit-diff subtracts; default: the runner-up (the image's best other class)."""
+
+
+@dataclass
 class ExplainConfig:
     """`vitclt explain RUN_DIR --image PATH`: the features, errors and patches behind a class's zero-shot score, as a viewer."""
 
@@ -29,9 +39,11 @@ class ExplainConfig:
     templates: str | None = None
     """Prompt templates: a file or a shipped set (cifar100, imagenet, imagenet7, coco); default: the dataset's own."""
     target: str | None = None
-    """Class whose score (cosine of image and class embedding) is explained; default: the predicted class."""
+    """Class whose score (--score: by default its cosine minus the runner-up's) is explained; default: the predicted class."""
     top_class: bool = False
     """Refuse a --target: explain the predicted class (which is explained anyway when --target is not given)."""
+    target_score: Annotated[ScoreConfig, OmitArgPrefixes] = field(default_factory=ScoreConfig)
+    """Which score of the target class the graph explains."""
     split: str = "test"
     """Split of --classes read by --class-images: test, train, or all (the whole of a folder: dataset without split folders)."""
     max_images: int = 16
@@ -90,6 +102,7 @@ def run(cfg: ExplainConfig) -> Path:
     tc_name, tc_dir = find_transcoder(cfg.run_dir, cfg.transcoder)
     classnames, templates = load_classes(cfg.classes, cfg.templates)
     target = class_index(cfg.target, classnames) if cfg.target is not None else None
+    versus = class_index(cfg.target_score.versus, classnames) if cfg.target_score.versus is not None else None
     if cfg.class_images is not None:
         target = class_index(cfg.class_images, classnames) if target is None else target
         stem = f"class-{_slug(classnames[class_index(cfg.class_images, classnames)])}"
@@ -104,7 +117,8 @@ def run(cfg: ExplainConfig) -> Path:
     check_transcoder(transcoder, backbone)
     classifier = build_classifier(backbone, classnames, templates)
     dtype = torch.float64 if cfg.precision == "float64" else torch.float32
-    common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep)
+    common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep,
+                  score=cfg.target_score.score, versus=versus)
     if cfg.class_images is not None:
         from vitclt.data.datasets import load_dataset
 
@@ -127,12 +141,14 @@ def run(cfg: ExplainConfig) -> Path:
     link = browser_link(out, browser, tc_name)
     meta = {"title": title, "kind": kind, "target_name": classnames[ex.target], "backbone": backbone.name, "transcoder": tc_name,
             "grid": backbone.image_size // backbone.patch_size, "browser": link,
-            "node_fraction": cfg.node_fraction, "edge_fraction": cfg.edge_fraction, **provenance}
+            "node_fraction": cfg.node_fraction, "edge_fraction": cfg.edge_fraction, **provenance,
+            "target_formula": ex.score.describe(classnames) if ex.score else f"mean {cfg.target_score.score}"}
     write_viewer(out, ex, meta, shown, class_images=class_images,
                  labels=feature_labels(browser, link["tc"]) if link else None)
     g, p = ex.graph, ex.pruned
     total = float(g.adjacency[g.target].sum())
-    print(f"target {classnames[ex.target]!r}: score {g.score:.4f}, sum of direct effects {total:.4f}")
+    formula = ex.score.describe(classnames) if ex.score else f"{cfg.target_score.score} of {classnames[ex.target]}"
+    print(f"target {classnames[ex.target]!r}: {formula} = {g.score:.4f}, sum of direct effects {total:.4f}")
     print(f"graph: {graph_summary(g)}; kept {int(p.node_mask.sum())} nodes ({p.node_fraction:.1%} of influence) and "
           f"{int(p.edge_mask.sum())} edges ({p.edge_fraction:.1%}) in {ex.seconds['attribution']:.2f} s + "
           f"{ex.seconds['pruning']:.2f} s pruning")

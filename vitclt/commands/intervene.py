@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import OmitArgPrefixes, Positional
 
+from vitclt.commands.explain import ScoreConfig
 from vitclt.runtime import RuntimeConfig
 
 
@@ -30,6 +31,8 @@ class InterveneConfig:
     """Prompt templates: a file or a shipped set; default: the dataset's own."""
     target: str | None = None
     """Class whose score change is reported and predicted; default: the predicted class."""
+    target_score: Annotated[ScoreConfig, OmitArgPrefixes] = field(default_factory=ScoreConfig)
+    """Which score of the target class is reported and predicted."""
     top: int = 5
     """Classes listed before and after."""
     predict: bool = True
@@ -60,7 +63,7 @@ def run(cfg: InterveneConfig) -> dict:
     from vitclt.circuits.errors import CircuitError
     from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
     from vitclt.circuits.intervene import check_interventions, intervene, parse_intervention
-    from vitclt.circuits.pipeline import image_graph
+    from vitclt.circuits.pipeline import image_graph, resolve_score
     from vitclt.eval.suite import backbone_spec
     from vitclt.eval.zeroshot import build_classifier
     from vitclt.io import write_json
@@ -73,6 +76,7 @@ def run(cfg: InterveneConfig) -> dict:
     tc_name, tc_dir = find_transcoder(cfg.run_dir, cfg.transcoder)
     classnames, templates = load_classes(cfg.classes, cfg.templates)
     target = class_index(cfg.target, classnames) if cfg.target is not None else None
+    versus = class_index(cfg.target_score.versus, classnames) if cfg.target_score.versus is not None else None
     image = read_image(cfg.image)
     backbone = load_backbone(backbone_spec({tc_name: tc_dir}, cfg.backbone), device=device)
     transcoder = Transcoder.from_pretrained(tc_dir, device=backbone.device)
@@ -83,11 +87,12 @@ def run(cfg: InterveneConfig) -> dict:
     if target is None:
         with torch.no_grad():
             target = int((backbone.image_embeds(pixels).float() @ classifier.float().T)[0].argmax())
+    score = resolve_score(backbone, pixels, classifier, target, cfg.target_score.score, versus)
     graph = None
     if cfg.predict:
         dtype = torch.float64 if cfg.precision == "float64" else torch.float32
-        graph = image_graph(backbone, transcoder, pixels, classifier, target, dtype)
-    rep = intervene(backbone, transcoder, pixels, changes, classifier, classnames, target, graph=graph, top=cfg.top)
+        graph = image_graph(backbone, transcoder, pixels, classifier, target, dtype, score=score)
+    rep = intervene(backbone, transcoder, pixels, changes, classifier, classnames, target, graph=graph, top=cfg.top, score=score)
     for ch in rep.changes:
         # Only the tokens that changed: scaling leaves every token where the feature is inactive at 0→0.
         pairs = ", ".join(f"t{t}: {a:.3g}→{b:.3g}" for t, a, b in zip(ch["tokens"], ch["clean"], ch["new"]) if a != b)
@@ -97,10 +102,10 @@ def run(cfg: InterveneConfig) -> dict:
     print("  ".join(f"{name:<34}" for name, _ in cols))
     for k in range(len(rep.clean.top)):
         print("  ".join(f"{r.top[k][0][:26]:<26} {r.top[k][1]:+.4f}" for _, r in cols))
-    delta = lambda r: r.target - rep.clean.target  # noqa: E731
+    delta = lambda r: r.score - rep.clean.score  # noqa: E731
     predicted = "n/a (a changed feature is inactive there)" if rep.predicted is None else f"{rep.predicted:+.4f}"
     predicted = predicted if cfg.predict else "not computed"
-    print(f"target {rep.target!r}: clean {rep.clean.target:.4f}; change predicted by the graph {predicted}, "
+    print(f"target {score.describe(classnames)}: clean {rep.clean.score:.4f}; change predicted by the graph {predicted}, "
           f"measured {delta(rep.replacement):+.4f} (CLT replacement), {delta(rep.original):+.4f} (original model)")
     record = {**dataclasses.asdict(rep), "image": str(cfg.image), "interventions": list(cfg.set)}
     if cfg.out:

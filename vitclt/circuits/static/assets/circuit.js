@@ -57,7 +57,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
   $("title").textContent = `Circuit: ${what}`;
   document.title = `circuit – ${meta.target_name}`;
   $("summary").textContent =
-    `target: cosine with “${meta.target_name}” = ${fmt(meta.score, 4)} (sum of direct effects ${fmt(meta.completeness.sum, 4)}) · ` +
+    `target: ${meta.target_formula || `cosine with “${meta.target_name}”`} = ${fmt(meta.score, 4)} (sum of direct effects ${fmt(meta.completeness.sum, 4)}) · ` +
     `${nodes.length} of ${meta.full.nodes} nodes kept (${(100 * meta.kept_node_fraction).toFixed(1)}% of influence), ` +
     `${edges.length} edges · ${meta.transcoder} on ${meta.backbone}`;
   $("classes").textContent = (meta.kind === "class" ? "mean cosine, top classes: " : "top classes: ") +
@@ -331,7 +331,7 @@ const PALETTE = ["#7a28cb", "#0b8a83", "#c2255c", "#5c7cfa", "#e67700", "#2b8a3e
     if (n.kind === "feature") {
       rowsT.push(["activation", fmt(n.value)], ["total effect on the target (linear graph)", fmt(n.total)]);
       if (n.token >= 0) rowsT.push(["token", `${n.token} (${tokName(n.token)})`]);
-    } else if (n.kind === "target") rowsT.push(["value (cosine)", fmt(n.value, 4)]);
+    } else if (n.kind === "target") rowsT.push(["value", fmt(n.value, 4)]);
     else if (n.kind !== "bias") rowsT.push(["norm of its write", fmt(n.norm)]);
     if (n.images !== undefined) rowsT.push(["share of the class's images", `${Math.round(100 * n.images)}%`]);
     box.append(el("table", {}, ...rowsT.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v })))));
