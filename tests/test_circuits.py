@@ -418,7 +418,9 @@ def test_explain_and_intervene_commands_end_to_end(tiny_backbone, tmp_path, caps
     assert data["meta"]["target_name"] == "red car"
     assert abs(data["meta"]["completeness"]["sum"] - data["meta"]["completeness"]["score"]) < 1e-8
     assert (out / "index.html").is_file() and (out / "data" / "graph.js").is_file() and data["meta"]["image"]
-    assert len(data["effects"]) == 3 and data["edges"]
+    kept_features = [n["id"] for n in data["nodes"] if n["kind"] == "feature"]
+    assert len(data["effects"]) == min(3, len(kept_features)) >= 1 and set(data["effects"]) <= set(kept_features)
+    assert data["edges"]
     printed = capsys.readouterr().out
     assert "open the viewer" in printed
     feature = next(n for n in data["nodes"] if n["kind"] == "feature")
