@@ -8,6 +8,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vitclt.errors import ConfigError
 from vitclt.nn import CheckpointError, Transcoder, TranscoderConfig
@@ -108,8 +110,8 @@ def test_calibrated_thresholds_keep_about_k_features_and_the_reconstruction(spar
 @pytest.mark.parametrize("sparsifier", ["relu-topk", "batch-topk"])
 def test_calibrated_thresholds_pass_each_feature_in_exactly_the_rows_the_topk_selects_it_in(sparsifier):
     """Frequency matching per feature: of the model's own pre-activations on the sample, exactly c_f exceed θ_f,
-    c_f the rows in which the TopK selects f (the calibrated copy's folded encoder rounds differently, so it is
-    not the copy's firing that is counted)."""
+    c_f the rows in which the TopK selects f (the calibrated copy, whose folded encoder rounds differently, is
+    checked by the next test)."""
     model, (x, _) = _trained_topk(sparsifier)
     cal = calibrate_jumprelu(model, x)
     codes = model.encode(x)  # a per-row TopK; BatchTopK's selection is batch-wide, over the whole sample
@@ -123,6 +125,55 @@ def test_calibrated_thresholds_pass_each_feature_in_exactly_the_rows_the_topk_se
             selected_F = torch.bincount(top.indices[top.values > 0] % model.n_features, minlength=model.n_features)
         passed_F = (pre_NF > cal.threshold_LF[layer]).sum(0)
         assert torch.equal(passed_F, selected_F), layer
+
+
+@pytest.mark.parametrize("sparsifier", ["relu-topk", "batch-topk"])
+def test_the_calibrated_copy_fires_each_feature_on_exactly_the_rows_where_it_is_strongest(sparsifier):
+    """What the export writes and circuit-tracer loads: the JumpReLU copy, through its folded encoder (which rounds
+    differently from the model's), fires feature f on exactly the c_f rows of the sample where the model's own
+    pre-activation of f is largest, c_f the rows in which the TopK selects f. For BatchTopK (a batch-wide top k·N)
+    those are the very rows it selected; a per-row TopK selects the same number of rows, not the same ones."""
+    from vitclt.nn.calibrate import jumprelu_copy
+
+    model, (x, _) = _trained_topk(sparsifier)
+    cal = calibrate_jumprelu(model, x)
+    fired_NLF = jumprelu_copy(model, cal.threshold_LF).encode(x).to_dense(model.n_features) != 0
+    xn_NLD = (x - model.x_mean_LD) / model.x_scale_L[:, None]
+    for layer in range(L):
+        pre_NF = (xn_NLD[:, layer] @ model.W_enc[layer].T + model.b_enc[layer]).detach()
+        if sparsifier == "relu-topk":
+            selected_NF = model.encode(x).layer(layer).to_dense(model.n_features) > 0
+        else:
+            top = pre_NF.relu().flatten().topk(model.cfg.k * pre_NF.shape[0])
+            selected_NF = torch.zeros(pre_NF.numel(), dtype=torch.bool)
+            selected_NF[top.indices[top.values > 0]] = True
+            selected_NF = selected_NF.view_as(pre_NF)
+        count_F = selected_NF.sum(0)
+        rank_NF = pre_NF.argsort(0, descending=True).argsort(0)  # 0 for the row where the feature is largest
+        strongest_NF = rank_NF < count_F
+        assert torch.equal(fired_NLF[:, layer], strongest_NF), (layer, (fired_NLF[:, layer] != strongest_NF).sum(0).nonzero())
+        if sparsifier == "batch-topk":
+            assert torch.equal(strongest_NF, selected_NF), layer
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(-3, 3), min_size=4, max_size=4), min_size=1, max_size=6), st.data())
+def test_a_frequency_matched_threshold_fires_the_top_rows_and_ties_and_sits_on_no_sample_value(rows, data):
+    """Small integers force ties and zeros: θ_f passes exactly the rows at or above the c_f-th largest value (ties with
+    it included), never equals a sample value (but an all-zero feature's 0), and a feature selected nowhere passes none."""
+    from vitclt.nn.calibrate import _frequency_matched
+
+    pre_NF = torch.tensor(rows, dtype=torch.float32)
+    positive_F = (pre_NF > 0).sum(0)
+    count_F = torch.tensor([data.draw(st.integers(0, int(p))) for p in positive_F])
+    threshold_F = _frequency_matched(pre_NF, count_F)
+    sorted_NF = pre_NF.relu().sort(0, descending=True).values
+    for f, c in enumerate(count_F.tolist()):
+        passed_N = pre_NF[:, f] > threshold_F[f]
+        expected_N = pre_NF[:, f] >= sorted_NF[c - 1, f] if c else torch.zeros_like(passed_N)
+        assert torch.equal(passed_N, expected_N), f
+        on_a_value = (pre_NF[:, f] == threshold_F[f]).any()
+        assert not on_a_value or not pre_NF[:, f].any(), f  # an all-zero feature gets θ = 0, which the export stores as 1e-12
 
 
 def test_a_calibrated_export_writes_its_thresholds_and_report_and_loads_back(tmp_path, capsys):

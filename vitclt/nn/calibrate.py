@@ -3,11 +3,15 @@
 circuit-tracer (and any JumpReLU consumer) needs a threshold per feature. A TopK sparsifier only
 tracks one running threshold per layer, an average dominated by early training, which keeps far
 fewer (or more) than k features per row. The rule here is **frequency matching**: on a sample of
-N rows, feature f is selected by the TopK (with a positive value) in c_f rows; its threshold θ_f is
-the (c_f + 1)-th largest of its N rectified pre-activations, so exactly the c_f rows where it is
-largest fire (ties aside). Summed over features the JumpReLU therefore fires as often as the TopK on
-the sample (the same mean L0), each feature as often as before, on the rows where it is strongest.
-A feature never selected gets its largest value, so it stays silent on the sample.
+N rows, feature f is selected by the TopK (with a positive value) in c_f rows; its threshold θ_f lies
+midway between the c_f-th largest of its N rectified pre-activations and the next smaller distinct
+one (0, the ReLU floor, when there is none), so exactly the c_f rows where it is largest fire. Summed
+over features the JumpReLU therefore fires as often as the TopK on the sample (the same mean L0),
+each feature as often as before, on the rows where it is strongest. Midway, not on a sample value:
+the exported copy's folded encoder rounds differently (~1e-6), and a threshold equal to the
+(c_f + 1)-th value lets that row through. Values tied with the c_f-th all fire (no threshold splits
+equal values), the one case where a feature fires more than c_f times. A feature never selected
+gets twice its largest absolute pre-activation, so it stays silent on the sample with a wide margin.
 
 The pre-activations are the model's own encoder applied to its normalised input (what
 ``Transcoder.encode`` ranks); the TopK selection is the sparsifier's: a per-row top-k for
@@ -49,8 +53,9 @@ class Calibration(NamedTuple):
         """JSON-ready: the rule, the sample size and the per-layer and mean L0 and FVU of both models."""
         mean = lambda v: None if v is None else sum(v) / len(v)  # noqa: E731
         return {
-            "rule": "frequency matching: theta_f = the (c_f+1)-th largest rectified pre-activation of feature f on the sample, "
-                    "c_f = rows where the TopK selects f",
+            "rule": "frequency matching: theta_f = midway between the c_f-th largest rectified pre-activation of feature f "
+                    "on the sample and the next smaller one, c_f = rows where the TopK selects f "
+                    "(never selected: twice its largest |pre-activation|)",
             "n_rows": self.n_rows, "k_L": self.k_L,
             "l0_original": mean(self.l0_original_L), "l0_exported": mean(self.l0_exported_L),
             "fvu_original": mean(self.fvu_original_L), "fvu_exported": mean(self.fvu_exported_L),
@@ -85,6 +90,20 @@ def _selection_counts(model: nn.Module, pre_NF: Tensor, layer: int) -> Tensor:
     raise ConfigError(f"per-feature calibration fits a TopK sparsifier's thresholds; {name} has none to fit: {fix}")
 
 
+def _frequency_matched(pre_NF: Tensor, count_F: Tensor) -> Tensor:
+    """θ_F midway between each feature's c-th largest rectified pre-activation and the next smaller distinct one."""
+    score_NF = pre_NF.relu()
+    sorted_NF = score_NF.sort(dim=0, descending=True).values
+    # c_f ≥ 1 positive values were selected, so the c_f-th largest is positive; zeros (the ReLU floor) lie below it,
+    # which covers c_f = N and features positive only where selected.
+    last_F = sorted_NF.gather(0, (count_F - 1).clamp_min(0)[None]).squeeze(0)
+    below_F = torch.where(sorted_NF < last_F, sorted_NF, 0.0).amax(0)
+    # Never selected: twice the feature's largest magnitude, well clear of every sample value (0 only for a feature
+    # that is identically 0, which then never passes any threshold).
+    silent_F = 2 * pre_NF.abs().amax(0)
+    return torch.where(count_F > 0, (last_F + below_F) / 2, silent_F)
+
+
 @torch.no_grad()
 def calibrate_thresholds(model: nn.Module, x_NLD: Tensor) -> Tensor:
     """threshold_LF fitted on the sample x_NLD (raw MLP inputs) by frequency matching (see the module docstring)."""
@@ -95,11 +114,7 @@ def calibrate_thresholds(model: nn.Module, x_NLD: Tensor) -> Tensor:
     thresholds = []
     for i in range(model.n_layers):
         pre_NF = F.linear(xn_NLD[:, i], model.W_enc[i], model.b_enc[i]).float()
-        count_F = _selection_counts(model, pre_NF, i)
-        sorted_NF = pre_NF.relu().sort(dim=0, descending=True).values
-        padded_NF = torch.cat([sorted_NF, sorted_NF.new_zeros(1, sorted_NF.shape[1])])
-        # A feature never selected keeps its largest value (index 0), so it does not fire on the sample.
-        thresholds.append(padded_NF.gather(0, count_F[None]).squeeze(0))
+        thresholds.append(_frequency_matched(pre_NF, _selection_counts(model, pre_NF, i)))
     # Folding keeps pre-activations (and so thresholds) in raw units: see Transcoder.folded_state.
     return torch.stack(thresholds)
 
