@@ -196,8 +196,15 @@ class TrainConfig:
             raise TrainingError("--resume and --overwrite contradict each other: pick one")
 
     def to_json(self) -> dict:
-        """A JSON-ready dict of the settings, one nested object per group."""
-        return jsonable(dataclasses.asdict(self))
+        """A JSON-ready dict of the settings, one nested object per group.
+
+        The transcoder fields a run fills in (shape, topology, sparsifier, k, backbone) are left out:
+        here they would only be unused defaults; the run records each transcoder's real ones.
+        """
+        raw = jsonable(dataclasses.asdict(self))
+        for name in run_filled_fields():
+            raw["transcoder"].pop(name, None)
+        return raw
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainConfig:
