@@ -103,7 +103,8 @@ def run(cfg: ExplainConfig) -> Path:
     check_transcoder(transcoder, backbone)
     classifier = build_classifier(backbone, classnames, templates)
     dtype = torch.float64 if cfg.precision == "float64" else torch.float32
-    common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep)
+    common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep,
+                  progress=cfg.runtime.progress)
     if cfg.class_images is not None:
         from vitclt.data.datasets import load_dataset
 
