@@ -70,7 +70,7 @@ def run(cfg: ExplainConfig) -> Path:
 
     from vitclt.backbones import load_backbone
     from vitclt.circuits.errors import CircuitError
-    from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
+    from vitclt.circuits.inputs import check_transcoder, class_index, class_members, find_transcoder, load_classes, read_image
     from vitclt.circuits.pipeline import explain_class, explain_image
     from vitclt.circuits.viewer import browser_link, check_output, graph_summary, write_viewer
     from vitclt.eval.suite import backbone_spec
@@ -91,7 +91,9 @@ def run(cfg: ExplainConfig) -> Path:
     target = class_index(cfg.target, classnames) if cfg.target is not None else None
     if cfg.class_images is not None:
         target = class_index(cfg.class_images, classnames) if target is None else target
-        stem = f"class-{_slug(classnames[class_index(cfg.class_images, classnames)])}"
+        name = classnames[class_index(cfg.class_images, classnames)]
+        stem = f"class-{_slug(name)}"
+        data, members = class_members(cfg.classes, cfg.split, name, cfg.max_images)
     else:
         image = read_image(cfg.image)
         stem = _slug(Path(cfg.image).stem)
@@ -106,10 +108,6 @@ def run(cfg: ExplainConfig) -> Path:
     common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep,
                   progress=cfg.runtime.progress)
     if cfg.class_images is not None:
-        from vitclt.data.datasets import load_dataset
-
-        data = load_dataset(cfg.classes, cfg.split)
-        members = [i for i, y in enumerate(data.labels) if int(y) == class_index(cfg.class_images, classnames)][: cfg.max_images]
         ex = explain_class(backbone, transcoder, [data[i][0] for i in members], classifier, classnames, target, **common)
         kind, title, shown = "class", f"{len(members)} images of {cfg.class_images} ({cfg.classes}, {cfg.split})", None
     else:
