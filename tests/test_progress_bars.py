@@ -1,4 +1,4 @@
-"""The long phases of explain and browse show progress bars, and --no-progress silences them."""
+"""The long phases of explain and browse show progress bars, and --no-progress silences them; browse says what it reads."""
 
 import pytest
 
@@ -37,3 +37,13 @@ def test_browse_shows_the_work_after_the_streaming_pass(run, tiny_backbone, tmp_
     err = capsys.readouterr().err
     shown = ["browse: text labels", "browse: pages of clt", "browse: thumbnails", "browse: exports of clt"]
     assert [phase in err for phase in shown] == [progress] * len(shown), err
+
+
+def test_browse_of_a_folder_without_splits_says_which_images_it_browses(run, tiny_backbone, tmp_path, capsys):
+    run_dir, spec, _ = run
+    flat = spec + "/test"  # the class folders themselves: no train/ or test/ inside, so vitclt holds out a part
+    build_browser(run_dir, flat, tmp_path / "browser", backbone=str(tiny_backbone.name), images_per_forward=5, top_k=2,
+                  samples=2, vocab_size=0, exports=False, progress=False)
+    out = capsys.readouterr().out
+    assert "note: folder:test has no train/ or test/ folders, so vitclt holds out" in out, out
+    assert out.index("note:") < out.index("browsed")

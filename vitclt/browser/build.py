@@ -288,6 +288,8 @@ def build_browser(
         data = load_dataset(dataset, split, max_images=max_images, seed=seed)
         if len(data) == 0:
             raise BrowserError(f"dataset {dataset} ({split}) has no images")
+        if getattr(data, "split_note", ""):  # e.g. a folder without split directories: why fewer images are browsed
+            print(f"note: {data.split_note}")
         bb = load_backbone(backbone_spec(paths, backbone), device=device)
         models: dict[str, Transcoder] = {}
         for name, path in paths.items():
