@@ -83,3 +83,43 @@ def test_a_probe_can_replace_zero_shot_on_a_text_model(tiny_backbone):
     images = random_images(6)
     head = build_task_head(tiny_backbone, ["a", "b"], kind="probe", train_batches=[(images, torch.tensor([0, 1] * 3))])
     assert head.kind == "probe" and head.logits(tiny_backbone.image_embeds(tiny_backbone.preprocess(images))).shape == (6, 2)
+
+
+def _edit_json(path, edit):
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+DISAGREEING_CONFIGS = {
+    # family: (builder, config file, edit making it disagree with the weights, what the one line names)
+    "clip-layers": ("clip", "config.json", lambda c: c["vision_config"].update(num_hidden_layers=6),
+                    "the config implies .* weight values, the safetensors files hold"),
+    "clip-width": ("clip", "config.json", lambda c: c["vision_config"].update(intermediate_size=2_000_000_000),
+                   r"the config implies \d{3},\d{3},\d{3},\d{3} weight values"),
+    "siglip-layers": ("siglip", "config.json", lambda c: c["vision_config"].update(num_hidden_layers=6),
+                      "the config implies .* weight values, the safetensors files hold"),
+    "dinov2-layers": ("dinov2", "config.json", lambda c: c.update(num_hidden_layers=6),
+                      "the config implies .* weight values, the safetensors files hold"),
+    "dinov2-width": ("dinov2", "config.json", lambda c: c.update(mlp_ratio=10_000_000), "the config implies"),
+    "openclip-layers": ("openclip", "open_clip_config.json", lambda c: c["model_cfg"]["vision_cfg"].update(layers=6),
+                        "missing tensor visual.transformer.resblocks.3"),
+}
+
+
+@pytest.mark.parametrize("case", list(DISAGREEING_CONFIGS))
+def test_a_backbone_config_that_disagrees_with_its_weights_is_refused_before_allocating(case, tmp_path, monkeypatch):
+    from vitclt.backbones import tiny
+
+    family, config_name, edit, named = DISAGREEING_CONFIGS[case]
+    directory = getattr(tiny, f"build_tiny_{'open_clip' if family == 'openclip' else family}")(tmp_path / family)
+    _edit_json(directory / config_name, edit)
+    from transformers import PreTrainedModel
+
+    def allocating(*args, **kwargs):
+        raise AssertionError("transformers built the model before the config was checked against the weights")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(allocating))
+    with pytest.raises(BackboneError, match=named) as err:
+        load_backbone(directory)
+    assert "\n" not in str(err.value) and str(directory) in str(err.value)

@@ -63,3 +63,19 @@ def test_the_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert [layer for layer, out in returned.items() if out is not None] == [ns["last"]]
     torch.testing.assert_close(returned[ns["last"]][0], ns["y_hat_NLD"][:, ns["last"]], rtol=1e-5, atol=1e-5)
     assert not torch.equal(ns["clean_BP"], ns["replaced_BP"])
+
+
+def test_the_setup_command_is_a_quick_run_that_writes_the_transcoder_the_example_loads():
+    import shlex
+
+    from vitclt.cli import parse
+    from vitclt.training import transcoder_configs
+
+    block = re.search(r"^```bash\n(.*?)^```$", DOC.read_text(encoding="utf-8"), flags=re.S | re.M).group(1)
+    command = next(line for line in block.splitlines() if line.startswith("vitclt train"))
+    name, cfg = parse(shlex.split(command, comments=True)[1:])
+    cfg.validate()
+    assert name == "train" and str(cfg.out) == "runs/demo"
+    assert list(transcoder_configs(cfg, 6, 64)) == ["relu-topk"]  # runs/demo/relu-topk, as the example reads
+    # The defaults train 10,000 steps of 4,096 rows (about 2 h on 2 CPUs); the documented run is about a minute.
+    assert cfg.optim.steps * cfg.optim.batch_size <= 500_000 and cfg.max_images <= 1000

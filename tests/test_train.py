@@ -244,10 +244,41 @@ def test_run_filled_transcoder_fields_cannot_be_set_in_the_training_config(tmp_p
         cfg.validate()
 
 
+def test_run_json_records_the_transcoder_settings_the_run_used_not_unused_defaults(tiny_clip_dir, image_folder, tmp_path):
+    cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", steps=2, warmup_steps=0, checkpoint_every=2, expansion=2)
+    train(cfg)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    shared = run["train_config"]["transcoder"]
+    assert not {"n_layers", "d_model", "k", "topology", "sparsifier", "backbone"} & set(shared), shared
+    assert shared["expansion"] == 2
+    used = run["transcoders"]["relu-topk"]
+    assert (used["n_layers"], used["d_model"], used["k"], used["backbone"]) == (3, 32, 8, str(tiny_clip_dir))
+    training = json.loads((tmp_path / "run" / "relu-topk" / "training.json").read_text())
+    assert "n_layers" not in training["train_config"]["transcoder"]
+    assert TrainConfig.from_json(run["train_config"]) == cfg  # nothing the run needs was dropped
+
+
 def test_warmup_longer_than_the_run_is_refused_with_the_fix(tmp_path):
     with pytest.raises(TrainingError, match="--warmup-steps 1000 is more than --steps 300.*--warmup-steps 30"):
-        TrainConfig.from_json({"steps": 300, "out": tmp_path}).validate()
-    assert TrainConfig.from_json({"steps": 300, "warmup_steps": None}).optim.warmup == 30
+        TrainConfig.from_json({"steps": 300, "warmup_steps": 1000, "out": tmp_path}).validate()
+
+
+@pytest.mark.parametrize("steps, warmup", [(300, 30), (10_000, 1000), (50_000, 1000), (5, 0)])
+def test_default_warmup_is_1000_or_a_tenth_of_the_steps_as_the_help_says(steps, warmup, tmp_path):
+    from vitclt.cli import parse
+
+    _, cfg = parse(["train", "--steps", str(steps), "--out", str(tmp_path)])
+    cfg.validate()  # --steps 300 alone used to be refused: the default was a literal 1000
+    assert cfg.optim.warmup == warmup
+
+
+def test_resume_with_more_steps_keeps_a_default_warmup_acceptable(tmp_path):
+    from vitclt.training.checkpoint import config_differences
+
+    saved = TrainConfig.from_json({"steps": 300, "out": tmp_path}).to_json()
+    assert config_differences(saved, TrainConfig.from_json({"steps": 600, "out": tmp_path})) == []
+    explicit = TrainConfig.from_json({"steps": 300, "warmup_steps": 20, "out": tmp_path}).to_json()
+    assert config_differences(explicit, TrainConfig.from_json({"steps": 600, "warmup_steps": 30, "out": tmp_path})) != []
 
 
 def test_batch_larger_than_one_pass_over_the_data_is_refused(tiny_clip_dir, image_folder, tmp_path):

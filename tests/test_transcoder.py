@@ -416,6 +416,40 @@ def test_a_damaged_weights_file_is_one_clear_error(tmp_path, damage):
     _one_line_naming(err, weights)
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"n_features": 200_000_000}, r"W_enc.0 has shape \(24, 8\), config implies \(200000000, 8\)"),
+    ({"n_layers": 12}, r"b_enc has shape \(3, 24\), config implies \(12, 24\).*and \d+ more"),
+    ({"expansion": 4, "n_features": 0}, r"config implies \(32, 8\)"),
+])
+def test_a_config_that_disagrees_with_its_weights_is_refused_before_allocating(tmp_path, monkeypatch, change, named):
+    _model().save_pretrained(tmp_path / "tc")
+    config = tmp_path / "tc" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    built = []
+    init = Transcoder.__init__
+
+    def only_on_meta(self, cfg, device=None, **kwargs):
+        # 200M features × 8 × 4 bytes per matrix: a model built anywhere but the meta device is the allocation refused here.
+        assert torch.get_default_device().type == "meta" and device is None, "a model was allocated before the check"
+        built.append(cfg)
+        init(self, cfg, device, **kwargs)
+
+    monkeypatch.setattr(Transcoder, "__init__", only_on_meta)
+    with pytest.raises(CheckpointError, match=named) as err:
+        Transcoder.from_pretrained(tmp_path / "tc")
+    _one_line_naming(err, config)
+    assert "save the transcoder again" in str(err.value) and len(built) == 1
+
+
+def test_weights_stored_with_integer_dtypes_are_refused(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path / "tc")
+    state = safetensors.torch.load_file(tmp_path / "tc" / "model.safetensors")
+    safetensors.torch.save_file({**state, "b_enc": state["b_enc"].long()}, tmp_path / "tc" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="b_enc is stored as I64, expected float32"):
+        Transcoder.from_pretrained(tmp_path / "tc")
+
+
 @pytest.mark.parametrize(
     "text", ["", '{"n_layers": 3, "d_model"', "[1, 2]", '{"n_layers": "three"}', '{"n_layers": 0}']
 )

@@ -7,6 +7,7 @@ the same messages for a missing path, an unknown hub id or a damaged file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,36 @@ def check_model_files(directory: Path) -> None:
             ) from None
 
 
+def check_weights_match(model_cls: Any, directory: Path) -> None:
+    """Raise `BackboneError` if `directory`'s config.json implies more weights than its safetensors files hold.
+
+    Before anything is allocated: the model is built on the meta device from the config and its
+    state dict's size is compared with the sizes in the files' headers. transformers would
+    otherwise allocate the whole model first (a config claiming a 2-billion-wide MLP), or fill the
+    tensors the files lack (12 layers over 6-layer weights) with random values and only print a
+    report. Sizes, not names, are compared: transformers renames and fuses checkpoint tensors on
+    loading (legacy names, fused projections), which preserves their sizes. Tensors the files hold
+    that the model does not use (a task head) are allowed.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return  # pytorch_model.bin only: transformers' own checks apply
+    stored = 0
+    for path in files:
+        with safetensors.safe_open(path, framework="pt") as f:  # readable: check_model_files opened it
+            stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    try:
+        config = model_cls.config_class.from_pretrained(directory)
+        with torch.device("meta"):
+            implied = sum(t.numel() for t in model_cls(config).state_dict().values())
+    except (OSError, ValueError, TypeError):
+        return  # a config transformers cannot read: load_hf_model reports it in one line
+    if implied > stored:
+        raise BackboneError(f"{directory / 'config.json'} does not match the weights in {directory}: the config implies "
+                            f"{implied:,} weight values, the safetensors files hold {stored:,} (more layers or wider ones "
+                            f"than were saved): restore the config.json saved with these weights, or {RESAVE}")
+
+
 def check_source(source: str, example: str) -> bool:
     """Whether `source` is an existing directory; a path-like string that does not exist raises."""
     is_dir = Path(source).is_dir()
@@ -56,6 +87,8 @@ def check_source(source: str, example: str) -> bool:
 def load_hf_model(model_cls: Any, source: str, dtype: torch.dtype | None, family: str, example: str):
     """`model_cls.from_pretrained(source)` in `dtype` (float32 by default), its failures as one-line BackboneErrors."""
     is_dir = check_source(source, example)
+    if is_dir:
+        check_weights_match(model_cls, Path(source))
     try:
         return model_cls.from_pretrained(source, dtype=dtype or torch.float32)
     except safetensors.SafetensorError as e:  # a damaged file in the hub cache

@@ -293,6 +293,8 @@ def build_browser(
         data = load_dataset(dataset, split, max_images=max_images, seed=seed)
         if len(data) == 0:
             raise BrowserError(f"dataset {dataset} ({split}) has no images")
+        if getattr(data, "split_note", ""):  # e.g. a folder without split directories: why fewer images are browsed
+            print(f"note: {data.split_note}")
         bb = load_backbone(backbone_spec(paths, backbone), device=device)
         models: dict[str, Transcoder] = {}
         for name, path in paths.items():
@@ -332,6 +334,8 @@ def build_browser(
                 hook.remove()
         pass_s = time.perf_counter() - start
 
+        # After the streaming pass: text labels, each transcoder's pages, thumbnails and exports, one step each.
+        after = tqdm(total=2 + len(models) * (2 if exports else 1), desc="browse: text labels", unit="step", disable=not progress)
         vocab = None
         if projection is not None:
             try:
@@ -343,7 +347,9 @@ def build_browser(
         pages_all: list[TranscoderPages] = []
         taken: set[str] = set()
         labels_np = np.asarray(data.labels)
+        after.update()
         for name, tc in models.items():
+            after.set_description(f"browse: pages of {name}")
             st = collectors[name].result()
             norms = decoder_norms(tc)
             alive = ~st.dead_LF
@@ -367,8 +373,11 @@ def build_browser(
             )
             used |= write_transcoder(tmp, p)
             pages_all.append(p)
+            after.update()
 
+        after.set_description("browse: thumbnails")
         image_files = _write_images(tmp, data, sorted(used), thumb_size)
+        after.update()
         subset = subset_record(data, dataset, seed, max_images)
         site = {
             "title": source.resolve().name,
@@ -388,8 +397,11 @@ def build_browser(
 
             names = token_names(bb.n_prefix_tokens, bb.image_size // bb.patch_size)
             for p in pages_all:
+                after.set_description(f"browse: exports of {p.name}")
                 write_circuit_tracer(tmp / "circuit-tracer", p, names)
                 write_neuronpedia(tmp / "neuronpedia", p, names, bb.name, dataset)
+                after.update()
+        after.close()
         summary = {
             "dataset": dataset, "split": data.split, "n_images": first, "backbone": bb.name, "sigma_final": sigma,
             "subset": subset, "pass_seconds": pass_s, "seconds": time.perf_counter() - start,

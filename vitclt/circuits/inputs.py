@@ -65,3 +65,34 @@ def class_index(name: str, classnames: list[str]) -> int:
     close = difflib.get_close_matches(name, classnames, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"the list starts {', '.join(classnames[:5])}"
     raise CircuitError(f"class {name!r} is not among the {len(classnames)} classes of --classes: {hint}")
+
+
+def class_members(spec: str, split: str, name: str, limit: int):
+    """(dataset split, indices of its first `limit` images of class `name`); `CircuitError` if it has none,
+    naming the other split that has some (with how many), or saying that no split has any."""
+    from vitclt.data.datasets import load_dataset
+    from vitclt.errors import VitcltError
+
+    def members(data) -> list[int]:
+        if name not in data.classnames:
+            return []
+        label = list(data.classnames).index(name)
+        return [i for i, y in enumerate(data.labels) if int(y) == label]
+
+    data = load_dataset(spec, split)
+    found = members(data)[:limit]
+    if found:
+        return data, found
+    held_out = split.lower() in ("test", "val", "eval", "validation")
+    elsewhere = []
+    for other in ("train", "test"):
+        if (other == "test") == held_out:
+            continue  # the split just searched
+        try:
+            n = len(members(load_dataset(spec, other)))
+        except VitcltError:  # no such split
+            continue
+        if n:
+            elsewhere.append(f"the {other} split has {n}: pass --split {other}")
+    hint = "; ".join(elsewhere) or "no other split has any either: pick another class"
+    raise CircuitError(f"no images of class {name!r} in the {split} split of {spec}; {hint}")

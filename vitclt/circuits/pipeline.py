@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from vitclt.circuits.aggregate import aggregate
 from vitclt.circuits.errors import CircuitError
@@ -66,22 +67,30 @@ def image_graph(backbone, transcoder, pixels_B3HW: torch.Tensor, classifier_CP: 
 def explain_image(backbone, transcoder, image: Image.Image, classifier_CP: torch.Tensor, classnames: Sequence[str],
                   target: int | None = None, *, node_fraction: float = 0.8, edge_fraction: float = 0.98,
                   effects_top: int = 10, dtype: torch.dtype = torch.float32, batch_size: int = 256,
-                  score: str = DEFAULT_SCORE, versus: int | None = None) -> Explanation:
+                  score: str = DEFAULT_SCORE, versus: int | None = None, progress: bool = True) -> Explanation:
     """The pruned attribution graph of `image` towards `score` (targets.py) of class `target` (default: the predicted
-    class), and for its `effects_top` most influential feature nodes the predicted and measured effects of zeroing each."""
+    class), and for its `effects_top` most influential feature nodes the predicted and measured effects of zeroing each.
+    `progress` shows a bar over the three phases (attribution, pruning, effects)."""
     pixels = backbone.preprocess([image])
     with torch.no_grad():
         cos_C = _scores(backbone, pixels, classifier_CP)[0]
     target = int(cos_C.argmax()) if target is None else target
     top = cos_C.topk(min(5, len(classnames)))
     tscore = target_score(score, cos_C, target, versus)
+    bar = tqdm(total=3, desc="explain: attribution", unit="phase", disable=not progress, leave=False)
     t0 = time.perf_counter()
     graph = image_graph(backbone, transcoder, pixels, classifier_CP, target, dtype, batch_size, tscore)
+    bar.update()
+    bar.set_description("explain: pruning")
     t1 = time.perf_counter()
     pruned = prune(graph.adjacency, graph.target, node_fraction, edge_fraction)
+    bar.update()
+    bar.set_description(f"explain: effects of {effects_top} features")
     t2 = time.perf_counter()
     effects = feature_effects(backbone, transcoder, pixels, graph, pruned, classifier_CP, classnames, tscore, effects_top)
     t3 = time.perf_counter()
+    bar.update()
+    bar.close()
     return Explanation(graph, pruned, target, [(classnames[int(i)], float(v)) for v, i in zip(top.values, top.indices)],
                        effects, {"attribution": t1 - t0, "pruning": t2 - t1, "effects": t3 - t2}, tscore)
 
@@ -110,14 +119,17 @@ def feature_effects(backbone, transcoder, pixels_B3HW, graph: Graph, pruned: Pru
 
 def explain_class(backbone, transcoder, images: Sequence[Image.Image], classifier_CP: torch.Tensor, classnames: Sequence[str],
                   target: int, *, node_fraction: float = 0.8, edge_fraction: float = 0.98, dtype: torch.dtype = torch.float32,
-                  batch_size: int = 256, score: str = DEFAULT_SCORE, versus: int | None = None) -> Explanation:
+                  batch_size: int = 256, score: str = DEFAULT_SCORE, versus: int | None = None,
+                  progress: bool = True) -> Explanation:
     """The class-level circuit: graphs of `images` towards `score` of `target` (a logit-diff against each image's own
-    runner-up unless `versus` is given), grouped, averaged and pruned (`aggregate`)."""
+    runner-up unless `versus` is given), grouped, averaged and pruned (`aggregate`).
+
+    `progress` shows a bar over the images' attributions."""
     if not images:
         raise CircuitError(f"no images of class {classnames[target]!r} to aggregate: raise --max-images or pick another split")
     t0 = time.perf_counter()
     graphs, mean_cos = [], torch.zeros(len(classnames))
-    for image in images:
+    for image in tqdm(images, desc="explain: attributing images", unit="img", disable=not progress, leave=False):
         pixels = backbone.preprocess([image])
         with torch.no_grad():
             mean_cos += _scores(backbone, pixels, classifier_CP)[0].cpu()

@@ -83,7 +83,7 @@ def run(cfg: ExplainConfig) -> Path:
     from vitclt.backbones import load_backbone
     from vitclt.browser.site import feature_labels
     from vitclt.circuits.errors import CircuitError
-    from vitclt.circuits.inputs import check_transcoder, class_index, find_transcoder, load_classes, read_image
+    from vitclt.circuits.inputs import check_transcoder, class_index, class_members, find_transcoder, load_classes, read_image
     from vitclt.circuits.pipeline import explain_class, explain_image
     from vitclt.circuits.viewer import browser_link, check_output, graph_summary, write_viewer
     from vitclt.eval.suite import backbone_spec
@@ -105,7 +105,9 @@ def run(cfg: ExplainConfig) -> Path:
     versus = class_index(cfg.target_score.versus, classnames) if cfg.target_score.versus is not None else None
     if cfg.class_images is not None:
         target = class_index(cfg.class_images, classnames) if target is None else target
-        stem = f"class-{_slug(classnames[class_index(cfg.class_images, classnames)])}"
+        name = classnames[class_index(cfg.class_images, classnames)]
+        stem = f"class-{_slug(name)}"
+        data, members = class_members(cfg.classes, cfg.split, name, cfg.max_images)
     else:
         image = read_image(cfg.image)
         stem = _slug(Path(cfg.image).stem)
@@ -118,12 +120,8 @@ def run(cfg: ExplainConfig) -> Path:
     classifier = build_classifier(backbone, classnames, templates)
     dtype = torch.float64 if cfg.precision == "float64" else torch.float32
     common = dict(node_fraction=cfg.node_fraction, edge_fraction=cfg.edge_fraction, dtype=dtype, batch_size=cfg.rows_per_sweep,
-                  score=cfg.target_score.score, versus=versus)
+                  score=cfg.target_score.score, versus=versus, progress=cfg.runtime.progress)
     if cfg.class_images is not None:
-        from vitclt.data.datasets import load_dataset
-
-        data = load_dataset(cfg.classes, cfg.split)
-        members = [i for i, y in enumerate(data.labels) if int(y) == class_index(cfg.class_images, classnames)][: cfg.max_images]
         class_images = [(i, data[i][0]) for i in members]
         ex = explain_class(backbone, transcoder, [im for _, im in class_images], classifier, classnames, target, **common)
         kind, title, shown = "class", f"{len(members)} images of {cfg.class_images} ({cfg.classes}, {cfg.split})", None

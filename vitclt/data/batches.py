@@ -10,8 +10,12 @@ process, through shared memory. Batches come back in request order; up to ``2 ×
 batches are prepared ahead of the one being used; on CUDA they arrive in pinned memory, so
 ``Backbone.normalize`` copies them to the device asynchronously and rescales there.
 
-The workers persist for the loader's life: a training run's stream asks for one block of images
-after another without starting processes each time. `ImageLoader.prefetch(chunks)` starts the
+The workers persist until `ImageLoader.close` (or the loader's end): a training run's stream asks
+for one block of images after another without starting processes each time. Whoever makes a
+loader closes it on every exit path (``with ImageLoader(...)``, or `close` in a ``finally``); a
+loader still open when the interpreter exits is closed by an exit hook, so that no prefetch thread
+is still inside torch while Python shuts down (which aborts the process: "terminate called without
+an active exception"). `ImageLoader.prefetch(chunks)` starts the
 workers on the *next* request while the caller does something else (training on the current
 block): a background thread takes each batch as a worker finishes it and keeps it, and a later
 `batches(chunks)` with the same chunks serves the kept batches (any other request discards them
@@ -25,6 +29,7 @@ and records the image).
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import weakref
@@ -168,6 +173,22 @@ class _Prefetch:
         self._thread.join()
 
 
+_OPEN: weakref.WeakSet[ImageLoader] = weakref.WeakSet()
+"""Loaders not yet closed; the exit hook closes them."""
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At interpreter exit, stop every prefetch thread and worker still running.
+
+    A daemon thread still inside torch when Python finalises is killed mid-call and aborts the
+    whole process after its work is done. Registered after torch's DataLoader exit hook, so it runs
+    first (exit hooks run last-registered first), while the workers can still be shut down.
+    """
+    for loader in list(_OPEN):
+        loader.close()
+
+
 class ImageLoader:
     """Decode and prepare images of `dataset` in `workers` processes (0: in this process), batch by batch, in order.
 
@@ -185,11 +206,30 @@ class ImageLoader:
         # A loader dropped mid-prefetch (a run that ended) stops its thread after the batch it is waiting for.
         self._closed = threading.Event()
         weakref.finalize(self, self._closed.set)
+        _OPEN.add(self)
         extra = {"prefetch_factor": PREFETCH_PER_WORKER, "persistent_workers": True} if workers > 0 else {}
         # Its own generator: a DataLoader seeds each pass from the global RNG otherwise, which would make the
         # run's random state depend on how many passes it made, and break exact resume.
         self._loader = DataLoader(self.data, batch_sampler=self._requests, num_workers=workers, collate_fn=_collate,
                                   pin_memory=pin_memory and prep is not None, generator=torch.Generator(), **extra)
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the worker processes, and wait for them; safe to call twice.
+
+        The loader stays usable: a later request starts the workers again.
+        """
+        self._cancel_prefetch()
+        iterator = getattr(self._loader, "_iterator", None)  # the persistent workers' iterator (DataLoader keeps it)
+        if iterator is not None:
+            iterator._shutdown_workers()  # joins each worker (killing one that does not stop)
+            self._loader._iterator = None
+        _OPEN.discard(self)
+
+    def __enter__(self) -> ImageLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _cancel_prefetch(self) -> None:
         """Discard a prefetch (its thread stopped and joined), so that the DataLoader's iterator can be reset."""
@@ -208,6 +248,7 @@ class ImageLoader:
         if self.workers == 0:
             return
         self._cancel_prefetch()
+        _OPEN.add(self)
         self._requests.chunks = [[int(i) for i in chunk] for chunk in chunks]
         # The iterator (and, on the first pass, the worker processes) is made here, in the calling thread.
         self._prefetch = _Prefetch(self._requests.chunks, iter(self._loader), self._closed)
@@ -224,6 +265,7 @@ class ImageLoader:
             yield from pending.batches()
             return
         self._cancel_prefetch()
+        _OPEN.add(self)
         self._requests.chunks = chunks
         yield from self._loader
 
@@ -241,9 +283,10 @@ def _raise_first(batch: LoadedBatch) -> None:
 def image_batches(dataset, batch_size: int, workers: int = 0) -> Iterator[tuple[list[Image.Image], Tensor]]:
     """Yield `(images, labels_B)` over `dataset`, in order, decoded in `workers` processes; an undecodable image
     raises its `DatasetError`."""
-    for batch in ImageLoader(dataset, None, workers).batches(chunked(range(len(dataset)), batch_size)):
-        _raise_first(batch)
-        yield batch.items, batch.labels_B
+    with ImageLoader(dataset, None, workers) as loader:
+        for batch in loader.batches(chunked(range(len(dataset)), batch_size)):
+            _raise_first(batch)
+            yield batch.items, batch.labels_B
 
 
 def pixel_batches(backbone, dataset, batch_size: int, workers: int = 0, fast_decode: bool = False
@@ -254,7 +297,7 @@ def pixel_batches(backbone, dataset, batch_size: int, workers: int = 0, fast_dec
     resize and crop run in `workers` processes, the rescale and normalisation on the device. An
     undecodable image raises its `DatasetError`.
     """
-    loader = ImageLoader(dataset, backbone.image_prep, workers, fast_decode, pin_memory=backbone.device.type == "cuda")
-    for batch in loader.batches(chunked(range(len(dataset)), batch_size)):
-        _raise_first(batch)
-        yield backbone.normalize(batch.items), batch.labels_B
+    with ImageLoader(dataset, backbone.image_prep, workers, fast_decode, pin_memory=backbone.device.type == "cuda") as loader:
+        for batch in loader.batches(chunked(range(len(dataset)), batch_size)):
+            _raise_first(batch)
+            yield backbone.normalize(batch.items), batch.labels_B

@@ -68,7 +68,8 @@ class RowSource(Protocol):
 
     A source may also have ``prefetch(images)``: a hint that its next `load` will ask for `images`,
     so that it can start preparing them in the background (`BackboneSource.prefetch`). The stream
-    calls it, when present, after loading each block, with the next block's images.
+    calls it, when present, after loading each block, with the next block's images. A source with
+    background work also has ``close()``, which stops and joins it (`train` calls it as the run ends).
     """
 
     n_images: int
@@ -177,6 +178,10 @@ class BackboneSource:
         with 0 workers (see `ImageLoader.prefetch`).
         """
         self._loader.prefetch(chunked(images, self.images_per_forward))
+
+    def close(self) -> None:
+        """Stop the image workers and any prefetch, and wait for them (a later load starts the workers again)."""
+        self._loader.close()
 
     @property
     def backbone_fingerprint(self) -> str:

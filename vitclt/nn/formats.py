@@ -81,6 +81,54 @@ def read_config(directory: str | os.PathLike) -> TranscoderConfig:
     return cfg
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+"""The safetensors header's dtype names that torch tensors can have."""
+
+
+def weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name → (shape, dtype name) of every tensor in safetensors file `path`, from its header alone (nothing is loaded)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    except (safetensors.SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}), probably empty or truncated by an interrupted "
+            "copy: copy it again, or save the transcoder again"
+        ) from None
+
+
+def header_mismatches(header: dict[str, tuple[tuple[int, ...], str]],
+                      expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> list[str]:
+    """What differs between a file's tensors (`weights_header`) and the `expected` name → (shape, dtype), in words."""
+    problems = [f"{k} has shape {header[k][0]}, config implies {shape}" for k, (shape, _) in expected.items()
+                if k in header and header[k][0] != shape]
+    problems += [f"missing {k}" for k in expected if k not in header]
+    problems += [f"unexpected {k}" for k in header if k not in expected]
+    for k, (_, dtype) in expected.items():
+        stored = _SAFETENSORS_DTYPES.get(header[k][1]) if k in header else dtype
+        # Floating weights may be stored at another precision; an integer or boolean where a float belongs may not.
+        kind = (stored.is_floating_point, stored == torch.bool) if stored is not None else None
+        if kind != (dtype.is_floating_point, dtype == torch.bool):
+            problems.append(f"{k} is stored as {header[k][1]}, expected {str(dtype).removeprefix('torch.')}")
+    return problems
+
+
+def check_weights_header(directory: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                         cfg: TranscoderConfig) -> None:
+    """Refuse, in one line and before any allocation, a model.safetensors whose tensors are not the ones `cfg` implies."""
+    path = directory / WEIGHTS_NAME
+    problems = header_mismatches(weights_header(path), expected)
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} does not match {path} ({cfg.topology}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.features} features in the config): " + "; ".join(problems[:5]) + more
+            + f": restore the {CONFIG_NAME} saved with these weights, or save the transcoder again"
+        )
+
+
 def load_weights(model: nn.Module, directory: str | os.PathLike, device: torch.device | str | None = None) -> None:
     """Load a directory's (or hub id's) model.safetensors into `model`, whose config must match the file's tensors."""
     path = resolve_directory(directory) / WEIGHTS_NAME

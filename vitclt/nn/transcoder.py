@@ -548,6 +548,13 @@ class Transcoder(nn.Module):
         return formats.save_pretrained(self, directory)
 
     @classmethod
+    def state_shapes(cls, cfg: TranscoderConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every state-dict entry a model of `cfg` has: name → (shape, dtype); built on the meta device (allocates nothing)."""
+        with torch.device("meta"):
+            model = cls(cfg, initialize=False)
+        return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None) -> Transcoder:
         """Load a directory written by ``save_pretrained`` (safetensors only, no pickle), ready for inference.
 
@@ -556,8 +563,11 @@ class Transcoder(nn.Module):
         mismatched file raises `CheckpointError` naming it.
         """
         directory = formats.resolve_directory(directory)  # once: a hub id would otherwise be looked up twice
+        cfg = formats.read_config(directory)
+        # Before anything is allocated: a config that disagrees with its weights (e.g. 200M features over 512) is refused.
+        formats.check_weights_header(directory, cls.state_shapes(cfg), cfg)
         # Uninitialised weights are never touched before load_weights replaces them.
-        model = cls(formats.read_config(directory), device=device, initialize=False)
+        model = cls(cfg, device=device, initialize=False)
         formats.load_weights(model, directory, device)
         return model.eval().requires_grad_(False)
 

@@ -100,7 +100,8 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     A setting the saved config lacks (it was written by an older vitclt) counts as its default.
     """
     now = flat_settings(cfg.to_json())
-    then = {**flat_settings(TrainConfig().to_json()), **flat_settings(saved)}
+    steps = cfg.optim.steps  # a default warmup follows a changed --steps, as it would have in a run of that length
+    then = {**flat_settings(TrainConfig().to_json(), steps), **flat_settings(saved, steps)}
     return [f"{k}: run has {then.get(k)!r}, now {v!r}" for k, v in now.items() if k not in RESUMABLE and then.get(k) != v]
 
 

@@ -69,6 +69,11 @@ class SweepConfig:
                 raise TrainingError(f"--{name} lists a value twice: {values}")
 
 
+def default_warmup(steps: int) -> int:
+    """The warmup when --warmup-steps is not given: 1000 steps, or a tenth of the run if that is less."""
+    return min(1000, steps // 10)
+
+
 @dataclass
 class OptimConfig:
     """The optimiser and its schedules."""
@@ -79,8 +84,8 @@ class OptimConfig:
     """Token rows per optimiser step."""
     lr: float | None = None
     """Adam learning rate (default: 2e-4 / sqrt(features / 2^14))."""
-    warmup_steps: int | None = 1000
-    """Steps of linear learning-rate warmup from 0, at most --steps (None: 1000, or a tenth of --steps if that is less)."""
+    warmup_steps: int | None = None
+    """Steps of linear learning-rate warmup from 0, at most --steps (default: 1000, or a tenth of --steps if that is less)."""
     decay_fraction: float = 0.2
     """Final fraction of the steps over which the learning rate decays linearly to 0."""
     sparsity_ramp: float = 1.0
@@ -89,7 +94,7 @@ class OptimConfig:
     @property
     def warmup(self) -> int:
         """The warmup steps in effect."""
-        return min(1000, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+        return default_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
 
     def validate(self) -> None:
         """Raise `TrainingError` naming the first bad setting."""
@@ -191,8 +196,15 @@ class TrainConfig:
             raise TrainingError("--resume and --overwrite contradict each other: pick one")
 
     def to_json(self) -> dict:
-        """A JSON-ready dict of the settings, one nested object per group."""
-        return jsonable(dataclasses.asdict(self))
+        """A JSON-ready dict of the settings, one nested object per group.
+
+        The transcoder fields a run fills in (shape, topology, sparsifier, k, backbone) are left out:
+        here they would only be unused defaults; the run records each transcoder's real ones.
+        """
+        raw = jsonable(dataclasses.asdict(self))
+        for name in run_filled_fields():
+            raw["transcoder"].pop(name, None)
+        return raw
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainConfig:
@@ -232,11 +244,12 @@ _SUPPRESS = typing.get_args(Suppress[int])[1]
 """tyro's marker of a field hidden from the command line."""
 
 
-def flat_settings(saved: dict) -> dict[str, Any]:
+def flat_settings(saved: dict, steps: int | None = None) -> dict[str, Any]:
     """A saved TrainConfig (nested or flat) as {flag name: value}, with the warmup in effect.
 
     Flag names are unique across the groups (the flags are flat), so they name a setting alone.
-    The transcoder fields a run fills in itself are not settings and are left out.
+    The transcoder fields a run fills in itself are not settings and are left out. A default
+    warmup is resolved against `steps` when given (a resume may change --steps), else the saved steps.
     """
     filled = set(run_filled_fields())
     out: dict[str, Any] = {}
@@ -245,8 +258,9 @@ def flat_settings(saved: dict) -> dict[str, Any]:
             out.update({k: v for k, v in value.items() if not (key == "transcoder" and k in filled)})
         else:
             out[key] = value
-    if out.get("warmup_steps") is None and isinstance(out.get("steps"), int):
-        out["warmup_steps"] = min(1000, out["steps"] // 10)
+    steps = out.get("steps") if steps is None else steps
+    if out.get("warmup_steps") is None and isinstance(steps, int):
+        out["warmup_steps"] = default_warmup(steps)
     return out
 
 

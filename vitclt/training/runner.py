@@ -44,7 +44,10 @@ def build_source(cfg: TrainConfig, device: torch.device) -> RowSource:
 
     dataset_id = f"{cfg.dataset}|split={cfg.split}|max_images={cfg.max_images}|seed={rt.seed if cfg.max_images else None}"
     key = cache_key(source, cfg.backbone, dataset_id, cfg.stream.cache_dtype)
-    return open_or_build_cache(source, key, cfg.stream.cache_dir, progress=rt.progress)
+    try:
+        return open_or_build_cache(source, key, cfg.stream.cache_dir, progress=rt.progress)
+    finally:
+        source.close()  # the cache serves the rows from now on: its image workers are done
 
 
 def _summary_writer():
@@ -179,10 +182,12 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     `cfg.backbone` and `cfg.dataset` are then only recorded); by default the rows come from
     `cfg.backbone` over `cfg.dataset`, through `cfg.stream.cache_dir` if set. `command` is recorded
     in the run directory as what made it: a run only overwrites or resumes runs of its own command.
+    However the run ends (finished, an error, Ctrl-C), the source's background work (image workers,
+    prefetch) is stopped and joined: its ``close()``, if it has one, is called.
     """
     cfg.validate()
     device = setup(cfg.runtime)
-    rt, opt = cfg.runtime, cfg.optim
+    opt = cfg.optim
     out = Path(cfg.out)
     check_writable_dir(out)
     meta = ckpt.prepare_run_dir(cfg, command)
@@ -195,6 +200,18 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
         _summary_writer()  # fail before any work if tensorboard is missing
     if source is None:
         source = build_source(cfg, device)
+    try:
+        return _run(cfg, source, device, meta, command)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict | None, command: str) -> list[Path]:
+    """The body of `train` once the run directory is checked and the rows' source is made."""
+    rt, opt = cfg.runtime, cfg.optim
+    out = Path(cfg.out)
     check_batch(opt.batch_size, source)
     tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model,
                                fingerprint=getattr(source, "backbone_fingerprint", ""))
