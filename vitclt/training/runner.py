@@ -91,13 +91,33 @@ def _make_models(tcfgs: dict[str, TranscoderConfig], stats: NormStats, seed: int
     return models
 
 
+def _first_rows(source: RowSource, n_rows: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_NLD, y_NLD of the run's first images (about `n_rows` rows, at least 2 images)."""
+    images = image_order(source.n_images, seed, 0)[: max(2, math.ceil(n_rows / source.rows_per_image))]
+    x_NLD, y_NLD = source.load(images)
+    return x_NLD.to(device), y_NLD.to(device)
+
+
 def _init_thresholds(models: dict[str, Transcoder], source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
     """JumpReLU models start near k active features per row: thresholds from the rows of the run's first images."""
     if any(m.cfg.sparsifier == "jumprelu" for m in models.values()):
-        images = image_order(source.n_images, seed, 0)[: max(2, math.ceil(n_rows / source.rows_per_image))]
-        x_NLD, y_NLD = source.load(images)
+        x_NLD, y_NLD = _first_rows(source, n_rows, seed, device)
         for model in models.values():
-            model.init_thresholds(x_NLD.to(device), y_NLD.to(device))
+            model.init_thresholds(x_NLD, y_NLD)
+
+
+def _match_l0(trainer: Trainer, source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
+    """End of a run steered to L0 = k: trim each such JumpReLU's last L0 error on the rows its thresholds started from."""
+    names = list(trainer.sparsity) if trainer.cfg.optim.sparsity_control == "target-l0" else []
+    if not names:
+        return
+    x_NLD, y_NLD = _first_rows(source, n_rows, seed, device)
+    for name in names:
+        model = trainer.models[name].eval()
+        factors = model.match_l0(x_NLD, y_NLD)
+        model.train()
+        print(f"{name}: thresholds scaled by {', '.join(f'{f:.3f}' for f in factors)} (per layer) so that L0 = "
+              f"{', '.join(map(str, model.cfg.k_layers))} on {x_NLD.shape[0]} training rows")
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
@@ -237,6 +257,8 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
                                                for n, w in last.items()) + f" | {rate:,.0f} tok/s")
                 if tb is not None:
                     tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
+            if step == opt.steps:
+                _match_l0(trainer, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
             if at_checkpoint:
                 now = time.perf_counter()
                 _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command)

@@ -1,7 +1,7 @@
 """The training step: several transcoders stepped on the same batch, each by its own Adam.
 
 The models compute their own losses (`Transcoder.forward` returns FVU + sparsity + AuxK); the
-trainer only schedules the learning rate and JumpReLU's λ, tracks which features have not fired
+trainer only schedules the learning rate and JumpReLU's λ (`vitclt.training.sparsity`), tracks which features have not fired
 (the dead mask AuxK needs), averages metrics for logging, and watches for non-finite values.
 It never waits on the device inside a step: the finiteness flags and metric sums stay on the
 device until `check_finite` / `window` read them at logging and checkpoint time, and the dead
@@ -20,6 +20,7 @@ from vitclt.data.stream import Batch
 from vitclt.nn import Codes, Transcoder
 from vitclt.training.checkpoint import load_optimizer, optimizer_tensors
 from vitclt.training.config import TrainConfig, TrainingError, default_lr
+from vitclt.training.sparsity import sparsity_schedule
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
@@ -29,12 +30,6 @@ def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -
     decay_start = steps - decay_steps
     decay = (steps - step) / decay_steps if decay_steps and step >= decay_start else 1.0
     return warm * decay
-
-
-def ramp_factor(step: int, steps: int, ramp: float) -> float:
-    """Multiplier of JumpReLU's λ at update `step`: linear from 0 over the first `ramp` of the run, then 1."""
-    ramp_steps = ramp * steps
-    return min(1.0, (step + 1) / ramp_steps) if ramp_steps > 0 else 1.0
 
 
 def fired_counts(codes: Codes, n_layers: int, n_features: int) -> Tensor:
@@ -82,7 +77,10 @@ class Trainer:
         self.step = 0
         self.autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
         self.base_lr = {name: cfg.optim.lr or default_lr(m.n_features) for name, m in models.items()}
-        self.target_lambda = {name: m.sparsity_coefficient for name, m in models.items()}
+        opt = cfg.optim
+        schedules = {name: sparsity_schedule(m, opt.sparsity_control, opt.steps, opt.sparsity_ramp, opt.sparsity_control_rate)
+                     for name, m in models.items()}
+        self.sparsity = {name: s for name, s in schedules.items() if s is not None}
         self.optimizers = {
             name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=True)
             for name, m in models.items()
@@ -106,17 +104,19 @@ class Trainer:
         n = x_NLD.shape[0]
         flags = [~torch.isfinite(x_NLD).all(dim=0).all(dim=-1), ~torch.isfinite(y_NLD).all(dim=0).all(dim=-1)]
         factor = lr_factor(s, opt_cfg.steps, opt_cfg.warmup, opt_cfg.decay_fraction)
-        ramp = ramp_factor(s, opt_cfg.steps, opt_cfg.sparsity_ramp)
         for name, model in self.models.items():
             opt = self.optimizers[name]
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[name] * factor
-            model.sparsity_coefficient = self.target_lambda[name] * ramp
+            if name in self.sparsity:
+                self.sparsity[name].before_step(s)
             can_be_dead = self._since_bound[name] >= model.cfg.dead_tokens
             dead_LF = self.since_fired[name] >= model.cfg.dead_tokens if can_be_dead else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = model(x_NLD, y_NLD, dead_mask_LF=dead_LF)
             out.loss.backward()
+            if name in self.sparsity:
+                self.sparsity[name].after_step(out.l0_L)
             opt.step()
             opt.zero_grad(set_to_none=True)
             fired = fired_counts(out.codes, model.n_layers, model.n_features) > 0
@@ -177,6 +177,8 @@ class Trainer:
             out.update({f"{name}.model.{k}": v for k, v in model.state_dict().items()})
             out.update(optimizer_tensors(self.optimizers[name], f"{name}.optim"))
             out[f"{name}.since_fired_LF"] = self.since_fired[name]
+            if name in self.sparsity:
+                out.update({f"{name}.sparsity.{k}": v for k, v in self.sparsity[name].state_tensors().items()})
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
@@ -191,4 +193,7 @@ class Trainer:
             load_optimizer(self.optimizers[name], tensors, f"{name}.optim")
             self.since_fired[name] = tensors[f"{name}.since_fired_LF"].to(self.device)
             self._since_bound[name] = int(self.since_fired[name].max())
+            if name in self.sparsity:
+                prefix = f"{name}.sparsity."
+                self.sparsity[name].load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.step = step
