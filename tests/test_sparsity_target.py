@@ -74,3 +74,16 @@ def test_fixed_coefficient_keeps_one_jumprelu_and_lets_l0_end_anywhere(tiny_clip
     assert list(transcoder_configs(cfg, 3, 32)) == ["jumprelu"]
     [path] = train(cfg)
     assert path.name == "jumprelu"
+
+
+def test_a_sweeps_models_equal_the_same_models_trained_alone(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
+    sweep = config(tiny_clip_dir, image_folder, tmp_path / "sweep", topology=("clt", "plt"), sparsifier=("relu-topk", "jumprelu"),
+                   k=(4, 8), steps=30, warmup_steps=5, checkpoint_every=30, log_every=10)
+    paths = {p.name: p for p in train(sweep)}
+    assert sorted(paths) == sorted(f"{t}-{s}-k{k}" for t in ("clt", "plt") for s in ("relu-topk", "jumprelu") for k in (4, 8))
+    for topology, sparsifier, k in (("plt", "jumprelu", 8), ("clt", "relu-topk", 4), ("clt", "jumprelu", 4)):
+        alone = config(tiny_clip_dir, image_folder, tmp_path / f"{topology}-{sparsifier}-{k}", topology=(topology,),
+                       sparsifier=(sparsifier,), k=(k,), steps=30, warmup_steps=5, checkpoint_every=30, log_every=10)
+        [path] = train(alone)
+        a, b = load_file(path / "model.safetensors"), load_file(paths[f"{topology}-{sparsifier}-k{k}"] / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), (topology, sparsifier, k)

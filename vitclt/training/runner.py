@@ -130,11 +130,13 @@ def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStrea
         write_json(out / name / ckpt.TRAINING_FILE, {
             "step": trainer.step, "finished": finished, "tokens": trainer.step * cfg.optim.batch_size,
             "elapsed_s": elapsed, "train_config": cfg.to_json(),
+            "cost": {"update_s": trainer.model_s[name], "state_bytes": trainer.state_bytes(name)},
             "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
                                                "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
         })
     tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
     meta = {"command": command, "step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
+            "model_s": trainer.model_s,
             "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
     ckpt.save_state(out, tensors, meta)
 
@@ -162,6 +164,26 @@ def format_summary(name: str, w: StepMetrics, path: Path) -> str:
     for layer, (f, l0, d) in enumerate(zip(w.fvu_L, w.l0_L, w.dead_L)):
         lines.append(f"  {layer:5d} {f:8.4f} {l0:8.1f} {100 * d:8.2f}")
     lines.append(f"  {'mean':>5} {w.fvu:8.4f} {w.l0:8.1f} {100 * w.dead:8.2f}")
+    return "\n".join(lines)
+
+
+def format_cost(trainer: Trainer, elapsed: float, device: torch.device) -> str:
+    """Each model's training cost (update time, training-state memory) and how a sweep's time grows with its models."""
+    lines = ["training cost per model (update time; weights + gradients + Adam moments):"]
+    for name in trainer.models:
+        lines.append(f"  {name:<24} {trainer.model_s[name]:8.1f} s {trainer.state_bytes(name) / 2**20:9.1f} MiB")
+    models_s = sum(trainer.model_s.values())
+    shared = max(elapsed - models_s, 0.0)
+    mean = models_s / len(trainer.models)
+    if device.type == "cuda":
+        peak = f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    else:
+        import resource
+
+        peak = f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    lines.append(f"  the run took {elapsed:.1f} s: {models_s:.1f} s model updates, {shared:.1f} s shared by all models "
+                 f"(activations, backbone, checkpoints); {peak}. At these settings a sweep of M models takes about "
+                 f"{shared:.0f} + M × {mean:.1f} s")
     return "\n".join(lines)
 
 
@@ -234,6 +256,7 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
         stream.load_state_dict(meta["stream"])
         ckpt.restore_rng(state)
         elapsed = meta["elapsed_s"]
+        trainer.model_s.update(meta.get("model_s", {}))
         del state
     else:
         _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
@@ -269,6 +292,7 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     paths = [out / name for name in models]
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
+    print(format_cost(trainer, elapsed + time.perf_counter() - t0, device))
     warn_if_worse_than_mean(last, trainer)
     remove_stale_temporaries(out)
     return paths

@@ -11,6 +11,7 @@ counters says when), since AuxK then reads how many are dead.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,9 @@ class Trainer:
         self._flag_steps: list[int] = []
         self._sums: dict[str, Tensor] = {}
         self._window_steps = 0
+        # Time each model's share of a step: on CPU directly, on CUDA by events read only at `window` (no sync in a step).
+        self.model_s = {name: 0.0 for name in models}
+        self._events: dict[str, list] = {name: [] for name in models}
         for m in models.values():
             m.train()
 
@@ -105,6 +109,7 @@ class Trainer:
         flags = [~torch.isfinite(x_NLD).all(dim=0).all(dim=-1), ~torch.isfinite(y_NLD).all(dim=0).all(dim=-1)]
         factor = lr_factor(s, opt_cfg.steps, opt_cfg.warmup, opt_cfg.decay_fraction)
         for name, model in self.models.items():
+            start = self._clock()
             opt = self.optimizers[name]
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[name] * factor
@@ -125,10 +130,39 @@ class Trainer:
             flags += [~torch.isfinite(out.fvu_L), (~torch.isfinite(out.loss)).expand_as(out.fvu_L)]
             terms = torch.stack([out.loss.detach().expand_as(out.fvu_L), out.fvu_L.detach(), out.l0_L.detach()])
             self._sums[name] = terms if name not in self._sums else self._sums[name] + terms
+            self._lap(name, start)
         self._flags.append(torch.stack(flags))
         self._flag_steps.append(s)
         self._window_steps += 1
         self.step += 1
+
+    def _clock(self):
+        """A start mark: a recorded CUDA event, or the CPU clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _lap(self, name: str, start) -> None:
+        """Add the time since `start` to model `name`'s share (on CUDA: once its events are read)."""
+        if self.device.type != "cuda":
+            self.model_s[name] += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._events[name].append((start, end))
+
+    def _read_events(self) -> None:
+        for name, pairs in self._events.items():
+            if pairs:
+                torch.cuda.synchronize(self.device)
+                self.model_s[name] += sum(a.elapsed_time(b) for a, b in pairs) / 1000
+                pairs.clear()
+
+    def state_bytes(self, name: str) -> int:
+        """Bytes model `name` keeps for training: weights, their gradients and Adam's two moments (4 × the weights)."""
+        return 4 * sum(p.numel() * p.element_size() for p in self.models[name].parameters())
 
     def check_finite(self) -> None:
         """Raise `TrainingError` naming the first step, layer and transcoder that saw NaN/inf since the last check."""
@@ -153,6 +187,7 @@ class Trainer:
 
     def window(self) -> dict[str, StepMetrics]:
         """Metrics per transcoder averaged since the last call (resets the averages)."""
+        self._read_events()
         out = {}
         for name, model in self.models.items():
             dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
