@@ -141,7 +141,7 @@ def describe(tc, path: Path | None = None, backbone: Backbone | None = None) -> 
         "browser": None,
         "topology": cfg.topology,
         "sparsifier": cfg.sparsifier,
-        "k": None if cfg.sparsifier == "jumprelu" else cfg.k,
+        "k": cfg.k,
         "n_features": tc.n_features,
         "config": jsonable(asdict(cfg)),
     }
