@@ -121,7 +121,7 @@ def build_study_browser(cfg: ReproduceConfig, trained: list[str]) -> Path | None
             and json.loads((cfg.out / "train" / name / "config.json").read_text()).get("topology") == "clt"]
     if not clts:
         return None
-    chosen = next((n for n in clts if n.endswith("relu-topk")), clts[0])
+    chosen = next((n for n in clts if "relu-topk" in n), clts[0])
     rt = cfg.runtime
     site = build_browser(cfg.out / "train", cfg.dataset, transcoders=[chosen], backbone=cfg.backbone, split=cfg.eval_split,
                          max_images=cfg.eval_images, images_per_forward=rt.images_per_forward, exports=False,
@@ -148,7 +148,7 @@ def run(cfg: ReproduceConfig) -> Path:
     check_owner(tcfg.out, cfg.command)
     check_writable_dir(ecfg.out_dir)
     pairs = [f"{t}:{s}" for t, s in tcfg.sweep.pairs()]
-    print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
+    print(f"training {len(pairs) * len(tcfg.sweep.k)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
     paths = train(tcfg, command=cfg.command)
     if cfg.browse:

@@ -45,7 +45,7 @@ def frontier_points(metrics: dict) -> list[dict]:
     points = []
     for name, e in metrics["transcoders"].items():
         rec = e["reconstruction"]
-        point = {"name": name, "curve": f"{e['topology']} {e['sparsifier']}", "k": e["k"], "l0": rec["all"]["mean"]["l0"]}
+        point = {"name": name, "curve": f"{e['topology']} {e['sparsifier']}", "k": e.get("k"), "l0": rec["all"]["mean"]["l0"]}
         for group in metrics["token_groups"]:
             point[f"fvu_{group}"] = rec[group]["mean"]["fvu"]
             point[f"r2_{group}"] = rec[group]["mean"]["r2"]
