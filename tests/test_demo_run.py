@@ -27,7 +27,7 @@ SECTIONS = [
 def test_demo_is_a_preset_of_reproduce_with_the_demo_sizes():
     name, cfg = parse(["demo"])
     assert name == "demo" and cfg == DEMO
-    assert (cfg.max_images, cfg.optim.steps, cfg.eval_images, cfg.evaluation.seeds) == (2000, 300, 400, 3)
+    assert (cfg.max_images, cfg.optim.steps, cfg.eval_images, cfg.evaluation.seeds) == (2000, 200, 400, 3)
     assert (cfg.sweep.models, cfg.sweep.k, cfg.transcoder.expansion, cfg.optim.batch_size) == (FRONTIER_MODELS, (8, 16, 32), 8,
                                                                                                   1024)
     assert (cfg.runtime.threads, cfg.runtime.workers, cfg.out, cfg.overwrite) == (1, 1, Path("runs/demo"), True)

@@ -28,7 +28,7 @@ DEMO = ReproduceConfig(
     eval_images=400,
     sweep=SweepConfig(models=FRONTIER_MODELS, k=(8, 16, 32)),
     transcoder=TranscoderConfig(expansion=8),
-    optim=OptimConfig(steps=300, batch_size=1024, warmup_steps=None),
+    optim=OptimConfig(steps=200, batch_size=1024, warmup_steps=None),
     evaluation=EvalOptions(seeds=3),
     runtime=RuntimeConfig(threads=1, workers=1),
     out=Path("runs/demo"),
