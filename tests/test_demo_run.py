@@ -79,4 +79,4 @@ def test_reduced_demo_runs_end_to_end_and_its_report_holds_every_section(tmp_pat
     link = metrics["transcoders"]["clt-relu-topk-k8"]["browser"]
     assert link.startswith("../train/browser/index.html?tc=") and f'href="{link}"' in html
     assert (report.parent / link.split("?")[0]).resolve() == (site / "index.html").resolve()
-    assert metrics["transcoders"]["clt-jumprelu"]["browser"] is None
+    assert metrics["transcoders"]["clt-jumprelu-k8"]["browser"] is None

@@ -131,8 +131,9 @@ def _frontier(metrics: dict, fig: Path) -> str:
     for r in frontier_summary(metrics):
         digits = 2 if r.metric.key in ("top1_full", "top1_last", "faithfulness_gap", "dead_pct") else 4
         spread = f" ± {r.spread:.{digits}f}" if r.spread is not None else ""
+        margin = "tie" if r.margin == 0 else _fmt(r.margin, digits)
         rows.append([_fmt(r.k), _esc(r.metric.label), _esc(r.best), _fmt(r.value, digits) + spread, _fmt(r.l0, 2),
-                     _esc(r.runner_up or "–"), _fmt(r.margin, digits)])
+                     _esc(r.runner_up or "–"), margin])
     points = sum(len(p) for p in curves.values())
     return (
         "<h2>Sparsity–fidelity frontiers</h2>"
