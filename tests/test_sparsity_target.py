@@ -87,3 +87,24 @@ def test_a_sweeps_models_equal_the_same_models_trained_alone(tiny_clip_dir, imag
         [path] = train(alone)
         a, b = load_file(path / "model.safetensors"), load_file(paths[f"{topology}-{sparsifier}-k{k}"] / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), (topology, sparsifier, k)
+
+
+def test_resuming_an_older_fixed_coefficient_run_names_the_flag_to_pass(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
+    from vitclt.training import TrainingError
+    from vitclt.training.checkpoint import STATE_FILE, load_state_tensors, read_state_meta, save_state
+
+    cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", sparsifier=("jumprelu",), steps=4, warmup_steps=1,
+                 checkpoint_every=2, sparsity_control="fixed")
+    train(cfg)
+    # What an older vitclt wrote: no sparsity_control in the saved config, unfinished, no controller state.
+    meta = read_state_meta(cfg.out)
+    del meta["train_config"]["optim"]["sparsity_control"], meta["train_config"]["optim"]["sparsity_control_rate"]
+    meta.update(finished=False, step=2)
+    meta.pop("version")
+    tensors = load_state_tensors(cfg.out)
+    (cfg.out / STATE_FILE).unlink()
+    save_state(cfg.out, tensors, meta)
+    resumed = config(tiny_clip_dir, image_folder, tmp_path / "run", sparsifier=("jumprelu",), steps=4, warmup_steps=1,
+                     checkpoint_every=2, resume=True)
+    with pytest.raises(TrainingError, match="resume it with --sparsity-control fixed"):
+        train(resumed)

@@ -230,5 +230,9 @@ class Trainer:
             self._since_bound[name] = int(self.since_fired[name].max())
             if name in self.sparsity:
                 prefix = f"{name}.sparsity."
-                self.sparsity[name].load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if saved.keys() != self.sparsity[name].state_tensors().keys():
+                    raise TrainingError(f"the training state has no L0-controller state for {name!r}: it was trained with a "
+                                        "fixed sparsity coefficient (an older vitclt); resume it with --sparsity-control fixed")
+                self.sparsity[name].load_state_tensors(saved)
         self.step = step
