@@ -221,3 +221,20 @@ def test_reproduce_checks_its_browser_output_before_training(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was not written by vitclt browse" in err
     assert (tmp_path / "out" / "train" / "browser" / "notes.txt").read_text() == "mine"
+
+
+def test_of_a_sweep_over_k_the_featured_clt_is_the_relu_topk_clt_at_the_middle_k(tmp_path):
+    from vitclt.eval.suite import featured_transcoder
+
+    models = (("clt-jumprelu-k8", "clt", "jumprelu", 8), ("plt-relu-topk-k16", "plt", "relu-topk", 16),
+              ("clt-relu-topk-k32", "clt", "relu-topk", 32), ("clt-relu-topk-k8", "clt", "relu-topk", 8),
+              ("clt-relu-topk-k16", "clt", "relu-topk", 16))
+    paths = {}
+    for name, topology, sparsifier, k in models:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"topology": topology, "sparsifier": sparsifier, "k": k}))
+        paths[name] = tmp_path / name
+    assert featured_transcoder(paths) == "clt-relu-topk-k16"
+    no_topk_clt = {n: p for n, p in paths.items() if "relu-topk" not in n or n.startswith("plt")}
+    assert featured_transcoder(no_topk_clt) == "clt-jumprelu-k8"
+    assert featured_transcoder({"plt-relu-topk-k16": paths["plt-relu-topk-k16"]}) is None

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 from vitclt.cli import main, parse
-from vitclt.commands.demo import DEMO
-from vitclt.commands.reproduce import PAPER_MODELS
+from vitclt.commands.demo import DEMO, FRONTIER_MODELS
 from vitclt.eval.metric_keys import check_metric_keys
 from vitclt.report.summary import headline_table
 
 from .conftest import write_image_folder
 
 SECTIONS = [
+    "Sparsity–fidelity frontiers",
     "Reconstruction of MLP outputs",
     "Cascaded replacement",
     "Linear decomposition and contribution scores",
@@ -27,8 +27,9 @@ SECTIONS = [
 def test_demo_is_a_preset_of_reproduce_with_the_demo_sizes():
     name, cfg = parse(["demo"])
     assert name == "demo" and cfg == DEMO
-    assert (cfg.max_images, cfg.optim.steps, cfg.eval_images, cfg.evaluation.seeds) == (2000, 400, 800, 5)
-    assert (cfg.sweep.models, cfg.sweep.k, cfg.transcoder.expansion, cfg.optim.batch_size) == (PAPER_MODELS, (16,), 8, 1024)
+    assert (cfg.max_images, cfg.optim.steps, cfg.eval_images, cfg.evaluation.seeds) == (2000, 200, 400, 3)
+    assert (cfg.sweep.models, cfg.sweep.k, cfg.transcoder.expansion, cfg.optim.batch_size) == (FRONTIER_MODELS, (8, 16, 32), 8,
+                                                                                                  1024)
     assert (cfg.runtime.threads, cfg.runtime.workers, cfg.out, cfg.overwrite) == (1, 1, Path("runs/demo"), True)
     quick = parse(["demo", "--quick"])[1].sized()
     sizes = (quick.max_images, quick.optim.steps, quick.eval_images, quick.evaluation.seeds, quick.optim.warmup)
@@ -69,13 +70,13 @@ def test_reduced_demo_runs_end_to_end_and_its_report_holds_every_section(tmp_pat
         assert section in html, section
     assert "data:image/png;base64," in html and "<img src=\"figures/" not in html
     assert check_metric_keys(metrics) == []
-    assert sorted(metrics["transcoders"]) == ["clt-abs-topk", "clt-jumprelu", "clt-relu-topk", "plt-relu-topk", "sae-relu-topk"]
+    assert sorted(metrics["transcoders"]) == sorted(f"{m.replace(':', '-')}-k{k}" for m in FRONTIER_MODELS for k in (8, 16, 32))
     assert metrics["backbone"]["name"] == "demo" and metrics["dataset"]["n_images"] == 48
     assert json.loads((out / "train" / "run.json").read_text())["command"] == "demo"
     # The feature browser of the ReLU-TopK CLT is built, its path printed, and the report links to it.
     site = out / "train" / "browser"
-    assert f"feature browser of clt-relu-topk: {site / 'index.html'}" in printed
-    link = metrics["transcoders"]["clt-relu-topk"]["browser"]
+    assert f"feature browser of clt-relu-topk-k8: {site / 'index.html'}" in printed
+    link = metrics["transcoders"]["clt-relu-topk-k8"]["browser"]
     assert link.startswith("../train/browser/index.html?tc=") and f'href="{link}"' in html
     assert (report.parent / link.split("?")[0]).resolve() == (site / "index.html").resolve()
-    assert metrics["transcoders"]["clt-jumprelu"]["browser"] is None
+    assert metrics["transcoders"]["clt-jumprelu-k8"]["browser"] is None

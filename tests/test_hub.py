@@ -139,7 +139,7 @@ def test_a_hub_transcoder_trained_on_other_backbone_weights_is_refused(hub_cache
 
 def _metrics(name: str, path: Path) -> dict:
     """A metrics.json with the keys the headline reads, values distinct so the card's can be traced."""
-    rec = {"r2": 0.8123, "cosine": 0.9045}
+    rec = {"l0": 16.0, "r2": 0.8123, "cosine": 0.9045}
     faith = {"k": 2, "drop_top1": {"top1": 41.0}, "drop_random": {"top1": 52.5},
              "keep_topk": {"top1": 60.25}, "keep_random": {"top1": 33.75}}
     return {

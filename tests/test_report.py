@@ -86,10 +86,11 @@ def test_eval_writes_every_documented_key_and_a_self_contained_report(run_dir, f
     table = headline(metrics)
     assert headline_table(metrics) in printed
     row = next(r for r in table.rows if r[0] == "clt-relu-topk")
-    assert row[1] == f"{clt['reconstruction']['all']['mean']['r2']:.4f}"
-    assert row[3] == f"{clt['replacement']['0-2']['all']['top1']:.2f}"
-    assert row[4] == f"{clt['replacement']['2-2']['all']['top1']:.2f}"
-    assert row[5:] == [f"{faith[e]['top1']:.2f}" for e in ("drop_top1", "drop_random", "keep_topk", "keep_random")]
+    assert row[1] == f"{clt['reconstruction']['all']['mean']['l0']:.1f}"
+    assert row[2] == f"{clt['reconstruction']['all']['mean']['r2']:.4f}"
+    assert row[4] == f"{clt['replacement']['0-2']['all']['top1']:.2f}"
+    assert row[5] == f"{clt['replacement']['2-2']['all']['top1']:.2f}"
+    assert row[6:] == [f"{faith[e]['top1']:.2f}" for e in ("drop_top1", "drop_random", "keep_topk", "keep_random")]
     assert "".join(f"<td class=\"\">{c}</td>" for c in row[1:]) in html
 
 

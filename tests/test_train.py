@@ -22,7 +22,8 @@ from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.training import TrainConfig, TrainingError, train, transcoder_configs
 from vitclt.training.checkpoint import read_state_meta
 from vitclt.training.config import flat_settings
-from vitclt.training.trainer import lr_factor, ramp_factor
+from vitclt.training.sparsity import ramp_factor
+from vitclt.training.trainer import lr_factor
 
 N_IMAGES = 24
 
@@ -83,9 +84,10 @@ def test_training_lowers_fvu_on_every_layer(tiny_clip_dir, tiny_backbone, image_
 def test_sweep_trains_one_transcoder_per_setting_on_one_stream(tiny_clip_dir, image_folder, tmp_path, capsys):
     cfg = config(tiny_clip_dir, image_folder, tmp_path / "run", sparsifier=("relu-topk", "jumprelu", "abs-topk"),
                  k=(4, 8), steps=6, warmup_steps=2, checkpoint_every=3, cache_dir=tmp_path / "cache")
-    assert list(transcoder_configs(cfg, 3, 32)) == ["relu-topk-k4", "relu-topk-k8", "jumprelu", "abs-topk-k4", "abs-topk-k8"]
+    names = ["relu-topk-k4", "relu-topk-k8", "jumprelu-k4", "jumprelu-k8", "abs-topk-k4", "abs-topk-k8"]
+    assert list(transcoder_configs(cfg, 3, 32)) == names
     paths = train(cfg)
-    assert [p.name for p in paths] == ["relu-topk-k4", "relu-topk-k8", "jumprelu", "abs-topk-k4", "abs-topk-k8"]
+    assert [p.name for p in paths] == names
     for p in paths:
         model = Transcoder.from_pretrained(p)
         assert model.cfg.backbone == str(tiny_clip_dir) and model.cfg.tokens == "all"
@@ -100,7 +102,7 @@ def test_killed_run_resumes_bit_identically(tiny_clip_dir, image_folder, tmp_pat
     steps = 60
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     argv = [sys.executable, "-m", "vitclt.cli", "train", "--backbone", str(tiny_clip_dir), "--dataset", f"folder:{image_folder}",
-            "--tokens", "all", "--sparsifier", "relu-topk", "--k", "8", "--expansion", "4", "--steps", str(steps),
+            "--tokens", "all", "--sparsifier", "relu-topk", "jumprelu", "--k", "8", "--expansion", "4", "--steps", str(steps),
             "--batch-size", "128", "--warmup-steps", "20", "--buffer-size", "68", "--norm-tokens", "400",
             "--images-per-forward", "3", "--workers", "1", "--checkpoint-every", "10", "--log-every", "50",
             "--threads", "1", "--device", "cpu", "--out", str(killed), "--no-progress"]
@@ -118,12 +120,13 @@ def test_killed_run_resumes_bit_identically(tiny_clip_dir, image_folder, tmp_pat
 
     # 4-image blocks in forwards of 3 images: resume must re-run a block's forwards exactly as they ran.
     cfg = config(tiny_clip_dir, image_folder, killed, steps=steps, batch_size=128, buffer_size=68, images_per_forward=3,
-                 checkpoint_every=10)
+                 checkpoint_every=10, sparsifier=("relu-topk", "jumprelu"))
     with pytest.raises(TrainingError, match="unfinished run"):
         train(cfg)
     train(changed(cfg, resume=True))
     train(changed(cfg, out=whole))
-    for name in ("relu-topk/model.safetensors", "training_state.safetensors"):
+    # JumpReLU's L0 controller state resumes too (and the end-of-run calibration is deterministic).
+    for name in ("relu-topk/model.safetensors", "jumprelu/model.safetensors", "training_state.safetensors"):
         a, b = load_file(killed / name), load_file(whole / name)
         assert a.keys() == b.keys()
         for key in a:

@@ -152,7 +152,7 @@ def run(cfg: ReproduceConfig) -> Path:
 
         shutil.rmtree(prepare_output(tcfg.out / "browser"))  # the browser is built after training: check it now
     pairs = [f"{t}:{s}" for t, s in tcfg.sweep.pairs()]
-    print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
+    print(f"training {len(pairs) * len(tcfg.sweep.k)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
     paths = train(tcfg, command=cfg.command)
     if cfg.browse:

@@ -77,7 +77,7 @@ METRIC_KEYS: list[MetricKey] = [
               "evaluated ones (its config's backbone_fingerprint differs; only with --allow-backbone-mismatch)"),
     MetricKey(f"{TC}.topology", "clt, plt or sae"),
     MetricKey(f"{TC}.sparsifier", "jumprelu, relu-topk, abs-topk or batch-topk"),
-    MetricKey(f"{TC}.k", "active features per token and layer for the TopK family (null for JumpReLU)"),
+    MetricKey(f"{TC}.k", "target active features per token and layer: TopK's k, the L0 a JumpReLU was steered to"),
     MetricKey(f"{TC}.n_features", "features per layer F"),
     MetricKey(f"{TC}.config", "the transcoder's full config.json"),
     MetricKey(f"{REC}.mean.<metric>", "layer average of a reconstruction metric (mse, r2, cosine, fvu, l0, dead_pct) "

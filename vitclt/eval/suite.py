@@ -79,18 +79,21 @@ because eval does not import training (a test keeps the two equal)."""
 
 
 def featured_transcoder(paths: dict[str, Path]) -> str | None:
-    """The transcoder a study features: its ReLU-TopK CLT, else its first CLT in the order of `paths`; None without a CLT.
+    """The transcoder a study features: its ReLU-TopK CLT (of a sweep over k, the one at the middle k), else its first
+    CLT in the order of `paths`; None without a CLT.
 
     `vitclt reproduce` and `demo` browse it; from their output directory explain, intervene and push default to it.
     """
-    def topology(path: Path) -> str | None:
+    def config(path: Path) -> dict:
         try:
-            return json.loads((path / "config.json").read_text()).get("topology")
-        except (OSError, ValueError, AttributeError):
-            return None
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
 
-    clts = [name for name, path in paths.items() if topology(path) == "clt"]
-    return next((n for n in clts if n.endswith("relu-topk")), clts[0] if clts else None)
+    clts = {name: cfg for name, cfg in ((n, config(p)) for n, p in paths.items()) if cfg.get("topology") == "clt"}
+    topk = sorted((n for n, cfg in clts.items() if cfg.get("sparsifier") == "relu-topk"), key=lambda n: clts[n].get("k", 0))
+    return topk[len(topk) // 2] if topk else next(iter(clts), None)
 
 
 def _study(run_dir: Path) -> list[str] | None:
@@ -203,7 +206,7 @@ def describe(tc, path: Path | None = None, backbone: Backbone | None = None) -> 
         "browser": None,
         "topology": cfg.topology,
         "sparsifier": cfg.sparsifier,
-        "k": None if cfg.sparsifier == "jumprelu" else cfg.k,
+        "k": cfg.k,
         "n_features": tc.n_features,
         "config": jsonable(asdict(cfg)),
     }

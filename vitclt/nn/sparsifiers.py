@@ -184,6 +184,24 @@ class JumpReLU(Sparsifier):
         threshold_F = at_low_F + frac * (above_F - at_low_F)
         self.log_threshold_LF[layer].copy_(threshold_F.clamp_min(floor).log())
 
+    @torch.no_grad()
+    def scale_threshold(self, layer: int, pre_NF: Tensor, target_l0: float) -> float:
+        """Multiply layer ``layer``'s θ by one factor so that on ``pre_NF`` about ``target_l0`` features per row fire.
+
+        Entry (n, f) fires under the scaled θ iff pre/θ_f > factor, so the factor lies between the m-th
+        and (m+1)-th largest ratio, m = round(target_l0 · rows): the mean L0 on the sample is then
+        m / rows exactly (ties aside), and every feature keeps its threshold relative to the others.
+        Returns the factor (1 when the sample cannot reach the target: fewer positive entries than m).
+        """
+        n, n_features = pre_NF.shape
+        m = min(max(round(float(target_l0) * n), 1), n * n_features - 1)
+        top = (pre_NF.float() / self._threshold_F(layer)).flatten().topk(m + 1).values
+        if not top[m - 1] > 0:
+            return 1.0
+        factor = float((top[m - 1] + top[m].clamp_min(0)) / 2)
+        self.log_threshold_LF[layer] += math.log(factor)
+        return factor
+
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
         """Train: entries above θ − ε/2 (the kernel window included); eval: entries above θ."""
         threshold_F = self._threshold_F(layer).detach()
@@ -198,12 +216,15 @@ class JumpReLU(Sparsifier):
         return z_NK * selection.active_NK
 
     def penalty(self, pre_NK: Tensor, selection: Selection, layer: int) -> Tensor:
-        """sparsity_coefficient × mean over rows of the layer's L0 (straight-through to θ)."""
-        if self.sparsity_coefficient == 0:
+        """sparsity_coefficient (a number, or one per layer) × mean over rows of the layer's L0 (straight-through to θ)."""
+        coefficient = self.sparsity_coefficient
+        if isinstance(coefficient, Tensor):
+            coefficient = coefficient[layer]
+        elif coefficient == 0:
             return pre_NK.new_zeros((), dtype=torch.float32)
         threshold_NK = self._threshold_F(layer)[selection.indices_NK]
         l0_NK = _StepFn.apply(pre_NK.float(), threshold_NK, self.bandwidth) * selection.active_NK
-        return self.sparsity_coefficient * l0_NK.sum(1).mean()
+        return coefficient * l0_NK.sum(1).mean()
 
     def thresholds(self) -> Tensor:
         """θ for every layer and feature."""

@@ -180,13 +180,14 @@ class Transcoder(nn.Module):
         return [W for decoders in self.W_dec for W in decoders]
 
     @property
-    def sparsity_coefficient(self) -> float:
-        """JumpReLU L0 penalty coefficient λ (the trainer may schedule it; unused by TopK)."""
+    def sparsity_coefficient(self) -> float | Tensor:
+        """JumpReLU L0 penalty coefficient λ, one number or one per layer (the trainer schedules it; unused by TopK)."""
         return self.sparsifier.sparsity_coefficient
 
     @sparsity_coefficient.setter
-    def sparsity_coefficient(self, value: float) -> None:
-        self.sparsifier.sparsity_coefficient = float(value)
+    def sparsity_coefficient(self, value: float | Tensor) -> None:
+        # A per-layer tensor stays on the device: the trainer's controller updates it without a sync.
+        self.sparsifier.sparsity_coefficient = value if isinstance(value, Tensor) else float(value)
 
     # Normalisation ---------------------------------------------------------------------
 
@@ -288,6 +289,23 @@ class Transcoder(nn.Module):
         for layer, k in enumerate(self.cfg.k_layers):
             pre_NF = F.linear(xn_NLD[:, layer], self.W_enc[layer], self.b_enc[layer])
             self.sparsifier.fit_threshold(layer, pre_NF, k)
+
+    @torch.no_grad()
+    def match_l0(self, x_NLD: Tensor, y_NLD: Tensor) -> list[float]:
+        """JumpReLU: scale each layer's thresholds by one factor so this sample of raw rows has L0 = k per layer.
+
+        The end of a run steered to L0 = k (`vitclt.training.sparsity`) trims the controller's last
+        error this way (`JumpReLU.scale_threshold`). Returns the factor per layer; other sparsifiers
+        are left unchanged (an empty list).
+        """
+        if not isinstance(self.sparsifier, JumpReLU):
+            return []
+        if self.cfg.topology == "sae":
+            x_NLD = y_NLD
+        self._check_shape("x", x_NLD)
+        xn_NLD = self._normalize_input(x_NLD)
+        return [self.sparsifier.scale_threshold(layer, F.linear(xn_NLD[:, layer], self.W_enc[layer], self.b_enc[layer]), k)
+                for layer, k in enumerate(self.cfg.k_layers)]
 
     # Encoding --------------------------------------------------------------------------
 

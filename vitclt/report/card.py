@@ -111,24 +111,24 @@ def _metric_rows(evaluation: Evaluation) -> list[str]:
     cells = dict(zip(table.header, row))
     tokens = "all" if "all" in evaluation.metrics["tokens"] else next(iter(evaluation.metrics["tokens"]))
     tc = f"transcoders.{evaluation.name}"
-    full, last = (h.split(" ", 1)[1].replace("→", "-") for h in table.header[3:5])
+    full, last = (h.split(" ", 1)[1].replace("→", "-") for h in table.header[4:6])
     base = evaluation.metrics["baseline"]["top1"]
     rows = [
         ("reconstruction R² (all tokens, layer mean)", cells["R²"], f"{tc}.reconstruction.all.mean.r2"),
         ("reconstruction cosine (all tokens, layer mean)", cells["cosine"], f"{tc}.reconstruction.all.mean.cosine"),
-        (f"zero-shot top-1 (%), layers {full} replaced (full cascade, {tokens} tokens)", cells[table.header[3]],
+        (f"zero-shot top-1 (%), layers {full} replaced (full cascade, {tokens} tokens)", cells[table.header[4]],
          f"{tc}.replacement.{full}.{tokens}.top1"),
-        (f"zero-shot top-1 (%), layers {last} replaced (last layers, {tokens} tokens)", cells[table.header[4]],
+        (f"zero-shot top-1 (%), layers {last} replaced (last layers, {tokens} tokens)", cells[table.header[5]],
          f"{tc}.replacement.{last}.{tokens}.top1"),
         ("zero-shot top-1 (%) of the clean model", f"{base:.2f}", "baseline.top1"),
     ]
     faith = evaluation.metrics["transcoders"][evaluation.name].get("faithfulness")
-    if faith and len(table.header) > 5:
+    if faith and len(table.header) > 6:
         group = "all" if "all" in faith else next(iter(faith))
         k = faith[group]["k"]
         labels = {"drop_top1": "faithfulness: drop the top-ranked source layer", "drop_random": "… drop a random source layer",
                   "keep_topk": f"faithfulness: keep only the top-{k} sources", "keep_random": f"… keep {k} random sources"}
-        for (edit, label), header in zip(labels.items(), table.header[5:]):
+        for (edit, label), header in zip(labels.items(), table.header[6:]):
             rows.append((f"{label}, top-1 (%)", cells[header], f"{tc}.faithfulness.{group}.{edit}.top1"))
     return [f"| {label} | {value} | `{key}` |" for label, value, key in rows]
 

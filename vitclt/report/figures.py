@@ -14,9 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vitclt.report.frontier import frontier_curves, frontier_metrics  # noqa: E402
 from vitclt.report.summary import accuracy_label  # noqa: E402
 
 TOKEN_STYLE = {"cls": ("tab:blue", "o"), "patches": ("tab:orange", "s"), "all": ("tab:green", "^")}
@@ -198,4 +199,36 @@ def retrieval_figure(name: str, retrieval: dict, dataset, path: Path, query: int
             ax.set_yticks([])
     axes[0, 0].set_title(f"query: {caption(q)[:14]}", fontsize=6)
     fig.suptitle(f"{name}: nearest images by {retrieval['pool']} code (green: same label)", fontsize=9)
+    return _save(fig, path)
+
+
+def frontier_figure(metrics: dict, path: Path) -> Path:
+    """Every frontier metric against measured L0 (log scale), one panel per metric and one curve per topology ×
+    sparsifier (`vitclt.report.frontier`); CLTs solid, other topologies dashed."""
+    panels = frontier_metrics(metrics)
+    curves = frontier_curves(metrics)
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows + 0.8), squeeze=False, layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for ax, metric in zip(axes.flat, panels):
+        for i, (curve, points) in enumerate(curves.items()):
+            shown = [p for p in points if p[metric.key] is not None]
+            if not shown:
+                continue
+            ax.plot([p["l0"] for p in shown], [p[metric.key] for p in shown], marker="o", color=colours(i % 10),
+                    ls="-" if curve.startswith("clt") else "--", label=curve)
+        ax.set_xscale("log")
+        # Plain numbers at the sweep's target L0s: log-scale's default labels (2×10⁰ ...) collide at these ranges.
+        ax.xaxis.set_major_locator(FixedLocator(sorted({p["k"] for pts in curves.values() for p in pts if p["k"]})))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(metric.label + (" ↑" if metric.higher_is_better else " ↓"), fontsize=9)
+        ax.set_xlabel("L0 (measured, all tokens)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=9)
     return _save(fig, path)

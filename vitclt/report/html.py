@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vitclt.io import write_text
 from vitclt.report import figures
+from vitclt.report.frontier import frontier_curves, frontier_summary
 from vitclt.report.summary import accuracy_label, headline
 
 CSS = """
@@ -121,6 +122,28 @@ def _header(metrics: dict) -> str:
         "cascade and with only the last layers replaced (all tokens); for CLTs, the faithfulness edits of the last layer "
         "beside their random controls. Details in the sections below.</p>"
         + _table([_esc(h) for h in top.header], [[_esc(c) for c in r] for r in top.rows])
+    )
+
+
+def _frontier(metrics: dict, fig: Path) -> str:
+    curves = frontier_curves(metrics)
+    rows = []
+    for r in frontier_summary(metrics):
+        digits = 2 if r.metric.key in ("top1_full", "top1_last", "faithfulness_gap", "dead_pct") else 4
+        spread = f" ± {r.spread:.{digits}f}" if r.spread is not None else ""
+        margin = "tie" if r.margin == 0 else _fmt(r.margin, digits)
+        rows.append([_fmt(r.k), _esc(r.metric.label), _esc(r.best), _fmt(r.value, digits) + spread, _fmt(r.l0, 2),
+                     _esc(r.runner_up or "–"), margin])
+    points = sum(len(p) for p in curves.values())
+    return (
+        "<h2>Sparsity–fidelity frontiers</h2>"
+        f"<p>{points} models on {len(curves)} curves (topology × sparsifier), each metric against the measured L0 "
+        "(mean active features per token and layer on the eval set, all tokens). Models at the same target L0 "
+        "(<i>k</i>: TopK's k, the L0 a JumpReLU's training was steered to) compare at matched sparsity; the table says, "
+        "at each k, which model is best on each metric and by how much over the runner-up (± the standard deviation "
+        "over seeds where the metric has seeds: the faithfulness gap's random control). Drawn from metrics.json alone.</p>"
+        + _img(fig, "sparsity-fidelity frontiers")
+        + _table(["k", "metric", "best", "value", "its L0", "runner-up", "margin"], rows, left=3)
     )
 
 
@@ -299,6 +322,7 @@ def draw_figures(metrics: dict, dataset, fig_dir: Path) -> dict:
     clts = _clts(metrics)
     tcs = metrics["transcoders"]
     out = {
+        "frontier": figures.frontier_figure(metrics, fig_dir / "frontier.png"),
         "reconstruction": figures.reconstruction_figure(metrics, fig_dir / "reconstruction.png"),
         "replacement": figures.replacement_figure(metrics, fig_dir / "replacement.png"),
         "retrieval_precision": figures.retrieval_precision_figure(metrics, fig_dir / "retrieval_precision.png"),
@@ -316,6 +340,7 @@ def render_html(metrics: dict, figs: dict) -> str:
     """The report page as one HTML string."""
     body = (
         _header(metrics)
+        + _frontier(metrics, figs["frontier"])
         + _reconstruction(metrics, figs["reconstruction"])
         + _replacement(metrics, figs["replacement"])
         + _attribution(metrics, figs["attribution"])

@@ -1,6 +1,7 @@
 """The headline table of an evaluation, read from metrics.json: what `vitclt demo` ends with and the report opens with.
 
-Per model: reconstruction R² and cosine (all tokens, layer averages), top-1 under the task head
+Per model, grouped by the L0 it was trained to: its measured L0, reconstruction R² and cosine (all tokens,
+layer averages), top-1 under the task head
 (zero-shot, a linear probe or the checkpoint's own classifier) with the full cascade and with only
 the last layers replaced (all tokens), and for CLTs the faithfulness edits beside their random controls
 (necessity: drop the top-ranked source vs drop a random one; sufficiency: keep the top k vs keep k
@@ -55,14 +56,16 @@ def headline(metrics: dict) -> Headline:
         if "faithfulness" in entry:
             k = next(iter(entry["faithfulness"].values()))["k"]
             break
-    header = ["model", "R²", "cosine", f"top-1 {arrow(full)}", f"top-1 {arrow(last)}"]
+    header = ["model", "L0", "R²", "cosine", f"top-1 {arrow(full)}", f"top-1 {arrow(last)}"]
     if k is not None:
         header += ["drop top-1", "drop random", f"keep top-{k}", f"keep {k} random"]
     pct = lambda x: f"{x:.2f}"  # noqa: E731
     rows = []
-    for name, e in metrics["transcoders"].items():
+    # Grouped by the L0 the models were trained to (stable within a group), so neighbours compare at matched sparsity.
+    by_k = sorted(metrics["transcoders"].items(), key=lambda item: (item[1].get("k") is None, item[1].get("k") or 0))
+    for name, e in by_k:
         rec = e["reconstruction"]["all"]["mean"]
-        row = [name, f"{rec['r2']:.4f}", f"{rec['cosine']:.4f}", pct(e["replacement"][full][tokens]["top1"]),
+        row = [name, f"{rec['l0']:.1f}", f"{rec['r2']:.4f}", f"{rec['cosine']:.4f}", pct(e["replacement"][full][tokens]["top1"]),
                pct(e["replacement"][last][tokens]["top1"])]
         if k is not None:
             faith = e.get("faithfulness")
@@ -74,9 +77,9 @@ def headline(metrics: dict) -> Headline:
         rows.append(row)
     base = pct(metrics["baseline"]["top1"])
     zero = metrics["zero_ablation"]
-    filler = ["–"] * (len(header) - 5)
-    rows.append(["clean model", "–", "–", base, base] + filler)
-    rows.append(["zero-ablation", "–", "–", pct(zero[full][tokens]), pct(zero[last][tokens])] + filler)
+    filler = ["–"] * (len(header) - 6)
+    rows.append(["clean model", "–", "–", "–", base, base] + filler)
+    rows.append(["zero-ablation", "–", "–", "–", pct(zero[full][tokens]), pct(zero[last][tokens])] + filler)
     return Headline(header, rows)
 
 
@@ -88,7 +91,7 @@ def headline_table(metrics: dict) -> str:
     tokens = _tokens(metrics["tokens"])
     note = (f"{accuracy_label(metrics)} top-1 (%) on {metrics['baseline']['n_images']} images with MLP outputs replaced "
             f"at {tokens} tokens; "
-            "R² and cosine of the reconstruction (all tokens, layer mean)")
-    if len(table.header) > 5:
+            "L0 (measured), R² and cosine of the reconstruction (all tokens, layer mean); rows grouped by target L0")
+    if len(table.header) > 6:
         note += "; faithfulness edits of the last layer beside their random controls"
     return "\n".join([note, line(table.header), *(line(r) for r in table.rows)])

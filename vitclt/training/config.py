@@ -40,7 +40,7 @@ class SweepConfig:
     models: tuple[str, ...] = ()
     """Explicit TOPOLOGY:SPARSIFIER pairs (e.g. clt:jumprelu plt:relu-topk) instead of every --topology × --sparsifier."""
     k: tuple[int, ...] = (32,)
-    """Active features per row and layer for the TopK sparsifiers; several values train one transcoder each."""
+    """Active features per row and layer (L0) of every sparsifier (JumpReLU: the L0 its λ is steered to); one model per value."""
 
     def pairs(self) -> list[tuple[str, str]]:
         """(topology, sparsifier) of every model, in order."""
@@ -89,7 +89,11 @@ class OptimConfig:
     decay_fraction: float = 0.2
     """Final fraction of the steps over which the learning rate decays linearly to 0."""
     sparsity_ramp: float = 1.0
-    """Fraction of the steps over which JumpReLU's λ ramps linearly from 0 to --sparsity-coefficient."""
+    """--sparsity-control fixed: fraction of the steps over which JumpReLU's λ ramps from 0 to --sparsity-coefficient."""
+    sparsity_control: Literal["target-l0", "fixed"] = "target-l0"
+    """JumpReLU's λ: target-l0 steers it per layer so L0 ends at --k; fixed ramps it to --sparsity-coefficient."""
+    sparsity_control_rate: float = 0.5
+    """target-l0: change of λ per step, in units of --sparsity-coefficient, at a relative L0 error of 1 (clipped to ±1)."""
 
     @property
     def warmup(self) -> int:
@@ -106,6 +110,8 @@ class OptimConfig:
         if self.warmup > self.steps:
             raise TrainingError(f"--warmup-steps {self.warmup} is more than --steps {self.steps}, so the learning rate would "
                                 f"never reach its peak: pass --warmup-steps {self.steps // 10} (a tenth of the run) or fewer")
+        if not self.sparsity_control_rate > 0:
+            raise TrainingError(f"--sparsity-control-rate must be positive, got {self.sparsity_control_rate}")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_ramp <= 1:
             raise TrainingError("--decay-fraction and --sparsity-ramp are fractions of the run: use values in [0, 1]")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -275,17 +281,19 @@ def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: 
     """The transcoders a run trains, by subdirectory name, each checked by `TranscoderConfig.validate`.
 
     One per (topology, sparsifier, k), from `--models` or else every `--topology` × `--sparsifier`;
-    JumpReLU ignores k, so it gets one. Names are the sparsifier, with `-k{k}` appended when several
-    values of k are swept, prefixed by `{topology}-` when several topologies are. `fingerprint` is the
-    backbone's `Backbone.fingerprint`, recorded so that evaluation can refuse other weights.
+    under `--sparsity-control fixed` JumpReLU's L0 is not set by k, so it gets one. Names are the
+    sparsifier, with `-k{k}` appended when several values of k are swept, prefixed by `{topology}-`
+    when several topologies are. `fingerprint` is the backbone's `Backbone.fingerprint`, recorded so
+    that evaluation can refuse other weights.
     """
     pairs = cfg.sweep.pairs()
     ks = cfg.sweep.k
     topologies = sorted({t for t, _ in pairs})
     out: dict[str, TranscoderConfig] = {}
     for topology, sparsifier in pairs:
-        for k in ks[:1] if sparsifier == "jumprelu" else ks:
-            name = sparsifier if len(ks) == 1 or sparsifier == "jumprelu" else f"{sparsifier}-k{k}"
+        one = sparsifier == "jumprelu" and cfg.optim.sparsity_control == "fixed"
+        for k in ks[:1] if one else ks:
+            name = sparsifier if len(ks) == 1 or one else f"{sparsifier}-k{k}"
             name = f"{topology}-{name}" if len(topologies) > 1 else name
             tcfg = dataclasses.replace(cfg.transcoder, n_layers=n_layers, d_model=d_model, topology=topology,
                                        sparsifier=sparsifier, k=k, backbone=cfg.backbone if backbone is None else backbone,
@@ -294,6 +302,9 @@ def transcoder_configs(cfg: TrainConfig, n_layers: int, d_model: int, backbone: 
                 tcfg.validate()
             except VitcltError as err:
                 raise TrainingError(f"transcoder {name!r}: {err}") from None
+            if not 1 <= k <= tcfg.features:
+                raise TrainingError(f"transcoder {name!r}: --k {k} must be between 1 and the {tcfg.features} features per "
+                                    "layer: change --k, or raise --expansion")
             out[name] = tcfg
     return out
 

@@ -94,13 +94,33 @@ def _make_models(tcfgs: dict[str, TranscoderConfig], stats: NormStats, seed: int
     return models
 
 
+def _first_rows(source: RowSource, n_rows: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_NLD, y_NLD of the run's first images (about `n_rows` rows, at least 2 images)."""
+    images = image_order(source.n_images, seed, 0)[: max(2, math.ceil(n_rows / source.rows_per_image))]
+    x_NLD, y_NLD = source.load(images)
+    return x_NLD.to(device), y_NLD.to(device)
+
+
 def _init_thresholds(models: dict[str, Transcoder], source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
     """JumpReLU models start near k active features per row: thresholds from the rows of the run's first images."""
     if any(m.cfg.sparsifier == "jumprelu" for m in models.values()):
-        images = image_order(source.n_images, seed, 0)[: max(2, math.ceil(n_rows / source.rows_per_image))]
-        x_NLD, y_NLD = source.load(images)
+        x_NLD, y_NLD = _first_rows(source, n_rows, seed, device)
         for model in models.values():
-            model.init_thresholds(x_NLD.to(device), y_NLD.to(device))
+            model.init_thresholds(x_NLD, y_NLD)
+
+
+def _match_l0(trainer: Trainer, source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
+    """End of a run steered to L0 = k: trim each such JumpReLU's last L0 error on the rows its thresholds started from."""
+    names = list(trainer.sparsity) if trainer.cfg.optim.sparsity_control == "target-l0" else []
+    if not names:
+        return
+    x_NLD, y_NLD = _first_rows(source, n_rows, seed, device)
+    for name in names:
+        model = trainer.models[name].eval()
+        factors = model.match_l0(x_NLD, y_NLD)
+        model.train()
+        print(f"{name}: thresholds scaled by {', '.join(f'{f:.3f}' for f in factors)} (per layer) so that L0 = "
+              f"{', '.join(map(str, model.cfg.k_layers))} on {x_NLD.shape[0]} training rows")
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
@@ -113,11 +133,13 @@ def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStrea
         write_json(out / name / ckpt.TRAINING_FILE, {
             "step": trainer.step, "finished": finished, "tokens": trainer.step * cfg.optim.batch_size,
             "elapsed_s": elapsed, "train_config": cfg.to_json(),
+            "cost": {"update_s": trainer.model_s[name], "state_bytes": trainer.state_bytes(name)},
             "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
                                                "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
         })
     tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
     meta = {"command": command, "step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
+            "model_s": trainer.model_s,
             "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
     ckpt.save_state(out, tensors, meta)
 
@@ -145,6 +167,26 @@ def format_summary(name: str, w: StepMetrics, path: Path) -> str:
     for layer, (f, l0, d) in enumerate(zip(w.fvu_L, w.l0_L, w.dead_L)):
         lines.append(f"  {layer:5d} {f:8.4f} {l0:8.1f} {100 * d:8.2f}")
     lines.append(f"  {'mean':>5} {w.fvu:8.4f} {w.l0:8.1f} {100 * w.dead:8.2f}")
+    return "\n".join(lines)
+
+
+def format_cost(trainer: Trainer, elapsed: float, device: torch.device) -> str:
+    """Each model's training cost (update time, training-state memory) and how a sweep's time grows with its models."""
+    lines = ["training cost per model (update time; weights + gradients + Adam moments):"]
+    for name in trainer.models:
+        lines.append(f"  {name:<24} {trainer.model_s[name]:8.1f} s {trainer.state_bytes(name) / 2**20:9.1f} MiB")
+    models_s = sum(trainer.model_s.values())
+    shared = max(elapsed - models_s, 0.0)
+    mean = models_s / len(trainer.models)
+    if device.type == "cuda":
+        peak = f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    else:
+        import resource
+
+        peak = f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    lines.append(f"  the run took {elapsed:.1f} s: {models_s:.1f} s model updates, {shared:.1f} s shared by all models "
+                 f"(activations, backbone, checkpoints); {peak}. At these settings a sweep of M models takes about "
+                 f"{shared:.0f} + M × {mean:.1f} s")
     return "\n".join(lines)
 
 
@@ -231,6 +273,7 @@ def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict |
         stream.load_state_dict(meta["stream"])
         ckpt.restore_rng(state)
         elapsed = meta["elapsed_s"]
+        trainer.model_s.update(meta.get("model_s", {}))
         del state
     else:
         _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
@@ -254,6 +297,8 @@ def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict |
                                                for n, w in last.items()) + f" | {rate:,.0f} tok/s")
                 if tb is not None:
                     tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
+            if step == opt.steps:
+                _match_l0(trainer, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
             if at_checkpoint:
                 now = time.perf_counter()
                 _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command)
@@ -264,6 +309,7 @@ def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict |
     paths = [out / name for name in models]
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
+    print(format_cost(trainer, elapsed + time.perf_counter() - t0, device))
     warn_if_worse_than_mean(last, trainer)
     remove_stale_temporaries(out)
     return paths

@@ -1,7 +1,7 @@
 """The training step: several transcoders stepped on the same batch, each by its own Adam.
 
 The models compute their own losses (`Transcoder.forward` returns FVU + sparsity + AuxK); the
-trainer only schedules the learning rate and JumpReLU's λ, tracks which features have not fired
+trainer only schedules the learning rate and JumpReLU's λ (`vitclt.training.sparsity`), tracks which features have not fired
 (the dead mask AuxK needs), averages metrics for logging, and watches for non-finite values.
 It never waits on the device inside a step: the finiteness flags and metric sums stay on the
 device until `check_finite` / `window` read them at logging and checkpoint time, and the dead
@@ -11,6 +11,7 @@ counters says when), since AuxK then reads how many are dead.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from vitclt.data.stream import Batch
 from vitclt.nn import Codes, Transcoder
 from vitclt.training.checkpoint import load_optimizer, optimizer_tensors
 from vitclt.training.config import TrainConfig, TrainingError, default_lr
+from vitclt.training.sparsity import sparsity_schedule
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
@@ -29,12 +31,6 @@ def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -
     decay_start = steps - decay_steps
     decay = (steps - step) / decay_steps if decay_steps and step >= decay_start else 1.0
     return warm * decay
-
-
-def ramp_factor(step: int, steps: int, ramp: float) -> float:
-    """Multiplier of JumpReLU's λ at update `step`: linear from 0 over the first `ramp` of the run, then 1."""
-    ramp_steps = ramp * steps
-    return min(1.0, (step + 1) / ramp_steps) if ramp_steps > 0 else 1.0
 
 
 def fired_counts(codes: Codes, n_layers: int, n_features: int) -> Tensor:
@@ -82,7 +78,10 @@ class Trainer:
         self.step = 0
         self.autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
         self.base_lr = {name: cfg.optim.lr or default_lr(m.n_features) for name, m in models.items()}
-        self.target_lambda = {name: m.sparsity_coefficient for name, m in models.items()}
+        opt = cfg.optim
+        schedules = {name: sparsity_schedule(m, opt.sparsity_control, opt.steps, opt.sparsity_ramp, opt.sparsity_control_rate)
+                     for name, m in models.items()}
+        self.sparsity = {name: s for name, s in schedules.items() if s is not None}
         self.optimizers = {
             name: torch.optim.Adam(m.parameters(), lr=self.base_lr[name], fused=True)
             for name, m in models.items()
@@ -96,6 +95,9 @@ class Trainer:
         self._flag_steps: list[int] = []
         self._sums: dict[str, Tensor] = {}
         self._window_steps = 0
+        # Time each model's share of a step: on CPU directly, on CUDA by events read only at `window` (no sync in a step).
+        self.model_s = {name: 0.0 for name in models}
+        self._events: dict[str, list] = {name: [] for name in models}
         for m in models.values():
             m.train()
 
@@ -106,17 +108,20 @@ class Trainer:
         n = x_NLD.shape[0]
         flags = [~torch.isfinite(x_NLD).all(dim=0).all(dim=-1), ~torch.isfinite(y_NLD).all(dim=0).all(dim=-1)]
         factor = lr_factor(s, opt_cfg.steps, opt_cfg.warmup, opt_cfg.decay_fraction)
-        ramp = ramp_factor(s, opt_cfg.steps, opt_cfg.sparsity_ramp)
         for name, model in self.models.items():
+            start = self._clock()
             opt = self.optimizers[name]
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[name] * factor
-            model.sparsity_coefficient = self.target_lambda[name] * ramp
+            if name in self.sparsity:
+                self.sparsity[name].before_step(s)
             can_be_dead = self._since_bound[name] >= model.cfg.dead_tokens
             dead_LF = self.since_fired[name] >= model.cfg.dead_tokens if can_be_dead else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = model(x_NLD, y_NLD, dead_mask_LF=dead_LF)
             out.loss.backward()
+            if name in self.sparsity:
+                self.sparsity[name].after_step(out.l0_L)
             opt.step()
             opt.zero_grad(set_to_none=True)
             fired = fired_counts(out.codes, model.n_layers, model.n_features) > 0
@@ -125,10 +130,39 @@ class Trainer:
             flags += [~torch.isfinite(out.fvu_L), (~torch.isfinite(out.loss)).expand_as(out.fvu_L)]
             terms = torch.stack([out.loss.detach().expand_as(out.fvu_L), out.fvu_L.detach(), out.l0_L.detach()])
             self._sums[name] = terms if name not in self._sums else self._sums[name] + terms
+            self._lap(name, start)
         self._flags.append(torch.stack(flags))
         self._flag_steps.append(s)
         self._window_steps += 1
         self.step += 1
+
+    def _clock(self):
+        """A start mark: a recorded CUDA event, or the CPU clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _lap(self, name: str, start) -> None:
+        """Add the time since `start` to model `name`'s share (on CUDA: once its events are read)."""
+        if self.device.type != "cuda":
+            self.model_s[name] += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._events[name].append((start, end))
+
+    def _read_events(self) -> None:
+        for name, pairs in self._events.items():
+            if pairs:
+                torch.cuda.synchronize(self.device)
+                self.model_s[name] += sum(a.elapsed_time(b) for a, b in pairs) / 1000
+                pairs.clear()
+
+    def state_bytes(self, name: str) -> int:
+        """Bytes model `name` keeps for training: weights, their gradients and Adam's two moments (4 × the weights)."""
+        return 4 * sum(p.numel() * p.element_size() for p in self.models[name].parameters())
 
     def check_finite(self) -> None:
         """Raise `TrainingError` naming the first step, layer and transcoder that saw NaN/inf since the last check."""
@@ -153,6 +187,7 @@ class Trainer:
 
     def window(self) -> dict[str, StepMetrics]:
         """Metrics per transcoder averaged since the last call (resets the averages)."""
+        self._read_events()
         out = {}
         for name, model in self.models.items():
             dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
@@ -177,6 +212,8 @@ class Trainer:
             out.update({f"{name}.model.{k}": v for k, v in model.state_dict().items()})
             out.update(optimizer_tensors(self.optimizers[name], f"{name}.optim"))
             out[f"{name}.since_fired_LF"] = self.since_fired[name]
+            if name in self.sparsity:
+                out.update({f"{name}.sparsity.{k}": v for k, v in self.sparsity[name].state_tensors().items()})
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
@@ -191,4 +228,11 @@ class Trainer:
             load_optimizer(self.optimizers[name], tensors, f"{name}.optim")
             self.since_fired[name] = tensors[f"{name}.since_fired_LF"].to(self.device)
             self._since_bound[name] = int(self.since_fired[name].max())
+            if name in self.sparsity:
+                prefix = f"{name}.sparsity."
+                saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if saved.keys() != self.sparsity[name].state_tensors().keys():
+                    raise TrainingError(f"the training state has no L0-controller state for {name!r}: it was trained with a "
+                                        "fixed sparsity coefficient (an older vitclt); resume it with --sparsity-control fixed")
+                self.sparsity[name].load_state_tensors(saved)
         self.step = step
