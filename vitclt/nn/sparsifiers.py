@@ -46,6 +46,28 @@ def _pack(score_NF: Tensor, keep_NF: Tensor) -> Selection:
     return Selection(indices_NK, keep_NF.gather(1, indices_NK))
 
 
+def top_k_first(score_NC: Tensor, k: int) -> Tensor:
+    """keep_NC: the ``k`` largest entries of each row, ties at the k-th value going to the lowest positions.
+
+    ``torch.topk`` breaks ties in no documented order; this rule makes a code a function of its scores alone,
+    so a feature-sharded run (`vitclt.nn.sharded`), whose candidates are laid out in feature order, selects
+    exactly the features one process does. No device sync: a few passes over the scores.
+    """
+    kth_N1 = score_NC.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
+    above_NC = score_NC > kth_N1
+    tied_NC = score_NC == kth_N1
+    need_N1 = k - above_NC.sum(1, keepdim=True)
+    return above_NC | (tied_NC & (tied_NC.cumsum(1) <= need_N1))
+
+
+def _select_top_k(score_NF: Tensor, k: int) -> tuple[Selection, Tensor]:
+    """The `top_k_first` entries of each row packed to width k, and the k-th score of each row."""
+    keep_NF = top_k_first(score_NF, k)
+    indices_NK = keep_NF.to(torch.int8).topk(k, dim=1, sorted=False).indices
+    kept_NK = score_NF.gather(1, indices_NK)
+    return Selection(indices_NK, keep_NF.gather(1, indices_NK)), kept_NK.min(1).values
+
+
 class Sparsifier(nn.Module):
     """Base class: per-layer sparsification of pre-activations, see the module docstring."""
 
@@ -253,8 +275,8 @@ class TopKSparsifier(Sparsifier):
         """AuxK: the top ``k_aux`` dead features of each row by the same score."""
         k_aux = max(1, min(k_aux, pre_NF.shape[1]))
         score_NF = self.score(pre_NF).float().masked_fill(~dead_F, -math.inf)
-        top = score_NF.topk(k_aux, dim=1, sorted=False)
-        return Selection(top.indices, dead_F[top.indices])
+        selection, _ = _select_top_k(score_NF, k_aux)
+        return Selection(selection.indices_NK, dead_F[selection.indices_NK])
 
     # A value is relu(pre)·active: where it is 0, relu's gradient (0 at 0) or the inactive mask (padding) stops
     # any gradient. Abs-TopK, whose values are signed, overrides both.
@@ -285,11 +307,11 @@ class ReLUTopK(TopKSparsifier):
     name = "relu-topk"
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
-        """Per-row top-k of the pre-activations."""
-        top = pre_NF.topk(self.k_L[layer], dim=1, sorted=False)
+        """Per-row top-k of the pre-activations (ties to the lower feature index)."""
+        selection, kth_N = _select_top_k(pre_NF, self.k_L[layer])
         if update_stats:
-            self._update_threshold(layer, top.values.min(1).values.relu().mean())
-        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+            self._update_threshold(layer, kth_N.relu().mean())
+        return selection
 
 
 class AbsTopK(TopKSparsifier):
@@ -307,11 +329,11 @@ class AbsTopK(TopKSparsifier):
         return pre_NF.abs()
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
-        """Per-row top-k of |pre|."""
-        top = pre_NF.abs().topk(self.k_L[layer], dim=1, sorted=False)
+        """Per-row top-k of |pre| (ties to the lower feature index)."""
+        selection, kth_N = _select_top_k(pre_NF.abs(), self.k_L[layer])
         if update_stats:
-            self._update_threshold(layer, top.values.min(1).values.mean())
-        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+            self._update_threshold(layer, kth_N.mean())
+        return selection
 
     # An active entry whose pre-activation is exactly 0 has value 0 and gradient 1.
     zero_values_have_gradients = True
