@@ -16,6 +16,7 @@ from vitclt.io import remove_stale_temporaries, write_json
 from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.runtime import check_writable_dir, setup
 from vitclt.training import checkpoint as ckpt
+from vitclt.training import distributed
 from vitclt.training.config import TrainConfig, TrainingError, transcoder_configs
 from vitclt.training.trainer import StepMetrics, Trainer
 
@@ -102,9 +103,16 @@ def _init_thresholds(models: dict[str, Transcoder], source: RowSource, n_rows: i
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
           tcfgs: dict[str, TranscoderConfig], last: dict[str, StepMetrics], finished: bool, elapsed: float,
-          command: str) -> None:
-    """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file."""
-    for name, model in trainer.models.items():
+          command: str, lead: bool = True) -> None:
+    """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file.
+
+    Every rank of a distributed run calls it (the one-process state is gathered); only the ``lead`` writes.
+    """
+    models = trainer.full_models()
+    tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
+    if not lead:
+        return
+    for name, model in models.items():
         model.save_pretrained(out / name)
         w = last.get(name)
         write_json(out / name / ckpt.TRAINING_FILE, {
@@ -113,7 +121,6 @@ def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStrea
             "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
                                                "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
         })
-    tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
     meta = {"command": command, "step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
             "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
     ckpt.save_state(out, tensors, meta)
@@ -182,16 +189,31 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     """
     cfg.validate()
     device = setup(cfg.runtime)
+    # Under torchrun: rank 0 checks and writes the run directory and shows progress; every rank trains.
+    grid, device = distributed.start(cfg, device)
+    lead = distributed.rank() == 0
+    if not lead:
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, progress=False))
     rt, opt = cfg.runtime, cfg.optim
     out = Path(cfg.out)
-    check_writable_dir(out)
-    meta = ckpt.prepare_run_dir(cfg, command)
-    remove_stale_temporaries(out)  # a kill mid-write leaves one; its writer is gone, so nothing needs it
+    meta, error = None, None
+    if lead:
+        try:
+            check_writable_dir(out)
+            meta = ckpt.prepare_run_dir(cfg, command)
+            remove_stale_temporaries(out)  # a kill mid-write leaves one; its writer is gone, so nothing needs it
+        except Exception as err:  # noqa: BLE001 (re-raised by agree, after the other ranks have heard of it)
+            error = err
+    distributed.agree(error)
+    if not lead and cfg.resume:
+        meta = ckpt.read_state_meta(out)
     if meta is not None and meta["finished"] and meta["step"] >= opt.steps:
         paths = [out / name for name in meta["transcoders"]]
-        print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
+        if lead:
+            print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
+        distributed.finish()
         return paths
-    if cfg.tensorboard:
+    if cfg.tensorboard and lead:
         _summary_writer()  # fail before any work if tensorboard is missing
     if source is None:
         source = build_source(cfg, device)
@@ -206,7 +228,10 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     else:
         stats = estimate_normalization(source, cfg.stream.norm_tokens, rt.seed, progress=rt.progress)
     models = _make_models(tcfgs, stats, rt.seed, device)
-    trainer = Trainer(cfg, models, device)
+    if state is None:
+        # Before sharding: a sharded run starts from the slices of the one-process initialisation.
+        _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
+    trainer = distributed.make_trainer(cfg, models, device, grid)
     stream = ActivationStream(source, opt.batch_size, cfg.stream.buffer_size, rt.seed, device)
     elapsed = 0.0
     if state is not None:
@@ -215,10 +240,9 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
         ckpt.restore_rng(state)
         elapsed = meta["elapsed_s"]
         del state
-    else:
-        _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
+    elif lead:
         ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()}, command)
-    tb = _TensorBoard(out, list(models)) if cfg.tensorboard else None
+    tb = _TensorBoard(out, list(models)) if cfg.tensorboard and lead else None
     last: dict[str, StepMetrics] = {}
     bar = tqdm(total=opt.steps, initial=trainer.step, desc="train", unit="step", disable=not rt.progress)
     t0, tokens0 = time.perf_counter(), trainer.step * opt.batch_size
@@ -239,12 +263,15 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
                     tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
             if at_checkpoint:
                 now = time.perf_counter()
-                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command)
+                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command, lead)
     finally:
         bar.close()
         if tb is not None:
             tb.close()
     paths = [out / name for name in models]
+    distributed.finish()
+    if not lead:
+        return paths
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
     warn_if_worse_than_mean(last, trainer)
