@@ -110,7 +110,7 @@ def test_torchrun_runs_equal_one_process_and_resume_at_another_grid_shape(tiny_c
 
 @pytest.mark.slow
 def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, folder, tmp_path):
-    killed = _config(tiny_clip_dir, folder, tmp_path / "killed", steps=400)
+    killed = _config(tiny_clip_dir, folder, tmp_path / "killed", steps=100)
     proc = subprocess.Popen(_argv(killed, 2, 2), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not (killed.out / "training_state.safetensors").exists():
@@ -127,9 +127,9 @@ def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, fold
     assert "rank      : 1" in output or "rank: 1" in output, output[-2000:]
     assert not _workers(proc.pid), "a rank outlived the run"
     meta = read_state_meta(killed.out)
-    assert not meta["finished"] and 0 < meta["step"] < 400
+    assert not meta["finished"] and 0 < meta["step"] < 100
     train(changed(killed, resume=True))
     assert not list(killed.out.rglob("*.tmp"))
-    whole = _config(tiny_clip_dir, folder, tmp_path / "whole", steps=400)
+    whole = _config(tiny_clip_dir, folder, tmp_path / "whole", steps=100)
     train(whole)
     _assert_same_run(killed.out, whole.out)
