@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NamedTuple, Union
 
-from vitclt.commands import browse, demo, explain, intervene, push, reproduce, train, zeroshot
+from vitclt.commands import browse, demo, explain, intervene, plan, push, reproduce, train, zeroshot
 from vitclt.commands import eval as eval_command
 from vitclt.errors import VitcltError
 
@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "explain": Command(explain.ExplainConfig, explain.run),
     "intervene": Command(intervene.InterveneConfig, intervene.run),
     "push": Command(push.PushConfig, push.run),
+    "plan": Command(plan.PlanConfig, plan.run),
 }
 """Subcommand name → its config and runner."""
 
