@@ -1,6 +1,8 @@
 """`torchrun -m vitclt train` on CPU/gloo: runs equal one process, checkpoints move between grid shapes, a killed rank
 stops every rank, and the run resumes."""
 
+import datetime
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests.conftest import random_images
@@ -17,6 +21,7 @@ from tests.test_train import N_IMAGES, changed, config
 from vitclt.nn import Transcoder
 from vitclt.training import train
 from vitclt.training.checkpoint import read_state_meta
+from vitclt.training.distributed import SplitHarvest
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +138,36 @@ def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, fold
     whole = _config(tiny_clip_dir, folder, tmp_path / "whole", steps=100)
     train(whole)
     _assert_same_run(killed.out, whole.out)
+
+
+class _Rows:
+    """A row source whose rows name their image (x = index, y = -index), recording what it loaded."""
+
+    n_images, rows_per_image, n_layers, d_model, backbone_fingerprint = 10, 2, 1, 3, ""
+    token_positions = torch.arange(2)
+
+    def __init__(self):
+        self.loaded = []
+
+    def load(self, images):
+        self.loaded += list(images)
+        v_N = torch.tensor(list(images), dtype=torch.float32).repeat_interleave(2)
+        return v_N[:, None, None].expand(-1, 1, 3).clone(), -v_N[:, None, None].expand(-1, 1, 3).clone()
+
+
+def _harvest_worker(rank: int, world: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    source = _Rows()
+    x, y = SplitHarvest(source, torch.device("cpu")).load(range(7))
+    want_x, want_y = _Rows().load(range(7))
+    with open(f"{tmp}/rank{rank}.json", "w") as f:
+        json.dump({"loaded": source.loaded, "equal": torch.equal(x, want_x) and torch.equal(y, want_y)}, f)
+    dist.destroy_process_group()
+
+
+def test_split_harvest_loads_each_share_once_and_gives_every_rank_the_whole_block(tmp_path):
+    mp.spawn(_harvest_worker, args=(2, str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["loaded"] for g in got] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert all(g["equal"] for g in got)

@@ -216,7 +216,16 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     if cfg.tensorboard and lead:
         _summary_writer()  # fail before any work if tensorboard is missing
     if source is None:
-        source = build_source(cfg, device)
+        # Rank 0 first: it alone builds a disk cache; the others then open it.
+        error = None
+        if lead:
+            try:
+                source = build_source(cfg, device)
+            except Exception as err:  # noqa: BLE001 (re-raised by agree)
+                error = err
+        distributed.agree(error)
+        source = source if lead else build_source(cfg, device)
+        source = distributed.split_harvest(source, grid, device)
     check_batch(opt.batch_size, source)
     tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model,
                                fingerprint=getattr(source, "backbone_fingerprint", ""))
