@@ -140,6 +140,16 @@ def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, fold
     _assert_same_run(killed.out, whole.out)
 
 
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_stops_every_rank_with_its_message(tiny_clip_dir, folder, tmp_path):
+    done = _config(tiny_clip_dir, folder, tmp_path / "done", steps=5)
+    train(done)
+    proc = subprocess.run(_argv(done, 2, 2), env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "already holds a finished run" in proc.stderr  # rank 0's own message
+    assert "rank 0 stopped" in proc.stderr  # the other rank's, naming it
+
+
 class _Rows:
     """A row source whose rows name their image (x = index, y = -index), recording what it loaded."""
 
