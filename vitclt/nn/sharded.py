@@ -135,6 +135,18 @@ class Grid:
         dist.all_gather(parts, t.contiguous(), group=self.feature_group)
         return torch.cat(parts, dim)
 
+    def gather_features_to_lead(self, t: Tensor, dim: int) -> Tensor | None:
+        """``t`` of every feature shard concatenated along ``dim`` on shard 0 of this replica (None on the others).
+
+        What a checkpoint needs: only the rank that writes holds the whole tensor.
+        """
+        if self.feature_group is None:
+            return t
+        lead = self.shard == 0
+        parts = [torch.empty_like(t) for _ in range(self.shards)] if lead else None
+        dist.gather(t.contiguous(), parts, dst=self.replica * self.shards, group=self.feature_group)
+        return torch.cat(parts, dim) if lead else None
+
     def gather_world(self, t: Tensor) -> Tensor:
         """``t`` of every rank concatenated along dim 0."""
         if self.size == 1:
@@ -264,10 +276,14 @@ def shard_state(state: dict[str, Tensor], grid: Grid, n_features: int) -> dict[s
     return out
 
 
-def gather_state(state: dict[str, Tensor], grid: Grid) -> dict[str, Tensor]:
-    """The one-process state dict from every feature shard's slice (a collective over the feature group)."""
-    return {name: t if feature_axis(name) is None else grid.gather_features(t, feature_axis(name))
-            for name, t in state.items()}
+def gather_state(state: dict[str, Tensor], grid: Grid, lead_only: bool = False) -> dict[str, Tensor] | None:
+    """The one-process state dict from every feature shard's slice (a collective over the feature group).
+
+    ``lead_only``: only shard 0 receives it (the others get None), so no other rank holds the whole model.
+    """
+    gather = grid.gather_features_to_lead if lead_only else grid.gather_features
+    out = {name: t if feature_axis(name) is None else gather(t, feature_axis(name)) for name, t in state.items()}
+    return None if lead_only and grid.shard != 0 else out
 
 
 class ShardedOutput(NamedTuple):
@@ -332,10 +348,16 @@ class ShardedTranscoder(nn.Module):
         sharded.sparsity_coefficient = model.sparsity_coefficient
         return sharded.train(model.training)
 
-    def to_transcoder(self) -> Transcoder:
-        """The one-process model (a collective over the feature group: every shard must call it)."""
+    def to_transcoder(self, lead_only: bool = False) -> Transcoder | None:
+        """The one-process model (a collective over the feature group: every shard must call it).
+
+        ``lead_only``: built on shard 0 only (None elsewhere).
+        """
+        state = gather_state(self.state_dict(), self.grid, lead_only)
+        if state is None:
+            return None
         model = Transcoder(self.cfg, device=self.local.b_dec.device, initialize=False)
-        model.load_state_dict(gather_state(self.state_dict(), self.grid))
+        model.load_state_dict(state)
         model.sparsity_coefficient = self.sparsity_coefficient
         return model.train(self.training)
 

@@ -165,11 +165,16 @@ class DistributedTrainer(Trainer):
         return (dead_L / model.n_features).cpu().tolist()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """The one-process state (every rank must call it: the slices are gathered)."""
+        """The one-process state on rank 0, which writes it (every rank calls it; the others get a part or nothing).
+
+        The replicas of rank 0's feature group hold the same state, so only that group gathers, and only to rank 0.
+        """
+        if self.grid.replica != 0:
+            return {}
         out: dict[str, Tensor] = {}
         for key, t in super().state_tensors().items():
             axis = self._axes[key]
-            out[key] = t if axis is None else self.grid.gather_features(t, axis)
+            out[key] = t if axis is None else self.grid.gather_features_to_lead(t, axis)
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
@@ -197,8 +202,10 @@ class DistributedTrainer(Trainer):
         return axes
 
     def full_models(self) -> dict[str, Transcoder]:
-        """The one-process models (gathered: every rank must call it)."""
-        return {name: m.to_transcoder() for name, m in self.models.items()}
+        """The one-process models on rank 0 (every rank calls it; the others get None or nothing)."""
+        if self.grid.replica != 0:
+            return {}
+        return {name: m.to_transcoder(lead_only=True) for name, m in self.models.items()}
 
 
 def _max(t: Tensor, grid: Grid) -> int:
