@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,9 @@ def run(cfg: ReproduceConfig) -> Path:
     print(f"training {len(pairs)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
     paths = train(tcfg, command=cfg.command)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun every rank trains (docs/distributed.md); the evaluation is one process's, rank 0's.
+        return tcfg.out
     if cfg.browse:
         build_study_browser(cfg, [p.name for p in paths])
     context = {"reproduce": jsonable(dataclasses.asdict(cfg)), "train": tcfg.to_json()}
