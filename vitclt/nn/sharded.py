@@ -189,7 +189,7 @@ class _ShardedSelect:
         # lowest-position rule is the lowest-global-index rule.
         indices_NK = local.indices_NK.sort(1).values
         candidates_NC = self.grid.gather_features(score_NF.gather(1, indices_NK), 1)
-        keep_NC = top_k_first(candidates_NC, k)
+        keep_NC = torch.zeros_like(candidates_NC, dtype=torch.bool).scatter_(1, top_k_first(candidates_NC, k), True)
         mine = slice(self.grid.shard * k_local, (self.grid.shard + 1) * k_local)
         kth_N = candidates_NC.masked_fill(~keep_NC, float("inf")).min(1).values
         return Selection(indices_NK, keep_NC[:, mine]), kth_N

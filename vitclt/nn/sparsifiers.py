@@ -47,25 +47,25 @@ def _pack(score_NF: Tensor, keep_NF: Tensor) -> Selection:
 
 
 def top_k_first(score_NC: Tensor, k: int) -> Tensor:
-    """keep_NC: the ``k`` largest entries of each row, ties at the k-th value going to the lowest positions.
+    """indices_NK: the ``k`` largest entries of each row, ties at the k-th value going to the lowest positions.
 
     ``torch.topk`` breaks ties in no documented order; this rule makes a code a function of its scores alone,
     so a feature-sharded run (`vitclt.nn.sharded`), whose candidates are laid out in feature order, selects
-    exactly the features one process does. No device sync: a few passes over the scores.
+    exactly the features one process does. No device sync: a second top-k, of the smallest keys, where an
+    entry above the k-th value has key -1, one equal to it its position (exact in float32 below 2^24), any
+    other +inf.
     """
     kth_N1 = score_NC.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
-    above_NC = score_NC > kth_N1
-    tied_NC = score_NC == kth_N1
-    need_N1 = k - above_NC.sum(1, keepdim=True)
-    return above_NC | (tied_NC & (tied_NC.cumsum(1) <= need_N1))
+    position_C = torch.arange(score_NC.shape[1], device=score_NC.device, dtype=torch.float32)
+    key_NC = torch.where(score_NC > kth_N1, -1.0, torch.where(score_NC == kth_N1, position_C, math.inf))
+    return key_NC.topk(k, dim=1, largest=False, sorted=False).indices
 
 
 def _select_top_k(score_NF: Tensor, k: int) -> tuple[Selection, Tensor]:
-    """The `top_k_first` entries of each row packed to width k, and the k-th score of each row."""
-    keep_NF = top_k_first(score_NF, k)
-    indices_NK = keep_NF.to(torch.int8).topk(k, dim=1, sorted=False).indices
+    """The `top_k_first` entries of each row, and the k-th score of each row."""
+    indices_NK = top_k_first(score_NF, k)
     kept_NK = score_NF.gather(1, indices_NK)
-    return Selection(indices_NK, keep_NF.gather(1, indices_NK)), kept_NK.min(1).values
+    return Selection(indices_NK, torch.ones_like(indices_NK, dtype=torch.bool)), kept_NK.min(1).values
 
 
 class Sparsifier(nn.Module):
