@@ -188,11 +188,11 @@ class _ShardedSelect:
         # In feature order, so that the gathered candidates are in global feature order and `top_k_first`'s
         # lowest-position rule is the lowest-global-index rule.
         indices_NK = local.indices_NK.sort(1).values
-        candidates_NC = self.grid.gather_features(score_NF.gather(1, indices_NK), 1)
-        keep_NC = torch.zeros_like(candidates_NC, dtype=torch.bool).scatter_(1, top_k_first(candidates_NC, k), True)
+        candidates_NK = self.grid.gather_features(score_NF.gather(1, indices_NK), 1)
+        keep_NK = torch.zeros_like(candidates_NK, dtype=torch.bool).scatter_(1, top_k_first(candidates_NK, k), True)
         mine = slice(self.grid.shard * k_local, (self.grid.shard + 1) * k_local)
-        kth_N = candidates_NC.masked_fill(~keep_NC, float("inf")).min(1).values
-        return Selection(indices_NK, keep_NC[:, mine]), kth_N
+        kth_N = candidates_NK.masked_fill(~keep_NK, float("inf")).min(1).values
+        return Selection(indices_NK, keep_NK[:, mine]), kth_N
 
     def _mean_rows(self, v_N: Tensor) -> Tensor:
         """Mean over the global batch of a per-row value (each replica holds its rows')."""

@@ -46,7 +46,7 @@ def _pack(score_NF: Tensor, keep_NF: Tensor) -> Selection:
     return Selection(indices_NK, keep_NF.gather(1, indices_NK))
 
 
-def top_k_first(score_NC: Tensor, k: int) -> Tensor:
+def top_k_first(score_NF: Tensor, k: int) -> Tensor:
     """indices_NK: the ``k`` largest entries of each row, ties at the k-th value going to the lowest positions.
 
     ``torch.topk`` breaks ties in no documented order; this rule makes a code a function of its scores alone,
@@ -55,10 +55,10 @@ def top_k_first(score_NC: Tensor, k: int) -> Tensor:
     entry above the k-th value has key -1, one equal to it its position (exact in float32 below 2^24), any
     other +inf.
     """
-    kth_N1 = score_NC.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
-    position_C = torch.arange(score_NC.shape[1], device=score_NC.device, dtype=torch.float32)
-    key_NC = torch.where(score_NC > kth_N1, -1.0, torch.where(score_NC == kth_N1, position_C, math.inf))
-    return key_NC.topk(k, dim=1, largest=False, sorted=False).indices
+    kth_N1 = score_NF.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
+    position_F = torch.arange(score_NF.shape[1], device=score_NF.device, dtype=torch.float32)
+    key_NF = torch.where(score_NF > kth_N1, -1.0, torch.where(score_NF == kth_N1, position_F, math.inf))
+    return key_NF.topk(k, dim=1, largest=False, sorted=False).indices
 
 
 def _select_top_k(score_NF: Tensor, k: int) -> tuple[Selection, Tensor]:
