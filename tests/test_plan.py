@@ -38,11 +38,11 @@ def test_plan_counts_the_parameters_a_sharded_rank_holds(topology, sparsifier, s
 
 
 def test_plan_memory_growth_matches_the_measured_peak():
-    """Doubling the features adds what the plan says to the measured peak of a training step (parameters,
+    """Tripling the features adds what the plan says to the measured peak of a training step (parameters,
     gradients, Adam, activations); the fixed rest (libraries, allocator) is not planned."""
     measured = [int(subprocess.run([sys.executable, "-c", PEAK, str(f)], capture_output=True, text=True, check=True).stdout)
-                for f in (8192, 16384)]
-    planned = [rank_plan(Shape(4, 128, f, "clt", "relu-topk", 16, 256, buffer_rows=0), 1, 1).total for f in (8192, 16384)]
+                for f in (8192, 24576)]
+    planned = [rank_plan(Shape(4, 128, f, "clt", "relu-topk", 16, 256, buffer_rows=0), 1, 1).total for f in (8192, 24576)]
     growth, want = measured[1] - measured[0], planned[1] - planned[0]
     assert abs(growth - want) < 0.15 * want, f"peak grew by {growth / 2**20:.0f} MiB, the plan says {want / 2**20:.0f} MiB"
 
