@@ -232,7 +232,8 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     state = None
     if meta is not None:
         _check_backbone(meta, tcfgs, source.n_layers, source.d_model, out)
-        state = ckpt.load_state_tensors(out, device)
+        # Sharded: read the one-process state into host memory; each rank moves only its slice to the device.
+        state = ckpt.load_state_tensors(out, device if grid.size == 1 else "cpu")
         stats = NormStats.from_tensors({k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")})
     else:
         stats = estimate_normalization(source, cfg.stream.norm_tokens, rt.seed, progress=rt.progress)
