@@ -62,7 +62,8 @@ def test_every_subcommand_has_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([name, "--help"])
     assert exit_info.value.code == 0
-    assert "--device" in capsys.readouterr().out
+    # `plan` is arithmetic on shapes: it runs nothing, so it has no device.
+    assert "--device" in capsys.readouterr().out or name == "plan"
 
 
 def test_the_command_line_imports_no_torch():

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NamedTuple, Union
 
-from vitclt.commands import browse, demo, explain, intervene, push, reproduce, train, zeroshot
+from vitclt.commands import browse, demo, explain, intervene, plan, push, reproduce, train, zeroshot
 from vitclt.commands import eval as eval_command
 from vitclt.errors import VitcltError
 
@@ -37,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     "explain": Command(explain.ExplainConfig, explain.run),
     "intervene": Command(intervene.InterveneConfig, intervene.run),
     "push": Command(push.PushConfig, push.run),
+    "plan": Command(plan.PlanConfig, plan.run),
 }
 """Subcommand name → its config and runner."""
 

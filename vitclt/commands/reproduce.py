@@ -13,6 +13,7 @@ the evaluation suite runs on all of them and writes the combined report.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,9 @@ def run(cfg: ReproduceConfig) -> Path:
     print(f"training {len(pairs) * len(tcfg.sweep.k)} models ({', '.join(pairs)}; k={', '.join(map(str, tcfg.sweep.k))}, "
           f"{tcfg.optim.steps} steps) on one activation stream")
     paths = train(tcfg, command=cfg.command)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun every rank trains (docs/distributed.md); the evaluation is one process's, rank 0's.
+        return tcfg.out
     if cfg.browse:
         build_study_browser(cfg, [p.name for p in paths])
     context = {"reproduce": jsonable(dataclasses.asdict(cfg)), "train": tcfg.to_json()}

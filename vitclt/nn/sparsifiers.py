@@ -46,6 +46,28 @@ def _pack(score_NF: Tensor, keep_NF: Tensor) -> Selection:
     return Selection(indices_NK, keep_NF.gather(1, indices_NK))
 
 
+def top_k_first(score_NF: Tensor, k: int) -> Tensor:
+    """indices_NK: the ``k`` largest entries of each row, ties at the k-th value going to the lowest positions.
+
+    ``torch.topk`` breaks ties in no documented order; this rule makes a code a function of its scores alone,
+    so a feature-sharded run (`vitclt.nn.sharded`), whose candidates are laid out in feature order, selects
+    exactly the features one process does. No device sync: a second top-k, of the smallest keys, where an
+    entry above the k-th value has key -1, one equal to it its position (exact in float32 below 2^24), any
+    other +inf.
+    """
+    kth_N1 = score_NF.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
+    position_F = torch.arange(score_NF.shape[1], device=score_NF.device, dtype=torch.float32)
+    key_NF = torch.where(score_NF > kth_N1, -1.0, torch.where(score_NF == kth_N1, position_F, math.inf))
+    return key_NF.topk(k, dim=1, largest=False, sorted=False).indices
+
+
+def _select_top_k(score_NF: Tensor, k: int) -> tuple[Selection, Tensor]:
+    """The `top_k_first` entries of each row, and the k-th score of each row."""
+    indices_NK = top_k_first(score_NF, k)
+    kept_NK = score_NF.gather(1, indices_NK)
+    return Selection(indices_NK, torch.ones_like(indices_NK, dtype=torch.bool)), kept_NK.min(1).values
+
+
 class Sparsifier(nn.Module):
     """Base class: per-layer sparsification of pre-activations, see the module docstring."""
 
@@ -274,8 +296,8 @@ class TopKSparsifier(Sparsifier):
         """AuxK: the top ``k_aux`` dead features of each row by the same score."""
         k_aux = max(1, min(k_aux, pre_NF.shape[1]))
         score_NF = self.score(pre_NF).float().masked_fill(~dead_F, -math.inf)
-        top = score_NF.topk(k_aux, dim=1, sorted=False)
-        return Selection(top.indices, dead_F[top.indices])
+        selection, _ = _select_top_k(score_NF, k_aux)
+        return Selection(selection.indices_NK, dead_F[selection.indices_NK])
 
     # A value is relu(pre)·active: where it is 0, relu's gradient (0 at 0) or the inactive mask (padding) stops
     # any gradient. Abs-TopK, whose values are signed, overrides both.
@@ -306,11 +328,11 @@ class ReLUTopK(TopKSparsifier):
     name = "relu-topk"
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
-        """Per-row top-k of the pre-activations."""
-        top = pre_NF.topk(self.k_L[layer], dim=1, sorted=False)
+        """Per-row top-k of the pre-activations (ties to the lower feature index)."""
+        selection, kth_N = _select_top_k(pre_NF, self.k_L[layer])
         if update_stats:
-            self._update_threshold(layer, top.values.min(1).values.relu().mean())
-        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+            self._update_threshold(layer, kth_N.relu().mean())
+        return selection
 
 
 class AbsTopK(TopKSparsifier):
@@ -328,11 +350,11 @@ class AbsTopK(TopKSparsifier):
         return pre_NF.abs()
 
     def select(self, pre_NF: Tensor, layer: int, update_stats: bool = False) -> Selection:
-        """Per-row top-k of |pre|."""
-        top = pre_NF.abs().topk(self.k_L[layer], dim=1, sorted=False)
+        """Per-row top-k of |pre| (ties to the lower feature index)."""
+        selection, kth_N = _select_top_k(pre_NF.abs(), self.k_L[layer])
         if update_stats:
-            self._update_threshold(layer, top.values.min(1).values.mean())
-        return Selection(top.indices, torch.ones_like(top.indices, dtype=torch.bool))
+            self._update_threshold(layer, kth_N.mean())
+        return selection
 
     # An active entry whose pre-activation is exactly 0 has value 0 and gradient 1.
     zero_values_have_gradients = True

@@ -179,6 +179,8 @@ class TrainConfig:
     """Delete the run in --out (its own files only, and only a run of this command) and start over."""
     tensorboard: bool = False
     """Log to OUT/tb (needs the tensorboard package)."""
+    feature_shards: int = 1
+    """Under torchrun: split every layer's features over this many processes (the rest are data replicas; docs/distributed.md)."""
 
     def validate(self) -> None:
         """Raise `TrainingError` naming the first bad setting; every group checks its own."""
@@ -198,6 +200,13 @@ class TrainConfig:
                 raise TrainingError(f"TrainConfig.transcoder.{name} is filled in by the run for each transcoder: leave it at "
                                     "its default and set the sweep (--topology, --sparsifier, --models, --k) or the run's "
                                     "--backbone / --tokens instead")
+        if self.feature_shards < 1:
+            raise TrainingError(f"--feature-shards must be at least 1, got {self.feature_shards}")
+        if (self.feature_shards > 1 and self.optim.sparsity_control == "target-l0"
+                and any(s == "jumprelu" for _, s in self.sweep.pairs())):
+            # The end-of-run L0 match scales a layer's thresholds by one factor found over all its features.
+            raise TrainingError("JumpReLU's end-of-run L0 match (--sparsity-control target-l0) is not sharded yet: with "
+                                "--feature-shards > 1 pass --sparsity-control fixed, or train JumpReLU with --feature-shards 1")
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other: pick one")
 
@@ -271,7 +280,7 @@ def flat_settings(saved: dict, steps: int | None = None) -> dict[str, Any]:
 
 
 RESUMABLE = frozenset({"steps", "threads", "device", "workers", "cache_dir", "cache_dtype", "out", "checkpoint_every",
-                       "log_every", "resume", "overwrite", "tensorboard", "progress"})
+                       "log_every", "resume", "overwrite", "tensorboard", "progress", "feature_shards"})
 """Settings (flag names) a resumed run may change; any other difference is refused. A new --steps
 recomputes the schedule for the new total, so only an unchanged one reproduces the uninterrupted run."""
 

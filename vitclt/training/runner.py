@@ -16,6 +16,7 @@ from vitclt.io import remove_stale_temporaries, write_json
 from vitclt.nn import Transcoder, TranscoderConfig
 from vitclt.runtime import check_writable_dir, setup
 from vitclt.training import checkpoint as ckpt
+from vitclt.training import distributed
 from vitclt.training.config import TrainConfig, TrainingError, transcoder_configs
 from vitclt.training.trainer import StepMetrics, Trainer
 
@@ -109,7 +110,7 @@ def _init_thresholds(models: dict[str, Transcoder], source: RowSource, n_rows: i
             model.init_thresholds(x_NLD, y_NLD)
 
 
-def _match_l0(trainer: Trainer, source: RowSource, n_rows: int, seed: int, device: torch.device) -> None:
+def _match_l0(trainer: Trainer, source: RowSource, n_rows: int, seed: int, device: torch.device, lead: bool = True) -> None:
     """End of a run steered to L0 = k: trim each such JumpReLU's last L0 error on the rows its thresholds started from."""
     names = list(trainer.sparsity) if trainer.cfg.optim.sparsity_control == "target-l0" else []
     if not names:
@@ -119,15 +120,23 @@ def _match_l0(trainer: Trainer, source: RowSource, n_rows: int, seed: int, devic
         model = trainer.models[name].eval()
         factors = model.match_l0(x_NLD, y_NLD)
         model.train()
-        print(f"{name}: thresholds scaled by {', '.join(f'{f:.3f}' for f in factors)} (per layer) so that L0 = "
-              f"{', '.join(map(str, model.cfg.k_layers))} on {x_NLD.shape[0]} training rows")
+        if lead:
+            print(f"{name}: thresholds scaled by {', '.join(f'{f:.3f}' for f in factors)} (per layer) so that L0 = "
+                  f"{', '.join(map(str, model.cfg.k_layers))} on {x_NLD.shape[0]} training rows")
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStream, stats: NormStats,
           tcfgs: dict[str, TranscoderConfig], last: dict[str, StepMetrics], finished: bool, elapsed: float,
-          command: str) -> None:
-    """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file."""
-    for name, model in trainer.models.items():
+          command: str, lead: bool = True) -> None:
+    """A checkpoint: user-facing transcoder dirs first, then the training state in one atomic file.
+
+    Every rank of a distributed run calls it (the one-process state is gathered); only the ``lead`` writes.
+    """
+    models = trainer.full_models()
+    tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
+    if not lead:
+        return
+    for name, model in models.items():
         model.save_pretrained(out / name)
         w = last.get(name)
         write_json(out / name / ckpt.TRAINING_FILE, {
@@ -137,7 +146,6 @@ def _save(out: Path, cfg: TrainConfig, trainer: Trainer, stream: ActivationStrea
             "metrics": None if w is None else {"window_steps": w.steps, "loss": w.loss, "fvu": w.fvu, "l0": w.l0,
                                                "dead_frac": w.dead, "fvu_L": w.fvu_L, "l0_L": w.l0_L, "dead_frac_L": w.dead_L},
         })
-    tensors = {**trainer.state_tensors(), **{f"norm.{k}": v for k, v in stats.tensors().items()}, **ckpt.rng_tensors()}
     meta = {"command": command, "step": trainer.step, "finished": finished, "stream": stream.state_dict(), "elapsed_s": elapsed,
             "model_s": trainer.model_s,
             "train_config": cfg.to_json(), "transcoders": {n: dataclasses.asdict(c) for n, c in tcfgs.items()}}
@@ -229,43 +237,72 @@ def train(cfg: TrainConfig, source: RowSource | None = None, command: str = "tra
     """
     cfg.validate()
     device = setup(cfg.runtime)
+    # Under torchrun: rank 0 checks and writes the run directory and shows progress; every rank trains.
+    grid, device = distributed.start(cfg, device)
+    lead = distributed.rank() == 0
+    if not lead:
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, progress=False))
     opt = cfg.optim
     out = Path(cfg.out)
-    check_writable_dir(out)
-    meta = ckpt.prepare_run_dir(cfg, command)
-    remove_stale_temporaries(out)  # a kill mid-write leaves one; its writer is gone, so nothing needs it
+    meta, error = None, None
+    if lead:
+        try:
+            check_writable_dir(out)
+            meta = ckpt.prepare_run_dir(cfg, command)
+            remove_stale_temporaries(out)  # a kill mid-write leaves one; its writer is gone, so nothing needs it
+        except Exception as err:  # noqa: BLE001 (re-raised by agree, after the other ranks have heard of it)
+            error = err
+    distributed.agree(error)
+    if not lead and cfg.resume:
+        meta = ckpt.read_state_meta(out)
     if meta is not None and meta["finished"] and meta["step"] >= opt.steps:
         paths = [out / name for name in meta["transcoders"]]
-        print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
+        if lead:
+            print(f"the run in {out} already finished {meta['step']} steps; checkpoints: " + ", ".join(map(str, paths)))
+        distributed.finish()
         return paths
-    if cfg.tensorboard:
+    if cfg.tensorboard and lead:
         _summary_writer()  # fail before any work if tensorboard is missing
     if source is None:
-        source = build_source(cfg, device)
+        # Rank 0 first: it alone builds a disk cache; the others then open it.
+        error = None
+        if lead:
+            try:
+                source = build_source(cfg, device)
+            except Exception as err:  # noqa: BLE001 (re-raised by agree)
+                error = err
+        distributed.agree(error)
+        source = source if lead else build_source(cfg, device)
+        source = distributed.split_harvest(source, grid, device)
     try:
-        return _run(cfg, source, device, meta, command)
+        return _run(cfg, source, device, grid, meta, command)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
 
 
-def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict | None, command: str) -> list[Path]:
+def _run(cfg: TrainConfig, source: RowSource, device: torch.device, grid, meta: dict | None, command: str) -> list[Path]:
     """The body of `train` once the run directory is checked and the rows' source is made."""
     rt, opt = cfg.runtime, cfg.optim
     out = Path(cfg.out)
+    lead = distributed.rank() == 0
     check_batch(opt.batch_size, source)
     tcfgs = transcoder_configs(cfg, source.n_layers, source.d_model,
                                fingerprint=getattr(source, "backbone_fingerprint", ""))
     state = None
     if meta is not None:
         _check_backbone(meta, tcfgs, source.n_layers, source.d_model, out)
-        state = ckpt.load_state_tensors(out, device)
+        # Sharded: read the one-process state into host memory; each rank moves only its slice to the device.
+        state = ckpt.load_state_tensors(out, device if grid.size == 1 else "cpu")
         stats = NormStats.from_tensors({k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")})
     else:
         stats = estimate_normalization(source, cfg.stream.norm_tokens, rt.seed, progress=rt.progress)
     models = _make_models(tcfgs, stats, rt.seed, device)
-    trainer = Trainer(cfg, models, device)
+    if state is None:
+        # Before sharding: a sharded run starts from the slices of the one-process initialisation.
+        _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
+    trainer = distributed.make_trainer(cfg, models, device, grid)
     stream = ActivationStream(source, opt.batch_size, cfg.stream.buffer_size, rt.seed, device)
     elapsed = 0.0
     if state is not None:
@@ -275,10 +312,9 @@ def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict |
         elapsed = meta["elapsed_s"]
         trainer.model_s.update(meta.get("model_s", {}))
         del state
-    else:
-        _init_thresholds(models, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
+    elif lead:
         ckpt.write_run_file(out, cfg, {n: dataclasses.asdict(c) for n, c in tcfgs.items()}, command)
-    tb = _TensorBoard(out, list(models)) if cfg.tensorboard else None
+    tb = _TensorBoard(out, list(models)) if cfg.tensorboard and lead else None
     last: dict[str, StepMetrics] = {}
     bar = tqdm(total=opt.steps, initial=trainer.step, desc="train", unit="step", disable=not rt.progress)
     t0, tokens0 = time.perf_counter(), trainer.step * opt.batch_size
@@ -298,15 +334,18 @@ def _run(cfg: TrainConfig, source: RowSource, device: torch.device, meta: dict |
                 if tb is not None:
                     tb.log(step, last, {n: trainer.lr(n) for n in models}, rate)
             if step == opt.steps:
-                _match_l0(trainer, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device)
+                _match_l0(trainer, source, min(cfg.stream.norm_tokens, 8192), rt.seed, device, lead)
             if at_checkpoint:
                 now = time.perf_counter()
-                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command)
+                _save(out, cfg, trainer, stream, stats, tcfgs, last, step == opt.steps, elapsed + now - t0, command, lead)
     finally:
         bar.close()
         if tb is not None:
             tb.close()
     paths = [out / name for name in models]
+    distributed.finish()
+    if not lead:
+        return paths
     for name, path in zip(models, paths):
         print(format_summary(name, last[name], path))
     print(format_cost(trainer, elapsed + time.perf_counter() - t0, device))

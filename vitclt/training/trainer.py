@@ -118,13 +118,13 @@ class Trainer:
             can_be_dead = self._since_bound[name] >= model.cfg.dead_tokens
             dead_LF = self.since_fired[name] >= model.cfg.dead_tokens if can_be_dead else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model(x_NLD, y_NLD, dead_mask_LF=dead_LF)
-            out.loss.backward()
+                out = self._forward(model, batch, dead_LF)
+            self._backward(model, out)
             if name in self.sparsity:
                 self.sparsity[name].after_step(out.l0_L)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            fired = fired_counts(out.codes, model.n_layers, model.n_features) > 0
+            fired = self._fired(model, out)
             self.since_fired[name] = torch.where(fired, 0, self.since_fired[name] + n)
             self._since_bound[name] += n
             flags += [~torch.isfinite(out.fvu_L), (~torch.isfinite(out.loss)).expand_as(out.fvu_L)]
@@ -164,6 +164,28 @@ class Trainer:
         """Bytes model `name` keeps for training: weights, their gradients and Adam's two moments (4 × the weights)."""
         return 4 * sum(p.numel() * p.element_size() for p in self.models[name].parameters())
 
+    # What a sharded trainer (`vitclt.training.distributed`) changes: which rows a model reads, what it
+    # backpropagates, and over which features the dead counters are counted.
+
+    def _forward(self, model: Transcoder, batch: Batch, dead_LF: Tensor | None):
+        return model(batch.x_NLD, batch.y_NLD, dead_mask_LF=dead_LF)
+
+    def _backward(self, model: Transcoder, out) -> None:
+        out.loss.backward()
+
+    def _fired(self, model: Transcoder, out) -> Tensor:
+        return fired_counts(out.codes, model.n_layers, model.n_features) > 0
+
+    def _counter_max(self, since_LF: Tensor) -> int:
+        return int(since_LF.max())
+
+    def _dead_L(self, model: Transcoder, since_LF: Tensor) -> list[float]:
+        return (since_LF >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
+
+    def full_models(self) -> dict[str, Transcoder]:
+        """The models as one process holds them (what a checkpoint saves)."""
+        return self.models
+
     def check_finite(self) -> None:
         """Raise `TrainingError` naming the first step, layer and transcoder that saw NaN/inf since the last check."""
         if not self._flags:
@@ -190,8 +212,8 @@ class Trainer:
         self._read_events()
         out = {}
         for name, model in self.models.items():
-            dead_L = (self.since_fired[name] >= model.cfg.dead_tokens).float().mean(1).cpu().tolist()
-            self._since_bound[name] = int(self.since_fired[name].max())
+            dead_L = self._dead_L(model, self.since_fired[name])
+            self._since_bound[name] = self._counter_max(self.since_fired[name])
             if name not in self._sums or not self._window_steps:
                 out[name] = StepMetrics(0, float("nan"), [float("nan")] * model.n_layers, [float("nan")] * model.n_layers, dead_L)
                 continue
@@ -227,7 +249,7 @@ class Trainer:
             model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             load_optimizer(self.optimizers[name], tensors, f"{name}.optim")
             self.since_fired[name] = tensors[f"{name}.since_fired_LF"].to(self.device)
-            self._since_bound[name] = int(self.since_fired[name].max())
+            self._since_bound[name] = self._counter_max(self.since_fired[name])
             if name in self.sparsity:
                 prefix = f"{name}.sparsity."
                 saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
