@@ -1,0 +1,121 @@
+"""What a feature sees: CLIP-Dissect's SoftWPMI between its top-activating images and a concept vocabulary.
+
+CLIP-Dissect (Oikarinen & Weng, ICLR 2023) scores concept t for a unit whose top-activating images
+are x_1 … x_K (best first) as
+
+    SoftWPMI(t) = log p(t | D) − λ · log p(t),
+    log p(t | D) = Σ_k log(1 + p_k (P(t | x_k) − 1)),    p_k linear from p_start (k = 1) to p_end,
+    log p(t) = log mean_f exp(log p(t | D_f))             over the units f of the same layer,
+
+where P(t | x) = softmax_t(a · cos(image x, text t)) is the image–text similarity of the
+dissecting CLIP (the backbone itself when it has a text tower) turned into a distribution over the
+vocabulary, and p_k is the soft chance that x_k belongs to the unit's top set. Constants follow
+the reference implementation (a = 10, λ = 1, p_start = 0.998, p_end = 0.97; a small floor inside
+the log).
+
+Each label also carries a shuffled baseline: the same score for the same concept when the top set
+is K images drawn at random from the probe set (`null_scores`). A label whose score does not beat
+the 99th percentile of its baseline is one the dissector cannot tell from noise, and is not shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SOFTMAX_SCALE = 10.0
+"""a: the inverse temperature of the similarity softmax over concepts."""
+LAMBDA = 1.0
+"""λ: the weight of the concept's prior log p(t)."""
+P_START, P_END = 0.998, 0.97
+"""Soft membership of the best and of the K-th top image."""
+LOG_FLOOR = 1e-7
+"""Added inside the log, as in the reference implementation."""
+
+
+def concept_probs(image_NP: Tensor, text_CP: Tensor, scale: float = SOFTMAX_SCALE) -> Tensor:
+    """P_NC = softmax over concepts of scale · cos(image, text) (inputs need not be normalised)."""
+    image = torch.nn.functional.normalize(image_NP.double(), dim=-1)
+    text = torch.nn.functional.normalize(text_CP.double(), dim=-1)
+    return torch.softmax(scale * image @ text.T, dim=-1)
+
+
+def membership(k: int) -> Tensor:
+    """p_k for ranks 1 … k: linear from P_START to P_END (as the reference: p_start − i/k · (p_start − p_end))."""
+    return P_START - torch.arange(k, dtype=torch.float64) / k * (P_START - P_END)
+
+
+def log_p_given_top(probs_NC: Tensor, top_UK: Tensor, valid_UK: Tensor | None = None) -> Tensor:
+    """log p(t | D_u) for U top sets of K image indices each (best first); invalid slots add nothing. Returns (U, C)."""
+    U, K = top_UK.shape
+    p_K = membership(K)
+    P_UKC = probs_NC[top_UK.clamp_min(0)]
+    terms = torch.log(1 + p_K[None, :, None] * (P_UKC - 1) + LOG_FLOOR)
+    if valid_UK is not None:
+        terms = terms * valid_UK[..., None].double()
+    return terms.sum(1)
+
+
+def soft_wpmi(log_p_UC: Tensor, lam: float = LAMBDA) -> tuple[Tensor, Tensor]:
+    """SoftWPMI_UC of U units from their log p(t | D_u), and the prior log p(t) (C,) estimated over those units."""
+    U = log_p_UC.shape[0]
+    log_prior_C = torch.logsumexp(log_p_UC, 0) - torch.log(torch.tensor(float(max(U, 1)), dtype=log_p_UC.dtype))
+    return log_p_UC - lam * log_prior_C, log_prior_C
+
+
+def null_scores(probs_NC: Tensor, k: int, log_prior_C: Tensor, draws: int = 200, seed: int = 0,
+                lam: float = LAMBDA) -> Tensor:
+    """SoftWPMI_RC of R top sets of k images drawn at random (without replacement) from the N probe images."""
+    N = probs_NC.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    top_RK = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(draws)])
+    return log_p_given_top(probs_NC, top_RK) - lam * log_prior_C
+
+
+@dataclass
+class SeesLabels:
+    """Each feature's best concepts by SoftWPMI of its top images, with their shuffled baselines."""
+
+    index_LFK: Tensor
+    """Concept indices, best first."""
+    score_LFK: Tensor
+    """Their SoftWPMI."""
+    baseline_LFK: Tensor
+    """Mean SoftWPMI of the same concept for random top sets of the same size."""
+    threshold_LFK: Tensor
+    """Its 99th percentile: a label scoring at or below it is not told apart from noise."""
+
+    @property
+    def shown_LFK(self) -> Tensor:
+        """Labels that beat their shuffled baseline's 99th percentile (the ones the pages show)."""
+        return self.score_LFK > self.threshold_LFK
+
+
+def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK: Tensor, k: int = 5, draws: int = 200,
+                seed: int = 0) -> SeesLabels:
+    """Top-k SoftWPMI concepts of every feature from its top images (`top_LFK`, -1 / invalid where none).
+
+    Images are ranked by `value_LFK` (the feature's activation) before the soft membership is applied;
+    the prior log p(t) of each layer is estimated over that layer's features with any top image.
+    """
+    L, F, K = top_LFK.shape
+    C = probs_NC.shape[1]
+    k = min(k, C)
+    order = value_LFK.masked_fill(~valid_LFK, -torch.inf).argsort(-1, descending=True)
+    top_LFK, valid_LFK = top_LFK.gather(-1, order), valid_LFK.gather(-1, order)
+    out = [torch.zeros(L, F, k, dtype=torch.long)] + [torch.full((L, F, k), torch.nan, dtype=torch.float64)
+                                                       for _ in range(3)]
+    for layer in range(L):
+        alive_F = valid_LFK[layer].any(-1)
+        if not alive_F.any():
+            continue
+        log_p = log_p_given_top(probs_NC, top_LFK[layer][alive_F], valid_LFK[layer][alive_F])
+        score_UC, log_prior_C = soft_wpmi(log_p)
+        null_RC = null_scores(probs_NC, K, log_prior_C, draws, seed + layer)
+        base_C, thr_C = null_RC.mean(0), null_RC.quantile(0.99, dim=0)
+        s, i = score_UC.topk(k, dim=-1)
+        out[0][layer][alive_F], out[1][layer][alive_F] = i, s
+        out[2][layer][alive_F], out[3][layer][alive_F] = base_C[i], thr_C[i]
+    return SeesLabels(*out)
