@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--cosy-images", type=int, default=64, help="rendered scenes per concept for the CoSy AUC (0: skip)")
     parser.add_argument("--permutations", type=int, default=200, help="label shuffles for the shuffled control")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path("explanations.json"), help="where the JSON goes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()

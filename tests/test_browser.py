@@ -199,9 +199,11 @@ def test_exports_have_the_layouts_circuit_tracer_and_neuronpedia_read(tiny_run):
     assert {f"{cantor(0, f)}.json" for f in live} <= names
     assert f"{cantor(*DEAD)}.json" not in names
     record = json.loads((scan / f"{cantor(0, live[0])}.json").read_text())
-    # circuit_tracer/frontend/feature_models.py: Model, ExamplesQuantile, Example.
+    # circuit_tracer/frontend/feature_models.py: Model, ExamplesQuantile, Example (pydantic ignores the extra label keys).
     assert set(record) == {"transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits", "act_min",
-                           "act_max", "quantile_values", "histogram", "activation_frequency"}
+                           "act_max", "quantile_values", "histogram", "activation_frequency", "sees_labels", "writes_labels"}
+    for kind in ("sees_labels", "writes_labels"):
+        assert record[kind] and all(len(r) == 4 and isinstance(r[0], str) and isinstance(r[3], bool) for r in record[kind])
     example = record["examples_quantiles"][0]["examples"][0]
     assert set(example) == {"tokens", "tokens_acts_list", "train_token_ind", "is_repeated_datapoint"}
     assert len(example["tokens"]) == len(example["tokens_acts_list"]) == site["n_tokens"]
@@ -212,8 +214,10 @@ def test_exports_have_the_layouts_circuit_tracer_and_neuronpedia_read(tiny_run):
     assert set(batch) == {"model_id", "layer", "sae_set", "features"}
     feature = batch["features"][live[0]]
     for key in ("feature_index", "pos_str", "pos_values", "neg_str", "neg_values", "frac_nonzero",
-                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "n_prompts_total", "activations"):
+                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "n_prompts_total", "activations",
+                "sees_str", "sees_values", "sees_baselines", "sees_shown", "writes_str", "writes_values"):
         assert key in feature
+    assert feature["sees_str"] and len(feature["sees_str"]) == len(feature["sees_baselines"])
     assert set(feature["activations"][0]) == {"bin_min", "bin_max", "bin_contains", "tokens", "values"}
 
 

@@ -80,10 +80,13 @@ def embedding_jacobians(backbone: Backbone, embed: Callable[[Tensor], Tensor], p
     with torch.enable_grad(), backbone.replace(add, range(L)):
         e_BP = embed(pixels_B3HW)
         P = e_BP.shape[1]
-        # One vmapped backward per output coordinate p: the images are independent, so summing over B is exact.
-        eye_PBP = torch.eye(P, device=e_BP.device, dtype=e_BP.dtype)[:, None, :].expand(P, B, P)
-        grads = torch.autograd.grad(e_BP, deltas, grad_outputs=eye_PBP, is_grads_batched=True)
-    return torch.stack([_upcast(g.detach()).cpu() for g in grads], 3).transpose(0, 1)  # (B, P, T, L, D)
+        rows = []
+        # One backward per embedding coordinate (a vmapped backward is slower here); images are independent, so
+        # the gradient of the batch sum is each image's own.
+        for p in range(P):
+            grads = torch.autograd.grad(e_BP[:, p].sum(), deltas, retain_graph=p < P - 1)
+            rows.append(torch.stack([_upcast(g.detach()).cpu() for g in grads], 2))  # (B, T, L, D)
+    return torch.stack(rows, 1)
 
 
 @torch.no_grad()
@@ -96,12 +99,13 @@ def _accumulate(J_BPTLD: Tensor, W_LLFD: Tensor, top: TopList, batch_ids: Tensor
     pos = {int(i): b for b, i in enumerate(batch_ids.tolist())}
     b_E = torch.tensor([pos[int(i)] for i in top.image_LFK[layer_E, feat_E, slot_E].tolist()])
     a_ET = top.tokens_LFKT[layer_E, feat_E, slot_E].to(J_BPTLD.dtype).clamp_min(0)
+    B, P, T, L, D = J_BPTLD.shape
     for b in b_E.unique().tolist():
         sel = b_E == b
-        # Σ_t a_t J(x, t): (E_b, P, L, D), then the decoder rows of each entry's feature to every target layer.
-        aJ = torch.einsum("et,ptld->epld", a_ET[sel], J_BPTLD[b])
+        # J(x, t) times the decoder rows of each entry's feature to every target layer (one GEMM), then Σ_t a_t.
         W_ELD = W_LLFD[layer_E[sel], :, feat_E[sel]].to(J_BPTLD.dtype)
-        w_EP = torch.einsum("epld,eld->ep", aJ, W_ELD)
+        JW_PTE = (J_BPTLD[b].reshape(P * T, L * D) @ W_ELD.reshape(-1, L * D).T).view(P, T, -1)
+        w_EP = torch.einsum("et,pte->ep", a_ET[sel], JW_PTE)
         w_LFP.index_put_((layer_E[sel], feat_E[sel]), w_EP, accumulate=True)
         mass_LF.index_put_((layer_E[sel], feat_E[sel]), a_ET[sel].sum(1), accumulate=True)
 
