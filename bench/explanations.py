@@ -112,7 +112,7 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
     direct_world = label_features(w_direct, type(old_vocab)([], old_vocab.class_CP[:0], vocab.names, vocab.text_CP), k=1)
     labels["direct path, world words"] = [[vocab.names[i] for i in direct_world.word_LFK[ly, :, 0].tolist()] for ly in range(L)]
 
-    probs = concept_probs(embed_NP, vocab.text_CP)
+    probs = concept_probs(embed_NP, vocab.text_CP, groups=vocab.kinds)
     sees = sees_labels(probs, st.top_max.image_LFK, torch.isfinite(st.top_max.score_LFK), st.top_max.value_LFK, seed=seed)
     labels["sees (SoftWPMI)"] = [[vocab.names[i] if shown else None for i, shown in
                                   zip(sees.index_LFK[ly, :, 0].tolist(), sees.shown_LFK[ly, :, 0].tolist())] for ly in range(L)]

@@ -398,7 +398,8 @@ def build_browser(
                 from vitclt.browser.writes import jacobian_writes, writes_labels
 
                 top = st.top_max
-                sees = sees_labels(concept_probs(torch.cat(embeds), concept_vocab.text_CP), top.image_LFK,
+                probs = concept_probs(torch.cat(embeds), concept_vocab.text_CP, groups=concept_vocab.kinds)
+                sees = sees_labels(probs, top.image_LFK,
                                    torch.isfinite(top.score_LFK), top.value_LFK, seed=seed)
                 w_LFP = jacobian_writes(bb, tc, data, top, images_per_forward, progress) if writes else None
                 if w_LFP is not None:

@@ -13,9 +13,15 @@ vocabulary, and p_k is the soft chance that x_k belongs to the unit's top set. C
 the reference implementation (a = 10, λ = 1, p_start = 0.998, p_end = 0.97; a small floor inside
 the log).
 
-Each label also carries a shuffled baseline: the same score for the same concept when the top set
-is K images drawn at random from the probe set (`null_scores`). A label whose score does not beat
-the 99th percentile of its baseline is one the dissector cannot tell from noise, and is not shown.
+Two changes from the reference, both measured on the demo world (docs/browser.md): the softmax runs
+within each group of the vocabulary (the demo world's attribute families; class names apart from
+words), so a two-valued attribute such as size is not drowned by the forty-eight class names; and
+concepts are ranked by their score minus their shuffled baseline, since scores of groups of
+different sizes are on different scales.
+
+Each label carries that shuffled baseline: the mean score of the same concept when the top set is
+K images drawn at random from the probe set (`null_scores`). A label whose score does not beat the
+99th percentile of its baseline is one the dissector cannot tell from noise, and is not shown.
 """
 
 from __future__ import annotations
@@ -35,11 +41,18 @@ LOG_FLOOR = 1e-7
 """Added inside the log, as in the reference implementation."""
 
 
-def concept_probs(image_NP: Tensor, text_CP: Tensor, scale: float = SOFTMAX_SCALE) -> Tensor:
-    """P_NC = softmax over concepts of scale · cos(image, text) (inputs need not be normalised)."""
+def concept_probs(image_NP: Tensor, text_CP: Tensor, scale: float = SOFTMAX_SCALE, groups: list[str] | None = None) -> Tensor:
+    """P_NC = softmax over concepts of scale · cos(image, text), within each group of concepts if `groups` names them."""
     image = torch.nn.functional.normalize(image_NP.double(), dim=-1)
     text = torch.nn.functional.normalize(text_CP.double(), dim=-1)
-    return torch.softmax(scale * image @ text.T, dim=-1)
+    logits = scale * image @ text.T
+    if groups is None:
+        return torch.softmax(logits, dim=-1)
+    out = torch.empty_like(logits)
+    for g in dict.fromkeys(groups):
+        cols = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        out[:, cols] = torch.softmax(logits[:, cols], dim=-1)
+    return out
 
 
 def membership(k: int) -> Tensor:
@@ -95,10 +108,11 @@ class SeesLabels:
 
 def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK: Tensor, k: int = 5, draws: int = 200,
                 seed: int = 0) -> SeesLabels:
-    """Top-k SoftWPMI concepts of every feature from its top images (`top_LFK`, -1 / invalid where none).
+    """Top-k concepts of every feature by SoftWPMI of its top images above the shuffled baseline.
 
-    Images are ranked by `value_LFK` (the feature's activation) before the soft membership is applied;
-    the prior log p(t) of each layer is estimated over that layer's features with any top image.
+    `top_LFK` holds image indices (-1 / invalid where none). Images are ranked by `value_LFK` (the feature's
+    activation) before the soft membership is applied; the prior log p(t) of each layer is estimated over
+    that layer's features with any top image.
     """
     L, F, K = top_LFK.shape
     C = probs_NC.shape[1]
@@ -115,7 +129,7 @@ def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK:
         score_UC, log_prior_C = soft_wpmi(log_p)
         null_RC = null_scores(probs_NC, K, log_prior_C, draws, seed + layer)
         base_C, thr_C = null_RC.mean(0), null_RC.quantile(0.99, dim=0)
-        s, i = score_UC.topk(k, dim=-1)
-        out[0][layer][alive_F], out[1][layer][alive_F] = i, s
+        i = (score_UC - base_C).topk(k, dim=-1).indices
+        out[0][layer][alive_F], out[1][layer][alive_F] = i, score_UC.gather(1, i)
         out[2][layer][alive_F], out[3][layer][alive_F] = base_C[i], thr_C[i]
     return SeesLabels(*out)
