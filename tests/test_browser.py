@@ -271,3 +271,21 @@ def test_unknown_transcoder_name_lists_the_available_ones(tiny_run):
     run, spec, _ = tiny_run
     with pytest.raises(BrowserError, match="found: clt"):
         build_browser(run, spec, transcoders=["nope"])
+
+
+def test_browse_takes_templates_and_concepts_and_refuses_bad_ones_before_any_compute(tmp_path, tiny_run, monkeypatch):
+    from vitclt.browser.concepts import VocabularyError
+    from vitclt.cli import parse
+    from vitclt.data.images import DatasetError
+
+    cfg = parse(["browse", "RUN", "--templates", "imagenet7", "--concepts", "words.txt", "--no-writes"])[1]
+    assert (cfg.templates, str(cfg.concepts), cfg.writes) == ("imagenet7", "words.txt", False)
+    run, spec, _ = tiny_run
+    monkeypatch.setattr("vitclt.backbones.load_backbone", lambda *a, **k: pytest.fail("loaded a backbone before checking"))
+    (tmp_path / "bad.txt").write_text("a photo of a thing\n")
+    with pytest.raises(DatasetError, match="exactly one"):
+        build_browser(run, spec, out=tmp_path / "site", templates=tmp_path / "bad.txt", progress=False)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(VocabularyError, match="no words"):
+        build_browser(run, spec, out=tmp_path / "site", concepts=tmp_path / "empty.txt", progress=False)
+    assert not (tmp_path / "site").exists()

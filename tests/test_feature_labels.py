@@ -8,7 +8,7 @@ import torch
 from tests.test_browser import make_transcoder
 from vitclt.browser.collect import FeatureCollector
 from vitclt.browser.sees import P_END, P_START, concept_probs, log_p_given_top, sees_labels, soft_wpmi
-from vitclt.browser.writes import centred, differentiable_embedding, jacobian_writes, raw_decoders, writes_labels
+from vitclt.browser.writes import centred, differentiable_embedding, jacobian_writes, writes_labels
 
 
 def test_soft_wpmi_equals_a_hand_computation_on_a_small_matrix():
@@ -55,7 +55,11 @@ def test_write_jacobian_equals_finite_differences_of_the_embedding(tiny_backbone
         data = [(im, 0) for im in images]
         w_LFP = jacobian_writes(bb, tc, data, top, batch_size=3, progress=False)
         embed = differentiable_embedding(bb)
-        W = raw_decoders(tc).double()
+        # The decoders in raw units, built here rather than by the code under test: W[i, j] = W^{i→j} · y_scale_j, j ≥ i.
+        W = torch.zeros(bb.n_layers, bb.n_layers, tc.n_features, bb.d_model, dtype=torch.float64)
+        for i in range(bb.n_layers):
+            for j in range(i, bb.n_layers):
+                W[i, j] = tc.decoder(i, j).detach().double() * tc.y_scale_L[j]
         checked = 0
         for layer, f in [(0, 1), (1, 3), (bb.n_layers - 1, 2)]:
             ok = torch.isfinite(top.score_LFK[layer, f])
