@@ -62,8 +62,8 @@ def print_label_table(result: dict) -> None:
     print("  " + ", ".join(f"{k} {_pct(v['accuracy'])} (chance {_pct(v['chance'])})" for k, v in result["ceiling"].items()))
 
 
-def label_section(run_dir: Path, transcoder: str, label_images: int, test_images: int, top_k: int, cosy_images: int,
-                  permutations: int, seed: int, progress: bool) -> dict:
+def label_section(run_dir: Path, transcoder: str, label_images: int, test_images: int, top_k: int, label_samples: int,
+                  cosy_images: int, permutations: int, seed: int, progress: bool) -> dict:
     """Ground truth, label scores of every method, CoSy AUCs and the zero-shot ceiling."""
     from vitclt.backbones import load_backbone
     from vitclt.browser.collect import FeatureCollector
@@ -85,7 +85,7 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
     test = DemoWorld("test", size=test_images)
 
     # The labellers' pass: top images per feature and the images' embeddings, on train images only.
-    collector = FeatureCollector(tc, bb.n_tokens, top_k, 1, seed)
+    collector = FeatureCollector(tc, bb.n_tokens, top_k, 1, seed, label_samples)
     embeds = []
     for start in range(0, label_images, 64):
         ids = range(start, min(start + 64, label_images))
@@ -113,10 +113,15 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
     labels["direct path, world words"] = [[vocab.names[i] for i in direct_world.word_LFK[ly, :, 0].tolist()] for ly in range(L)]
 
     probs = concept_probs(embed_NP, vocab.text_CP, groups=vocab.kinds)
-    sees = sees_labels(probs, st.top_max.image_LFK, torch.isfinite(st.top_max.score_LFK), st.top_max.value_LFK, seed=seed)
+    sees = sees_labels(probs, st.label_sample.image_LFK, torch.isfinite(st.label_sample.score_LFK), st.label_sample.value_LFK,
+                       seed=seed)
+    top_sees = sees_labels(probs, st.top_max.image_LFK, torch.isfinite(st.top_max.score_LFK), st.top_max.value_LFK, seed=seed)
     labels["sees (SoftWPMI)"] = [[vocab.names[i] if shown else None for i, shown in
                                   zip(sees.index_LFK[ly, :, 0].tolist(), sees.shown_LFK[ly, :, 0].tolist())] for ly in range(L)]
     labels["sees, unfiltered"] = [[vocab.names[i] for i in sees.index_LFK[ly, :, 0].tolist()] for ly in range(L)]
+    labels[f"sees, top {top_k} images"] = [[vocab.names[i] if shown else None for i, shown in
+                                           zip(top_sees.index_LFK[ly, :, 0].tolist(), top_sees.shown_LFK[ly, :, 0].tolist())]
+                                          for ly in range(L)]
     w_jac = jacobian_writes(bb, tc, train, st.top_max, progress=progress)
     writes = writes_labels(w_jac, vocab.text_CP, alive_LF, seed=seed)
     labels["writes (Jacobian)"] = [[vocab.names[i] if shown else None for i, shown in
@@ -134,6 +139,7 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
     fam = [concepts[c].family for c in gt.concept_LF[scored]]
     result = {
         "run": str(path), "transcoder": transcoder, "label_images": label_images, "top_k": top_k,
+        "label_samples": label_samples,
         "ground_truth": {
             "n_images": test_images, "alive": int((gt.concept_LF >= 0).sum()), "scored": int(scored.sum()),
             "coverage": gt.coverage, "scored_by_layer": scored.sum(1).tolist(),
@@ -159,6 +165,8 @@ def main() -> None:
     parser.add_argument("--label-images", type=int, default=2000, help="demo train images the labellers see")
     parser.add_argument("--test-images", type=int, default=2000, help="demo test images the ground truth is measured on")
     parser.add_argument("--top-k", type=int, default=16, help="top images per feature (as vitclt browse --top-k)")
+    parser.add_argument("--label-samples", type=int, default=128,
+                        help="images sampled per feature where it fires, for the sees labels (as vitclt browse --label-samples)")
     parser.add_argument("--cosy-images", type=int, default=64, help="rendered scenes per concept for the CoSy AUC (0: skip)")
     parser.add_argument("--permutations", type=int, default=200, help="label shuffles for the shuffled control")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,7 +177,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     np.random.seed(args.seed)
     result = {"labels": label_section(args.run_dir, args.transcoder, args.label_images, args.test_images, args.top_k,
-                                      args.cosy_images, args.permutations, args.seed, not args.no_progress)}
+                                      args.label_samples, args.cosy_images, args.permutations, args.seed, not args.no_progress)}
     print_label_table(result["labels"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

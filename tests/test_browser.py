@@ -289,3 +289,23 @@ def test_browse_takes_templates_and_concepts_and_refuses_bad_ones_before_any_com
     with pytest.raises(VocabularyError, match="no words"):
         build_browser(run, spec, out=tmp_path / "site", concepts=tmp_path / "empty.txt", progress=False)
     assert not (tmp_path / "site").exists()
+
+
+def test_label_sample_holds_only_images_where_the_feature_fires_and_no_heatmaps(tiny_backbone, images):
+    tc = make_transcoder(tiny_backbone, images)
+    with torch.no_grad(), tiny_backbone.capture() as cap:
+        tiny_backbone.image_embeds(tiny_backbone.preprocess(images))
+    act = dense_activations(tc, cap.x_BTLD())
+    col = FeatureCollector(tc, tiny_backbone.n_tokens, top_k=2, n_samples=2, label_samples=4)
+    col.update(cap.x_BTLD(), 0)
+    st = col.result()
+    lab = st.label_sample
+    assert lab.tokens_LFKT.shape[-1] == 1
+    valid = torch.isfinite(lab.score_LFK)
+    fires_LFB = (act != 0).any(2).permute(1, 2, 0)
+    assert fires_LFB.gather(2, lab.image_LFK.clamp_min(0))[valid].all()
+    # Every feature that fires on at least 4 images fills all 4 slots, with distinct images.
+    full = fires_LFB.sum(-1) >= 4
+    assert valid[full].all() and bool(full.any())
+    assert all(len(set(row.tolist())) == 4 for row in lab.image_LFK[full])
+    assert FeatureCollector(tc, tiny_backbone.n_tokens).result().label_sample is None

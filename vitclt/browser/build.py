@@ -277,6 +277,7 @@ def build_browser(
     top_k: int = 16,
     samples: int = 16,
     vocab_size: int = 3000,
+    label_samples: int = 128,
     templates: str | Path | None = None,
     concepts: str | Path | None = None,
     writes: bool = True,
@@ -306,9 +307,9 @@ def build_browser(
 
     start = time.perf_counter()
     source = Path(source)
-    if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0:
-        raise BrowserError("--top-k, --samples and --images-per-forward must be at least 1, --thumb-size at least 8, "
-                           "--vocab-size ≥ 0")
+    if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0 or label_samples < 1:
+        raise BrowserError("--top-k, --samples, --label-samples and --images-per-forward must be at least 1, --thumb-size "
+                           "at least 8, --vocab-size ≥ 0")
     paths = _load_transcoders(source, transcoders)
     from vitclt.browser.concepts import read_words
     from vitclt.data.prompts import get_templates
@@ -330,8 +331,9 @@ def build_browser(
             except ValueError as e:
                 raise BrowserError(f"transcoder {name} ({path}) does not fit backbone {bb.name}: {e}") from None
             models[name] = tc
-        collectors = {n: FeatureCollector(tc, bb.n_tokens, top_k, samples, seed) for n, tc in models.items()}
         projection = final_projection(bb)
+        collectors = {n: FeatureCollector(tc, bb.n_tokens, top_k, samples, seed, label_samples if projection else 0)
+                      for n, tc in models.items()}
         sigma_sum, first = 0.0, 0
         embeds = []
 
@@ -397,10 +399,9 @@ def build_browser(
                 from vitclt.browser.sees import concept_probs, sees_labels
                 from vitclt.browser.writes import jacobian_writes, writes_labels
 
-                top = st.top_max
+                top, seen = st.top_max, st.label_sample if st.label_sample is not None else st.sample
                 probs = concept_probs(torch.cat(embeds), concept_vocab.text_CP, groups=concept_vocab.kinds)
-                sees = sees_labels(probs, top.image_LFK,
-                                   torch.isfinite(top.score_LFK), top.value_LFK, seed=seed)
+                sees = sees_labels(probs, seen.image_LFK, torch.isfinite(seen.score_LFK), seen.value_LFK, seed=seed)
                 w_LFP = jacobian_writes(bb, tc, data, top, images_per_forward, progress) if writes else None
                 if w_LFP is not None:
                     writes_lab = writes_labels(w_LFP, concept_vocab.text_CP, alive, seed=seed)

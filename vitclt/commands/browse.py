@@ -37,6 +37,8 @@ class BrowseConfig:
     vocab_size: int = 3000
     """Words to label features with: CLIP BPE words for the direct-path labels, common English words for the sees/writes
     labels on a dataset other than the demo world (0: class names only)."""
+    label_samples: int = 128
+    """Images sampled uniformly per feature among those where it fires, for its sees labels (not shown on the pages)."""
     templates: str | None = None
     """Prompt templates for the class-name labels: a shipped set (cifar100, imagenet, imagenet7, coco) or a file with one
     template per line, each with '{}' (default: the dataset's own)."""
@@ -63,7 +65,7 @@ def run(cfg: BrowseConfig) -> Path:
     out = build_browser(
         cfg.run_dir, cfg.dataset, cfg.out, backbone=cfg.backbone, transcoders=list(cfg.transcoders) or None,
         split=cfg.split, max_images=cfg.max_images, top_k=cfg.top_k, samples=cfg.samples, vocab_size=cfg.vocab_size,
-        templates=cfg.templates, concepts=cfg.concepts, writes=cfg.writes,
+        label_samples=cfg.label_samples, templates=cfg.templates, concepts=cfg.concepts, writes=cfg.writes,
         images_per_forward=cfg.runtime.images_per_forward, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
         workers=cfg.runtime.workers, fast_decode=cfg.runtime.fast_decode, seed=cfg.runtime.seed, progress=cfg.runtime.progress,
     )
