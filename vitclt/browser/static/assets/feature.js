@@ -120,13 +120,13 @@
   // Sees / writes labels, then the direct-path labels
   if ((f.sees && f.sees.length) || (f.writes && f.writes.length)) {
     const explained = V.el("div", { class: "grid2" });
-    explained.append(explainedTable("sees (SoftWPMI of its top images)", f.sees || []),
+    explained.append(explainedTable("sees (SoftWPMI of images where it fires)", f.sees || []),
       explainedTable("writes (its effect on the image embedding)", f.writes || []));
     section("What it sees and what it writes (greyed: not told apart from its shuffled baseline)", explained);
   }
   const labels = V.el("div", { class: "grid2" });
   labels.append(labelTable("class name", f.labels.classes), labelTable("word", f.labels.words));
-  section("Direct-path text labels (CLIP's text tower vs the feature's direct write into the image embedding)", labels);
+  section("Text labels from the direct path (CLIP's text tower vs the feature's direct write into the image embedding)", labels);
   if (f.majority) main.append(V.el("p", { class: "summary",
     text: `Majority class of its top images: ${site.classnames[f.majority[0]]} (${f.majority[1]} of ${f.majority[2]}).` }));
 
