@@ -109,10 +109,10 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
         "today: class name": [[old_vocab.classnames[i] for i in old.class_LFK[ly, :, 0].tolist()] for ly in range(L)],
         "today: BPE word": [[old_vocab.words[i] for i in old.word_LFK[ly, :, 0].tolist()] for ly in range(L)],
     }
-    direct_world = label_features(w_direct, type(old_vocab)([], old_vocab.class_CP[:0], vocab.names, vocab.text_CP), k=1)
+    direct_world = label_features(w_direct, type(old_vocab)([], old_vocab.class_CP[:0], vocab.names, vocab.text_VP), k=1)
     labels["direct path, world words"] = [[vocab.names[i] for i in direct_world.word_LFK[ly, :, 0].tolist()] for ly in range(L)]
 
-    probs = concept_probs(embed_NP, vocab.text_CP, groups=vocab.kinds)
+    probs = concept_probs(embed_NP, vocab.text_VP, groups=vocab.kinds)
     sees = sees_labels(probs, st.label_sample.image_LFK, torch.isfinite(st.label_sample.score_LFK), st.label_sample.value_LFK,
                        seed=seed)
     top_sees = sees_labels(probs, st.top_max.image_LFK, torch.isfinite(st.top_max.score_LFK), st.top_max.value_LFK, seed=seed)
@@ -123,7 +123,7 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
                                            zip(top_sees.index_LFK[ly, :, 0].tolist(), top_sees.shown_LFK[ly, :, 0].tolist())]
                                           for ly in range(L)]
     w_jac = jacobian_writes(bb, tc, train, st.top_max, progress=progress)
-    writes = writes_labels(w_jac, vocab.text_CP, alive_LF, seed=seed)
+    writes = writes_labels(w_jac, vocab.text_VP, alive_LF, seed=seed)
     labels["writes (Jacobian)"] = [[vocab.names[i] if shown else None for i, shown in
                                     zip(writes.index_LFK[ly, :, 0].tolist(), writes.shown_LFK[ly, :, 0].tolist())]
                                    for ly in range(L)]
@@ -153,7 +153,7 @@ def label_section(run_dir: Path, transcoder: str, label_images: int, test_images
     if cosy_images > 0:
         result["cosy"] = {name: cosy_auc(bb, tc, labels[name], gt, cosy_images, seed, progress=progress)
                           for name in ("sees, unfiltered", "writes, unfiltered", "direct path, world words")}
-    result["ceiling"] = zero_shot_ceiling(wp.embed_NP, wp.scenes, vocab.text_CP, concepts)
+    result["ceiling"] = zero_shot_ceiling(wp.embed_NP, wp.scenes, vocab.text_VP, concepts)
     result["seconds"] = time.perf_counter() - t0
     return result
 

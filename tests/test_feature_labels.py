@@ -12,26 +12,26 @@ from vitclt.browser.writes import centred, differentiable_embedding, jacobian_wr
 
 
 def test_soft_wpmi_equals_a_hand_computation_on_a_small_matrix():
-    P_NC = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]], dtype=torch.float64)
-    top_UK = torch.tensor([[0, 3], [1, 2]])
-    score_UC, _ = soft_wpmi(log_p_given_top(P_NC, top_UK))
+    P_NV = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    top_FK = torch.tensor([[0, 3], [1, 2]])
+    score_FV, _ = soft_wpmi(log_p_given_top(P_NV, top_FK))
     p = [P_START, P_START - 0.5 * (P_START - P_END)]  # soft membership of ranks 1 and 2 of K = 2
 
     def log_p(u, c):
-        return sum(math.log(1 + p[k] * (float(P_NC[int(top_UK[u, k]), c]) - 1) + 1e-7) for k in range(2))
+        return sum(math.log(1 + p[k] * (float(P_NV[int(top_FK[u, k]), c]) - 1) + 1e-7) for k in range(2))
 
     for u in range(2):
         for c in range(3):
             prior = math.log((math.exp(log_p(0, c)) + math.exp(log_p(1, c))) / 2)
-            assert abs(float(score_UC[u, c]) - (log_p(u, c) - prior)) < 1e-12
+            assert abs(float(score_FV[u, c]) - (log_p(u, c) - prior)) < 1e-12
 
 
 def test_sees_labels_name_the_concept_of_the_top_images_and_beat_their_shuffled_baseline():
     rng = np.random.default_rng(0)
     concept_N = rng.integers(0, 4, 400)
-    text_CP = torch.eye(4, 8, dtype=torch.float64)
+    text_VP = torch.eye(4, 8, dtype=torch.float64)
     image_NP = torch.from_numpy(np.eye(4, 8)[concept_N] + 0.3 * rng.normal(size=(400, 8)))
-    probs = concept_probs(image_NP, text_CP)
+    probs = concept_probs(image_NP, text_VP)
     # Feature f's top images are 8 images of concept f % 4.
     top = torch.stack([torch.from_numpy(np.flatnonzero(concept_N == f % 4)[:8]) for f in range(6)])[None]
     valid = torch.ones_like(top, dtype=torch.bool)
@@ -90,10 +90,10 @@ def test_write_jacobian_equals_finite_differences_of_the_embedding(tiny_backbone
 
 
 def test_writes_labels_rank_centred_text_by_cosine():
-    text_CP = torch.tensor([[1.0, 0.1, 0.0], [0.9, -0.2, 0.1], [0.8, 0.0, 0.5]])
-    t = centred(text_CP)
+    text_VP = torch.tensor([[1.0, 0.1, 0.0], [0.9, -0.2, 0.1], [0.8, 0.0, 0.5]])
+    t = centred(text_VP)
     w_LFP = t[[1, 2, 0]][None].clone()
-    labels = writes_labels(w_LFP, text_CP, torch.ones(1, 3, dtype=torch.bool), k=1)
+    labels = writes_labels(w_LFP, text_VP, torch.ones(1, 3, dtype=torch.bool), k=1)
     assert labels.index_LFK[0, :, 0].tolist() == [1, 2, 0]
     assert torch.allclose(labels.score_LFK[0, :, 0], torch.ones(3))
     # Centring removes the shared direction: raw cosines are all above 0.7, centred ones are not.

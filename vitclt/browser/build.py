@@ -400,11 +400,11 @@ def build_browser(
                 from vitclt.browser.writes import jacobian_writes, writes_labels
 
                 top, seen = st.top_max, st.label_sample if st.label_sample is not None else st.sample
-                probs = concept_probs(torch.cat(embeds), concept_vocab.text_CP, groups=concept_vocab.kinds)
+                probs = concept_probs(torch.cat(embeds), concept_vocab.text_VP, groups=concept_vocab.kinds)
                 sees = sees_labels(probs, seen.image_LFK, torch.isfinite(seen.score_LFK), seen.value_LFK, seed=seed)
                 w_LFP = jacobian_writes(bb, tc, data, top, images_per_forward, progress) if writes else None
                 if w_LFP is not None:
-                    writes_lab = writes_labels(w_LFP, concept_vocab.text_CP, alive, seed=seed)
+                    writes_lab = writes_labels(w_LFP, concept_vocab.text_VP, alive, seed=seed)
             p = TranscoderPages(
                 id=_safe_id(name, taken), name=name, config=dict(tc.cfg.__dict__), trained_on=_trained_on(paths[name]),
                 stats=st, norms_LFJ=norms, later_LF=later_fraction(norms), neighbours=neighbours, labels=labels,

@@ -10,6 +10,9 @@ activation, and three running lists per feature are merged with one ``topk`` ove
   (image, feature) and the K largest keys: reservoir sampling as a top-k), so the site can show
   the feature at moderate strength.
 
+On request a fourth list, ``label_sample``, draws more images the same way, for the sees labels;
+it keeps only the CLS activation, since the pages never draw those images.
+
 Each list carries the per-token activations of its images (for the heatmaps), quantised to
 uint8 relative to the feature's maximum at the end. Counts, sums and a log-binned histogram of
 the nonzero activations are accumulated with ``bincount``. Nothing grows with the dataset

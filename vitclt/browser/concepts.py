@@ -39,14 +39,14 @@ class ConceptVocabulary:
     """Concept names, e.g. "red", "red circle", "striped"."""
     kinds: list[str]
     """Where each comes from: a demo-world family, "class" or "word"."""
-    text_CP: Tensor
+    text_VP: Tensor
     """Normalised text vectors (C, P)."""
 
     def extend(self, other: ConceptVocabulary) -> ConceptVocabulary:
         """This vocabulary followed by the entries of `other` whose names are new."""
         keep = [i for i, n in enumerate(other.names) if n not in set(self.names)]
         return ConceptVocabulary(self.names + [other.names[i] for i in keep], self.kinds + [other.kinds[i] for i in keep],
-                                 torch.cat([self.text_CP, other.text_CP[keep]]))
+                                 torch.cat([self.text_VP, other.text_VP[keep]]))
 
 
 def _embed(backbone: Backbone, prompts: list[str], batch_size: int = 256) -> Tensor:

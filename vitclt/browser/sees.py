@@ -41,10 +41,10 @@ LOG_FLOOR = 1e-7
 """Added inside the log, as in the reference implementation."""
 
 
-def concept_probs(image_NP: Tensor, text_CP: Tensor, scale: float = SOFTMAX_SCALE, groups: list[str] | None = None) -> Tensor:
-    """P_NC = softmax over concepts of scale · cos(image, text), within each group of concepts if `groups` names them."""
+def concept_probs(image_NP: Tensor, text_VP: Tensor, scale: float = SOFTMAX_SCALE, groups: list[str] | None = None) -> Tensor:
+    """P_NV = softmax over concepts of scale · cos(image, text), within each group of concepts if `groups` names them."""
     image = torch.nn.functional.normalize(image_NP.double(), dim=-1)
-    text = torch.nn.functional.normalize(text_CP.double(), dim=-1)
+    text = torch.nn.functional.normalize(text_VP.double(), dim=-1)
     logits = scale * image @ text.T
     if groups is None:
         return torch.softmax(logits, dim=-1)
@@ -60,31 +60,31 @@ def membership(k: int) -> Tensor:
     return P_START - torch.arange(k, dtype=torch.float64) / k * (P_START - P_END)
 
 
-def log_p_given_top(probs_NC: Tensor, top_UK: Tensor, valid_UK: Tensor | None = None) -> Tensor:
+def log_p_given_top(probs_NV: Tensor, top_FK: Tensor, valid_FK: Tensor | None = None) -> Tensor:
     """log p(t | D_u) for U top sets of K image indices each (best first); invalid slots add nothing. Returns (U, C)."""
-    U, K = top_UK.shape
+    U, K = top_FK.shape
     p_K = membership(K)
-    P_UKC = probs_NC[top_UK.clamp_min(0)]
-    terms = torch.log(1 + p_K[None, :, None] * (P_UKC - 1) + LOG_FLOOR)
-    if valid_UK is not None:
-        terms = terms * valid_UK[..., None].double()
+    P_FKV = probs_NV[top_FK.clamp_min(0)]
+    terms = torch.log(1 + p_K[None, :, None] * (P_FKV - 1) + LOG_FLOOR)
+    if valid_FK is not None:
+        terms = terms * valid_FK[..., None].double()
     return terms.sum(1)
 
 
-def soft_wpmi(log_p_UC: Tensor, lam: float = LAMBDA) -> tuple[Tensor, Tensor]:
-    """SoftWPMI_UC of U units from their log p(t | D_u), and the prior log p(t) (C,) estimated over those units."""
-    U = log_p_UC.shape[0]
-    log_prior_C = torch.logsumexp(log_p_UC, 0) - torch.log(torch.tensor(float(max(U, 1)), dtype=log_p_UC.dtype))
-    return log_p_UC - lam * log_prior_C, log_prior_C
+def soft_wpmi(log_p_FV: Tensor, lam: float = LAMBDA) -> tuple[Tensor, Tensor]:
+    """SoftWPMI_FV of F features from their log p(t | D_f), and the prior log p(t) (V,) estimated over those features."""
+    U = log_p_FV.shape[0]
+    log_prior_V = torch.logsumexp(log_p_FV, 0) - torch.log(torch.tensor(float(max(U, 1)), dtype=log_p_FV.dtype))
+    return log_p_FV - lam * log_prior_V, log_prior_V
 
 
-def null_scores(probs_NC: Tensor, k: int, log_prior_C: Tensor, draws: int = 200, seed: int = 0,
+def null_scores(probs_NV: Tensor, k: int, log_prior_V: Tensor, draws: int = 200, seed: int = 0,
                 lam: float = LAMBDA) -> Tensor:
     """SoftWPMI_RC of R top sets of k images drawn at random (without replacement) from the N probe images."""
-    N = probs_NC.shape[0]
+    N = probs_NV.shape[0]
     g = torch.Generator().manual_seed(seed)
     top_RK = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(draws)])
-    return log_p_given_top(probs_NC, top_RK) - lam * log_prior_C
+    return log_p_given_top(probs_NV, top_RK) - lam * log_prior_V
 
 
 @dataclass
@@ -106,7 +106,7 @@ class SeesLabels:
         return self.score_LFK > self.threshold_LFK
 
 
-def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK: Tensor, k: int = 5, draws: int = 200,
+def sees_labels(probs_NV: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK: Tensor, k: int = 5, draws: int = 200,
                 seed: int = 0) -> SeesLabels:
     """Top-k concepts of every feature by SoftWPMI of its top images above the shuffled baseline.
 
@@ -115,7 +115,7 @@ def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK:
     that layer's features with any top image.
     """
     L, F, K = top_LFK.shape
-    C = probs_NC.shape[1]
+    C = probs_NV.shape[1]
     k = min(k, C)
     order = value_LFK.masked_fill(~valid_LFK, -torch.inf).argsort(-1, descending=True)
     top_LFK, valid_LFK = top_LFK.gather(-1, order), valid_LFK.gather(-1, order)
@@ -125,11 +125,11 @@ def sees_labels(probs_NC: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK:
         alive_F = valid_LFK[layer].any(-1)
         if not alive_F.any():
             continue
-        log_p = log_p_given_top(probs_NC, top_LFK[layer][alive_F], valid_LFK[layer][alive_F])
-        score_UC, log_prior_C = soft_wpmi(log_p)
-        null_RC = null_scores(probs_NC, K, log_prior_C, draws, seed + layer)
-        base_C, thr_C = null_RC.mean(0), null_RC.quantile(0.99, dim=0)
-        i = (score_UC - base_C).topk(k, dim=-1).indices
-        out[0][layer][alive_F], out[1][layer][alive_F] = i, score_UC.gather(1, i)
-        out[2][layer][alive_F], out[3][layer][alive_F] = base_C[i], thr_C[i]
+        log_p = log_p_given_top(probs_NV, top_LFK[layer][alive_F], valid_LFK[layer][alive_F])
+        score_FV, log_prior_V = soft_wpmi(log_p)
+        null_RV = null_scores(probs_NV, K, log_prior_V, draws, seed + layer)
+        base_V, thr_V = null_RV.mean(0), null_RV.quantile(0.99, dim=0)
+        i = (score_FV - base_V).topk(k, dim=-1).indices
+        out[0][layer][alive_F], out[1][layer][alive_F] = i, score_FV.gather(1, i)
+        out[2][layer][alive_F], out[3][layer][alive_F] = base_V[i], thr_V[i]
     return SeesLabels(*out)

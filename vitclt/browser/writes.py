@@ -93,21 +93,21 @@ def embedding_jacobians(backbone: Backbone, embed: Callable[[Tensor], Tensor], p
 def _accumulate(J_BPTLD: Tensor, W_LLFD: Tensor, top: TopList, batch_ids: Tensor, w_LFP: Tensor, mass_LF: Tensor) -> None:
     """Add Σ_t a·J W of every (feature, top image) entry whose image is in this batch."""
     in_batch = torch.isin(top.image_LFK, batch_ids) & torch.isfinite(top.score_LFK)
-    layer_E, feat_E, slot_E = torch.nonzero(in_batch, as_tuple=True)
-    if len(layer_E) == 0:
+    layer_N, feat_N, slot_N = torch.nonzero(in_batch, as_tuple=True)
+    if len(layer_N) == 0:
         return
     pos = {int(i): b for b, i in enumerate(batch_ids.tolist())}
-    b_E = torch.tensor([pos[int(i)] for i in top.image_LFK[layer_E, feat_E, slot_E].tolist()])
-    a_ET = top.tokens_LFKT[layer_E, feat_E, slot_E].to(J_BPTLD.dtype).clamp_min(0)
+    b_N = torch.tensor([pos[int(i)] for i in top.image_LFK[layer_N, feat_N, slot_N].tolist()])
+    a_NT = top.tokens_LFKT[layer_N, feat_N, slot_N].to(J_BPTLD.dtype).clamp_min(0)
     B, P, T, L, D = J_BPTLD.shape
-    for b in b_E.unique().tolist():
-        sel = b_E == b
+    for b in b_N.unique().tolist():
+        sel = b_N == b
         # J(x, t) times the decoder rows of each entry's feature to every target layer (one GEMM), then Σ_t a_t.
-        W_ELD = W_LLFD[layer_E[sel], :, feat_E[sel]].to(J_BPTLD.dtype)
-        JW_PTE = (J_BPTLD[b].reshape(P * T, L * D) @ W_ELD.reshape(-1, L * D).T).view(P, T, -1)
-        w_EP = torch.einsum("et,pte->ep", a_ET[sel], JW_PTE)
-        w_LFP.index_put_((layer_E[sel], feat_E[sel]), w_EP, accumulate=True)
-        mass_LF.index_put_((layer_E[sel], feat_E[sel]), a_ET[sel].sum(1), accumulate=True)
+        W_NLD = W_LLFD[layer_N[sel], :, feat_N[sel]].to(J_BPTLD.dtype)
+        JW_PTN = (J_BPTLD[b].reshape(P * T, L * D) @ W_NLD.reshape(-1, L * D).T).view(P, T, -1)
+        w_NP = torch.einsum("et,pte->ep", a_NT[sel], JW_PTN)
+        w_LFP.index_put_((layer_N[sel], feat_N[sel]), w_NP, accumulate=True)
+        mass_LF.index_put_((layer_N[sel], feat_N[sel]), a_NT[sel].sum(1), accumulate=True)
 
 
 def jacobian_writes(backbone: Backbone, transcoder: Transcoder, data, top: TopList, batch_size: int = 32,
@@ -137,9 +137,9 @@ def jacobian_writes(backbone: Backbone, transcoder: Transcoder, data, top: TopLi
     return w_LFP / mass_LF.clamp_min(1e-12)[..., None]
 
 
-def centred(text_CP: Tensor) -> Tensor:
+def centred(text_VP: Tensor) -> Tensor:
     """Text vectors normalised, centred on their mean, and normalised again."""
-    t = F.normalize(text_CP.float(), dim=-1)
+    t = F.normalize(text_VP.float(), dim=-1)
     return F.normalize(t - t.mean(0, keepdim=True), dim=-1)
 
 
@@ -162,16 +162,16 @@ class WritesLabels:
         return self.score_LFK > self.threshold_LFK
 
 
-def writes_labels(w_LFP: Tensor, text_CP: Tensor, alive_LF: Tensor, k: int = 5, draws: int = 1000,
+def writes_labels(w_LFP: Tensor, text_VP: Tensor, alive_LF: Tensor, k: int = 5, draws: int = 1000,
                   seed: int = 0) -> WritesLabels:
     """Top-k concepts of every feature by cosine of its write `w_LFP` with centred text vectors."""
-    t_CP = centred(text_CP)
-    cos_LFC = F.normalize(w_LFP.float(), dim=-1) @ t_CP.T
-    k = min(k, t_CP.shape[0])
-    score, index = cos_LFC.topk(k, dim=-1)
+    t_VP = centred(text_VP)
+    cos_LFV = F.normalize(w_LFP.float(), dim=-1) @ t_VP.T
+    k = min(k, t_VP.shape[0])
+    score, index = cos_LFV.topk(k, dim=-1)
     alive = alive_LF.float()[..., None]
-    base_LC = (cos_LFC * alive).sum(1) / alive.sum(1).clamp_min(1)
+    base_LV = (cos_LFV * alive).sum(1) / alive.sum(1).clamp_min(1)
     g = torch.Generator().manual_seed(seed)
-    noise_RC = F.normalize(torch.randn(draws, t_CP.shape[1], generator=g), dim=-1) @ t_CP.T
-    thr_C = noise_RC.quantile(0.99, dim=0)
-    return WritesLabels(index, score, base_LC.gather(1, index.flatten(1)).view_as(score), thr_C[index])
+    noise_RV = F.normalize(torch.randn(draws, t_VP.shape[1], generator=g), dim=-1) @ t_VP.T
+    thr_V = noise_RV.quantile(0.99, dim=0)
+    return WritesLabels(index, score, base_LV.gather(1, index.flatten(1)).view_as(score), thr_V[index])

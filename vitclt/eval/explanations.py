@@ -47,8 +47,8 @@ class WorldPass:
 
     fires_NLF: torch.Tensor
     """Whether each feature fires anywhere in each image (bool)."""
-    fires_NPLF: torch.Tensor
-    """Whether it fires at each patch token (bool; P = grid², prefix tokens dropped)."""
+    fires_NTLF: torch.Tensor
+    """Whether it fires at each patch token (bool; T = grid² patches, prefix tokens dropped)."""
     max_NLF: torch.Tensor
     """Its maximum activation over the image's tokens."""
     embed_NP: torch.Tensor
@@ -112,14 +112,14 @@ class GroundTruth:
 
 def ground_truth(wp: WorldPass, concepts: list[Concept], alpha: float = 0.01) -> GroundTruth:
     """Match every feature of every layer to its best concept on the pass's images."""
-    present_NC = torch.from_numpy(image_presence(wp.scenes, concepts))
-    present_NPC = torch.from_numpy(patch_presence(wp.scenes, concepts, wp.grid))
-    N, P, C = present_NPC.shape
+    present_NV = torch.from_numpy(image_presence(wp.scenes, concepts))
+    present_NTV = torch.from_numpy(patch_presence(wp.scenes, concepts, wp.grid))
+    N, T, V = present_NTV.shape
     L = wp.fires_NLF.shape[1]
     matches: list[Match] = []
     for layer in range(L):
-        matches.append(match_concepts(wp.fires_NLF[:, layer], present_NC, wp.fires_NPLF[:, :, layer].reshape(N * P, -1),
-                                      present_NPC.reshape(N * P, C)))
+        matches.append(match_concepts(wp.fires_NLF[:, layer], present_NV, wp.fires_NTLF[:, :, layer].reshape(N * T, -1),
+                                      present_NTV.reshape(N * T, V)))
     stack = lambda name: np.stack([getattr(m, name) for m in matches])  # noqa: E731
     return GroundTruth(stack("concept"), stack("level"), stack("iou"), stack("p"),
                        np.stack([m.scored(alpha) for m in matches]), concepts)
@@ -135,12 +135,12 @@ def score_labels(labels_LF: list[list[str | None]], gt: GroundTruth, permutation
     vocab = sorted(set(labels))
     label_N = np.array([vocab.index(x) for x in labels], dtype=np.int64)
     truth_N = gt.concept_LF[layer_N, feat_N]
-    hit_VC = naming_matrix(vocab, gt.concepts)
-    hit_N = hit_VC[label_N, truth_N] if len(label_N) else np.zeros(0, bool)
+    hits = naming_matrix(vocab, gt.concepts)
+    hit_N = hits[label_N, truth_N] if len(label_N) else np.zeros(0, bool)
     family_N = np.array([gt.concepts[c].family for c in truth_N])
 
     def part(sel: np.ndarray) -> dict:
-        return asdict(label_score(hit_N[sel], label_N[sel], truth_N[sel], hit_VC, permutations, seed))
+        return asdict(label_score(hit_N[sel], label_N[sel], truth_N[sel], hits, permutations, seed))
 
     return {
         "overall": part(np.ones(len(hit_N), bool)),
@@ -193,9 +193,9 @@ def cosy_auc(backbone, transcoder, labels_LF: list[list[str | None]], gt: Ground
     }
 
 
-def zero_shot_ceiling(embed_NP: torch.Tensor, scenes: list, text_CP: torch.Tensor, concepts: list[Concept]) -> dict:
+def zero_shot_ceiling(embed_NP: torch.Tensor, scenes: list, text_VP: torch.Tensor, concepts: list[Concept]) -> dict:
     """The backbone's zero-shot accuracy per family: argmax cosine among that family's concepts, against the scene's value."""
-    sims = torch.nn.functional.normalize(embed_NP.float(), dim=-1) @ torch.nn.functional.normalize(text_CP.float(), dim=-1).T
+    sims = torch.nn.functional.normalize(embed_NP.float(), dim=-1) @ torch.nn.functional.normalize(text_VP.float(), dim=-1).T
     out = {}
     for fam in FAMILIES:
         idx = [i for i, c in enumerate(concepts) if c.family == fam]

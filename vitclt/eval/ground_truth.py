@@ -76,7 +76,7 @@ def scene_value(scene: Scene, family: str) -> str:
 
 
 def image_presence(scenes: list[Scene], concepts: list[Concept]) -> np.ndarray:
-    """present_NC: whether each image has each concept (its main object's attributes)."""
+    """present_NV: whether each image has each concept (its main object's attributes)."""
     index = {(c.family, c.name): i for i, c in enumerate(concepts)}
     out = np.zeros((len(scenes), len(concepts)), dtype=bool)
     for n, scene in enumerate(scenes):
@@ -95,16 +95,16 @@ def patch_cover(scene: Scene, grid: int) -> np.ndarray:
 
 
 def patch_presence(scenes: list[Scene], concepts: list[Concept], grid: int) -> np.ndarray:
-    """present_NPC: whether each patch of each image has each concept (P = grid², row-major)."""
-    image_NC = image_presence(scenes, concepts)
-    family_C = np.array([c.family for c in concepts])
-    on_object_C = np.isin(family_C, [f for f in PATCH_FAMILIES if f != "background"])
-    on_background_C = family_C == "background"
+    """present_NTV: whether each patch of each image has each concept (T = the grid² patches, row-major)."""
+    image_NV = image_presence(scenes, concepts)
+    family_V = np.array([c.family for c in concepts])
+    on_object_V = np.isin(family_V, [f for f in PATCH_FAMILIES if f != "background"])
+    on_background_V = family_V == "background"
     out = np.zeros((len(scenes), grid * grid, len(concepts)), dtype=bool)
     for n, scene in enumerate(scenes):
-        cover_P = patch_cover(scene, grid).reshape(-1)
-        obj_P, bg_P = cover_P >= PATCH_COVER, cover_P == 0
-        out[n] = (obj_P[:, None] & (image_NC[n] & on_object_C)[None]) | (bg_P[:, None] & (image_NC[n] & on_background_C)[None])
+        cover_T = patch_cover(scene, grid).reshape(-1)
+        obj_T, bg_T = cover_T >= PATCH_COVER, cover_T == 0
+        out[n] = (obj_T[:, None] & (image_NV[n] & on_object_V)[None]) | (bg_T[:, None] & (image_NV[n] & on_background_V)[None])
     return out
 
 
@@ -147,31 +147,32 @@ class Match:
         return (self.concept >= 0) & (self.p < alpha)
 
 
-def _iou_counts(fires_XF: Tensor, present_XC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    inter_FC = fires_XF.double().T @ present_XC.double()
-    return inter_FC, fires_XF.sum(0).double(), present_XC.sum(0).double()
+def _iou_counts(fires_NF: Tensor, present_NV: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    inter_FV = fires_NF.double().T @ present_NV.double()
+    return inter_FV, fires_NF.sum(0).double(), present_NV.sum(0).double()
 
 
-def match_concepts(fires_NF: Tensor, present_NC: Tensor, fires_MF: Tensor | None = None,
-                   present_MC: Tensor | None = None) -> Match:
-    """The best concept of every feature by IoU, at image level (N images) and optionally patch level (M patch tokens)."""
-    levels = [(fires_NF.bool(), present_NC.bool())]
-    if fires_MF is not None and present_MC is not None:
-        levels.append((fires_MF.bool(), present_MC.bool()))
+def match_concepts(fires_NF: Tensor, present_NV: Tensor, patch_fires_NF: Tensor | None = None,
+                   patch_present_NV: Tensor | None = None) -> Match:
+    """The best concept of every feature by IoU, at image level (N images) and optionally at patch level (its N rows are
+    patch tokens)."""
+    levels = [(fires_NF.bool(), present_NV.bool())]
+    if patch_fires_NF is not None and patch_present_NV is not None:
+        levels.append((patch_fires_NF.bool(), patch_present_NV.bool()))
     counts = [_iou_counts(f, p) for f, p in levels]
     ious = []
-    for inter_FC, nf_F, nc_C in counts:
-        union = nf_F[:, None] + nc_C[None, :] - inter_FC
-        ious.append(torch.where(union > 0, inter_FC / union.clamp_min(1), torch.zeros_like(inter_FC)))
-    iou_FLC = torch.stack(ious, 1)
-    F_, nL, C = iou_FLC.shape
-    best, flat = iou_FLC.view(F_, -1).max(1)
+    for inter_FV, nf_F, nv_V in counts:
+        union = nf_F[:, None] + nv_V[None, :] - inter_FV
+        ious.append(torch.where(union > 0, inter_FV / union.clamp_min(1), torch.zeros_like(inter_FV)))
+    ious = torch.stack(ious, 1)
+    F_, nL, C = ious.shape
+    best, flat = ious.view(F_, -1).max(1)
     # Union bound over every (level, concept): IoU_c ≥ u ⇔ intersection ≥ u (n_f + n_c) / (1 + u).
     p = torch.zeros(F_, dtype=torch.float64)
-    for (inter_FC, nf_F, nc_C), (fires_XF, _) in zip(counts, levels):
-        X = torch.tensor(float(fires_XF.shape[0]), dtype=torch.float64)
-        need_FC = torch.ceil(best[:, None] * (nf_F[:, None] + nc_C[None, :]) / (1 + best[:, None]) - 1e-9)
-        p += hypergeom_tail_bound(need_FC, X, nc_C[None, :], nf_F[:, None]).sum(1)
+    for (inter_FV, nf_F, nv_V), (fires_NF, _) in zip(counts, levels):
+        X = torch.tensor(float(fires_NF.shape[0]), dtype=torch.float64)
+        need_FV = torch.ceil(best[:, None] * (nf_F[:, None] + nv_V[None, :]) / (1 + best[:, None]) - 1e-9)
+        p += hypergeom_tail_bound(need_FV, X, nv_V[None, :], nf_F[:, None]).sum(1)
     never = counts[0][1] == 0
     return Match(
         concept=torch.where(never, -1, flat % C).numpy(),
@@ -190,7 +191,7 @@ def names(label: str, concept: Concept, concepts: list[Concept]) -> bool:
 
 
 def naming_matrix(labels: list[str], concepts: list[Concept]) -> np.ndarray:
-    """hit_VC: which labels name which concepts."""
+    """hits: which labels name which concepts."""
     return np.array([[names(label, c, concepts) for c in concepts] for label in labels], dtype=bool).reshape(len(labels),
                                                                                                            len(concepts))
 
@@ -207,17 +208,17 @@ class LabelScore:
     """The same share with labels shuffled among these features (mean over permutations)."""
 
 
-def label_score(hit_N: np.ndarray, label_N: np.ndarray, truth_N: np.ndarray, hit_VC: np.ndarray, permutations: int = 200,
+def label_score(hit_N: np.ndarray, label_N: np.ndarray, truth_N: np.ndarray, hits: np.ndarray, permutations: int = 200,
                 seed: int = 0) -> LabelScore:
-    """Score labels of N scored features: `hit_N` whether each label names its truth; shuffled via `hit_VC[label, truth]`.
+    """Score labels of N scored features: `hit_N` whether each label names its truth; shuffled via `hits[label, truth]`.
 
-    `label_N` indexes the label vocabulary (rows of `hit_VC`), `truth_N` the concepts (its columns).
+    `label_N` indexes the label vocabulary (rows of `hits`), `truth_N` the concepts (its columns).
     """
     n = len(hit_N)
     if n == 0:
         return LabelScore(0, math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    shuffled = [hit_VC[label_N[rng.permutation(n)], truth_N].mean() for _ in range(permutations)]
+    shuffled = [hits[label_N[rng.permutation(n)], truth_N].mean() for _ in range(permutations)]
     return LabelScore(n, float(np.mean(hit_N)), float(np.mean(shuffled)))
 
 
