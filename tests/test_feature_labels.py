@@ -40,6 +40,11 @@ def test_sees_labels_name_the_concept_of_the_top_images_and_beat_their_shuffled_
     assert labels.index_LFK[0, :, 0].tolist() == [f % 4 for f in range(6)]
     assert bool(labels.shown_LFK[0, :, 0].all())
     assert bool((labels.score_LFK[0, :, 0] > labels.baseline_LFK[0, :, 0]).all())
+    # A feature with one image is compared with one random image, not with eight.
+    valid[0, 5, 1:] = False
+    few = sees_labels(probs, top, valid, value, k=4)
+    assert int(few.index_LFK[0, 5, 0]) == int(few.index_LFK[0, 1, 0]) == 1  # features 1 and 5 both see concept 1
+    assert abs(float(few.baseline_LFK[0, 5, 0])) < 0.3 * abs(float(few.baseline_LFK[0, 1, 0]))
 
 
 def test_write_jacobian_equals_finite_differences_of_the_embedding(tiny_backbone, images):

@@ -458,6 +458,11 @@ def build_browser(
             for i, cl in enumerate(p.check_layers):
                 print(f"  layer {i}: {cl.agreement:.1%} (shuffled {cl.shuffled:.1%}) of {cl.n_features}; "
                       f"shares a word {cl.word_agreement:.1%} (shuffled {cl.word_shuffled:.1%})")
+    for p in pages_all:
+        shown = _shown_summary(p)
+        if shown:
+            print(f"{p.name}: a sees / writes label beats its shuffled baseline for "
+                  + " / ".join(f"{v:.1%}" for v in shown.values()) + " of live features (" + " / ".join(shown) + ")")
     print(f"browsed {first} images in {time.perf_counter() - start:.1f} s (streaming pass {pass_s:.1f} s)")
     return out
 

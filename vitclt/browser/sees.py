@@ -19,8 +19,8 @@ words), so a two-valued attribute such as size is not drowned by the forty-eight
 concepts are ranked by their score minus their shuffled baseline, since scores of groups of
 different sizes are on different scales.
 
-Each label carries that shuffled baseline: the mean score of the same concept when the top set is
-K images drawn at random from the probe set (`null_scores`). A label whose score does not beat the
+Each label carries that shuffled baseline: the mean score of the same concept when the feature's
+images are replaced by as many drawn at random from the probe set (`null_baselines`). A label whose score does not beat the
 99th percentile of its baseline is one the dissector cannot tell from noise, and is not shown.
 """
 
@@ -78,13 +78,28 @@ def soft_wpmi(log_p_FV: Tensor, lam: float = LAMBDA) -> tuple[Tensor, Tensor]:
     return log_p_FV - lam * log_prior_V, log_prior_V
 
 
-def null_scores(probs_NV: Tensor, k: int, log_prior_V: Tensor, draws: int = 200, seed: int = 0,
-                lam: float = LAMBDA) -> Tensor:
-    """SoftWPMI_RC of R top sets of k images drawn at random (without replacement) from the N probe images."""
+def null_baselines(probs_NV: Tensor, k: int, sizes: list[int], log_prior_V: Tensor, draws: int = 200, seed: int = 0,
+                   lam: float = LAMBDA) -> tuple[Tensor, Tensor]:
+    """Mean and 99th percentile (each (len(sizes), V)) of the SoftWPMI of n images drawn at random, for each n in `sizes`.
+
+    A feature with n < k images holds them in its first n ranks, so its null is the first n terms of a random set of k
+    (the soft membership is that of k ranks); the sums run rank by rank, keeping only (draws, V) at a time.
+    """
     N = probs_NV.shape[0]
     g = torch.Generator().manual_seed(seed)
-    top_RK = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(draws)])
-    return log_p_given_top(probs_NV, top_RK) - lam * log_prior_V
+    top_RK = torch.stack([torch.randperm(N, generator=g)[:k] if k <= N else torch.randint(N, (k,), generator=g)
+                          for _ in range(draws)])
+    p_K = membership(k)
+    want = {n: i for i, n in enumerate(sizes)}
+    mean = torch.zeros(len(sizes), probs_NV.shape[1], dtype=torch.float64)
+    q99 = torch.zeros_like(mean)
+    total_RV = torch.zeros(draws, probs_NV.shape[1], dtype=torch.float64)
+    for rank in range(k):
+        total_RV += torch.log(1 + p_K[rank] * (probs_NV[top_RK[:, rank]] - 1) + LOG_FLOOR)
+        if rank + 1 in want:
+            score_RV = total_RV - lam * log_prior_V
+            mean[want[rank + 1]], q99[want[rank + 1]] = score_RV.mean(0), score_RV.quantile(0.99, dim=0)
+    return mean, q99
 
 
 @dataclass
@@ -127,9 +142,11 @@ def sees_labels(probs_NV: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK:
             continue
         log_p = log_p_given_top(probs_NV, top_LFK[layer][alive_F], valid_LFK[layer][alive_F])
         score_FV, log_prior_V = soft_wpmi(log_p)
-        null_RV = null_scores(probs_NV, K, log_prior_V, draws, seed + layer)
-        base_V, thr_V = null_RV.mean(0), null_RV.quantile(0.99, dim=0)
-        i = (score_FV - base_V).topk(k, dim=-1).indices
+        # Each feature's baseline is that of as many random images as it has.
+        sizes, which_F = valid_LFK[layer][alive_F].sum(-1).unique(return_inverse=True)
+        mean, q99 = null_baselines(probs_NV, K, sizes.tolist(), log_prior_V, draws, seed + layer)
+        base_FV, thr_FV = mean[which_F], q99[which_F]
+        i = (score_FV - base_FV).topk(k, dim=-1).indices
         out[0][layer][alive_F], out[1][layer][alive_F] = i, score_FV.gather(1, i)
-        out[2][layer][alive_F], out[3][layer][alive_F] = base_V[i], thr_V[i]
+        out[2][layer][alive_F], out[3][layer][alive_F] = base_FV.gather(1, i), thr_FV.gather(1, i)
     return SeesLabels(*out)
