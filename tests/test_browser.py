@@ -263,9 +263,11 @@ def test_exports_have_the_layouts_circuit_tracer_and_neuronpedia_read(tiny_run):
     assert {f"{cantor(0, f)}.json" for f in live} <= names
     assert f"{cantor(*DEAD)}.json" not in names
     record = json.loads((scan / f"{cantor(0, live[0])}.json").read_text())
-    # circuit_tracer/frontend/feature_models.py: Model, ExamplesQuantile, Example.
+    # circuit_tracer/frontend/feature_models.py: Model, ExamplesQuantile, Example (pydantic ignores the extra label keys).
     assert set(record) == {"transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits", "act_min",
-                           "act_max", "quantile_values", "histogram", "activation_frequency"}
+                           "act_max", "quantile_values", "histogram", "activation_frequency", "sees_labels", "writes_labels"}
+    for kind in ("sees_labels", "writes_labels"):
+        assert record[kind] and all(len(r) == 4 and isinstance(r[0], str) and isinstance(r[3], bool) for r in record[kind])
     example = record["examples_quantiles"][0]["examples"][0]
     assert set(example) == {"tokens", "tokens_acts_list", "train_token_ind", "is_repeated_datapoint"}
     assert len(example["tokens"]) == len(example["tokens_acts_list"]) == site["n_tokens"]
@@ -276,8 +278,10 @@ def test_exports_have_the_layouts_circuit_tracer_and_neuronpedia_read(tiny_run):
     assert set(batch) == {"model_id", "layer", "sae_set", "features"}
     feature = batch["features"][live[0]]
     for key in ("feature_index", "pos_str", "pos_values", "neg_str", "neg_values", "frac_nonzero",
-                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "n_prompts_total", "activations"):
+                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "n_prompts_total", "activations",
+                "sees_str", "sees_values", "sees_baselines", "sees_shown", "writes_str", "writes_values"):
         assert key in feature
+    assert feature["sees_str"] and len(feature["sees_str"]) == len(feature["sees_baselines"])
     assert set(feature["activations"][0]) == {"bin_min", "bin_max", "bin_contains", "tokens", "values"}
 
 
@@ -331,3 +335,41 @@ def test_unknown_transcoder_name_lists_the_available_ones(tiny_run):
     run, spec, _ = tiny_run
     with pytest.raises(BrowserError, match="found: clt"):
         build_browser(run, spec, transcoders=["nope"])
+
+
+def test_browse_takes_templates_and_concepts_and_refuses_bad_ones_before_any_compute(tmp_path, tiny_run, monkeypatch):
+    from vitclt.browser.concepts import VocabularyError
+    from vitclt.cli import parse
+    from vitclt.data.images import DatasetError
+
+    cfg = parse(["browse", "RUN", "--templates", "imagenet7", "--concepts", "words.txt", "--no-writes"])[1]
+    assert (cfg.templates, str(cfg.concepts), cfg.writes) == ("imagenet7", "words.txt", False)
+    run, spec, _ = tiny_run
+    monkeypatch.setattr("vitclt.backbones.load_backbone", lambda *a, **k: pytest.fail("loaded a backbone before checking"))
+    (tmp_path / "bad.txt").write_text("a photo of a thing\n")
+    with pytest.raises(DatasetError, match="exactly one"):
+        build_browser(run, spec, out=tmp_path / "site", templates=tmp_path / "bad.txt", progress=False)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(VocabularyError, match="no words"):
+        build_browser(run, spec, out=tmp_path / "site", concepts=tmp_path / "empty.txt", progress=False)
+    assert not (tmp_path / "site").exists()
+
+
+def test_label_sample_holds_only_images_where_the_feature_fires_and_no_heatmaps(tiny_backbone, images):
+    tc = make_transcoder(tiny_backbone, images)
+    with torch.no_grad(), tiny_backbone.capture() as cap:
+        tiny_backbone.image_embeds(tiny_backbone.preprocess(images))
+    act = dense_activations(tc, cap.x_BTLD())
+    col = FeatureCollector(tc, tiny_backbone.n_tokens, top_k=2, n_samples=2, label_samples=4)
+    col.update(cap.x_BTLD(), 0)
+    st = col.result()
+    lab = st.label_sample
+    assert lab.tokens_LFKT.shape[-1] == 1
+    valid = torch.isfinite(lab.score_LFK)
+    fires_LFB = (act != 0).any(2).permute(1, 2, 0)
+    assert fires_LFB.gather(2, lab.image_LFK.clamp_min(0))[valid].all()
+    # Every feature that fires on at least 4 images fills all 4 slots, with distinct images.
+    full = fires_LFB.sum(-1) >= 4
+    assert valid[full].all() and bool(full.any())
+    assert all(len(set(row.tolist())) == 4 for row in lab.image_LFK[full])
+    assert FeatureCollector(tc, tiny_backbone.n_tokens).result().label_sample is None

@@ -113,8 +113,17 @@ def test_sorting_and_filtering_change_the_rows(driver, site):
     word = index[0]["word"][0]
     driver.find_element(By.ID, "text").send_keys(word)
     expected = {(i["layer"], f) for i in index for f in range(tc["n_features"])
-                if word.lower() in i["word"][f].lower() or word.lower() in i["label"][f].lower()}
+                if any(word.lower() in i[key][f].lower() for key in ("word", "label", "sees", "writes"))}
     assert set(rows(driver)) == expected
+    driver.find_element(By.ID, "text").clear()
+    driver.find_element(By.ID, "text").send_keys(" ")
+    driver.find_element(By.CSS_SELECTOR, 'th[data-key="sees_margin"]').click()
+    margin = {(i["layer"], f): (x if x is not None else -float("inf")) for i in index for f, x in enumerate(i["sees_margin"])}
+    shown = [margin[r] for r in rows(driver)]
+    assert shown == sorted(shown, reverse=True) and shown[0] == max(margin.values())
+    driver.find_element(By.ID, "explained").click()
+    labelled = {(i["layer"], f) for i in index for f in range(tc["n_features"]) if i["sees"][f] or i["writes"][f]}
+    assert driver.find_element(By.ID, "count").text.startswith(f"{len(labelled)} of ")
     assert js_errors(driver) == []
 
 
@@ -132,7 +141,8 @@ def test_feature_page_shows_images_with_heatmaps(driver, site):
           return alpha; });""")
     assert len(painted) >= len(images) and max(painted) > 0
     text = driver.find_element(By.ID, "main").text
-    for heading in ("Text labels", "Top images by maximum over tokens", "Top images by CLS activation", "Nearest features"):
+    for heading in ("What it sees and what it writes", "Text labels", "Top images by maximum over tokens",
+                    "Top images by CLS activation", "Nearest features"):
         assert heading in text
     assert driver.find_elements(By.CSS_SELECTOR, "svg.chart rect")
     assert "folder:elsewhere" in driver.find_element(By.ID, "banner").text

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitclt.browser.collect import HIST_BINS_PER_OCTAVE, HIST_LOG2_MIN, FeatureCollector, FeatureStats
+from vitclt.browser.export import explained
 from vitclt.browser.geometry import Neighbours, decoder_norms, later_fraction, nearest_features, residual_writes
 from vitclt.browser.labels import (
     LabelCheck,
@@ -31,7 +32,9 @@ from vitclt.browser.labels import (
     label_features,
     write_directions,
 )
+from vitclt.browser.sees import SeesLabels
 from vitclt.browser.site import SHARD_SIZE, ListView, copy_static, thumbnail, write_data
+from vitclt.browser.writes import WritesLabels
 from vitclt.errors import OutputError, VitcltError
 from vitclt.io import record_written
 
@@ -75,6 +78,12 @@ class TranscoderPages:
     """The measured label check over all layers."""
     check_layers: list[LabelCheck]
     """The same check per source layer (empty without labels)."""
+    concepts: list[str]
+    """The concept vocabulary the sees and writes labels index."""
+    sees: SeesLabels | None
+    """What each feature sees: SoftWPMI of its top images (None without a text tower)."""
+    writes: WritesLabels | None
+    """What each feature writes: its embedding Jacobian write read by the text tower (None without one)."""
 
 
 def _safe_id(name: str, taken: set[str]) -> str:
@@ -160,7 +169,7 @@ def _feature_record(p: TranscoderPages, layer: int, f: int, views: dict[str, Lis
                                        cols["other_cos"][layer][f]) if i >= 0
     ]
     maj = p.majority[layer, f].tolist()
-    return {
+    return {**{kind: explained(p, kind, layer, f) for kind in ("sees", "writes")},
         "freq": cols["freq"][layer][f], "img_freq": cols["img_freq"][layer][f], "mean": cols["mean"][layer][f],
         "max": cols["max"][layer][f], "later": cols["later"][layer][f], "norms": cols["norms"][layer][f],
         "write_norm": cols["write_norm"][layer][f] if p.labels is not None else None,
@@ -169,6 +178,17 @@ def _feature_record(p: TranscoderPages, layer: int, f: int, views: dict[str, Lis
         "hist": {"first": first, "counts": hist[first : last + 1].tolist()},
         "near": near, "near_other": near_other,
     }
+
+
+def top_explained(p: TranscoderPages, lab: SeesLabels | WritesLabels | None, layer: int) -> tuple[list[str], list]:
+    """Per feature of a layer: its top label if shown ("" if not) and its score above the shuffled baseline (None if none)."""
+    F = p.stats.fire_LF.shape[1]
+    if lab is None or lab.index_LFK.shape[2] == 0:
+        return [""] * F, [None] * F
+    shown = lab.shown_LFK[layer, :, 0].tolist()
+    names = [p.concepts[i] if ok else "" for i, ok in zip(lab.index_LFK[layer, :, 0].tolist(), shown)]
+    margin = (lab.score_LFK[layer, :, 0] - lab.baseline_LFK[layer, :, 0]).double()
+    return names, [round(m, 4) if m == m else None for m in margin.tolist()]
 
 
 def _columns(p: TranscoderPages) -> dict:
@@ -210,6 +230,8 @@ def write_transcoder(root: Path, p: TranscoderPages) -> set[int]:
             "layer": layer, "freq": cols["freq"][layer], "mean": cols["mean"][layer], "later": cols["later"][layer],
             "norms": [x for row in cols["norms"][layer] for x in row], "dead": dead[layer].astype(int).tolist(),
             "label": label, "word": word, "thumb": thumbs[layer].tolist(),
+            **{f"{kind}{suffix}": col for kind in ("sees", "writes")
+               for suffix, col in zip(("", "_margin"), top_explained(p, getattr(p, kind), layer))},
         })
         for start in range(0, F, SHARD_SIZE):
             records = [_feature_record(p, layer, f, views, cols) for f in range(start, min(start + SHARD_SIZE, F))]
@@ -260,6 +282,10 @@ def build_browser(
     top_k: int = 16,
     samples: int = 16,
     vocab_size: int = 3000,
+    label_samples: int = 128,
+    templates: str | Path | None = None,
+    concepts: str | Path | None = None,
+    writes: bool = True,
     images_per_forward: int = 64,
     thumb_size: int = 128,
     exports: bool = True,
@@ -273,6 +299,9 @@ def build_browser(
 
     `source` is a transcoder directory or a run directory holding several (`transcoders` picks some
     by name); `out` defaults to SOURCE/browser. Open OUT/index.html from disk or any static server.
+    `templates` (a shipped set name or a file) replaces the dataset's prompt templates for the class
+    labels; `concepts` (a file, one word per line) extends the sees/writes vocabulary; `writes`
+    computes the writes-labels (embedding Jacobians at every feature's top images).
     """
     from vitclt.backbones import load_backbone
     from vitclt.data.batches import pixel_batches
@@ -283,10 +312,15 @@ def build_browser(
 
     start = time.perf_counter()
     source = Path(source)
-    if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0:
-        raise BrowserError("--top-k, --samples and --images-per-forward must be at least 1, --thumb-size at least 8, "
-                           "--vocab-size ≥ 0")
+    if top_k < 1 or samples < 1 or images_per_forward < 1 or thumb_size < 8 or vocab_size < 0 or label_samples < 1:
+        raise BrowserError("--top-k, --samples, --label-samples and --images-per-forward must be at least 1, --thumb-size "
+                           "at least 8, --vocab-size ≥ 0")
     paths = _load_transcoders(source, transcoders)
+    from vitclt.browser.concepts import read_words
+    from vitclt.data.prompts import get_templates
+
+    template_list = get_templates(templates) if templates is not None else None
+    extra_words = read_words(concepts) if concepts is not None else []
     out = Path(out) if out is not None else source / "browser"
     tmp = prepare_output(out)
     try:
@@ -304,9 +338,11 @@ def build_browser(
             except ValueError as e:
                 raise BrowserError(f"transcoder {name} ({path}) does not fit backbone {bb.name}: {e}") from None
             models[name] = tc
-        collectors = {n: FeatureCollector(tc, bb.n_tokens, top_k, samples, seed) for n, tc in models.items()}
         projection = final_projection(bb)
+        collectors = {n: FeatureCollector(tc, bb.n_tokens, top_k, samples, seed, label_samples if projection else 0)
+                      for n, tc in models.items()}
         sigma_sum, first = 0.0, 0
+        embeds = []
 
         def record_sigma(module, args, output):
             nonlocal sigma_sum
@@ -318,7 +354,9 @@ def build_browser(
         try:
             for pixels, labels_B in pixel_batches(bb, data, images_per_forward, workers, fast_decode):
                 with bb.capture() as cap:
-                    bb.image_embeds(pixels)
+                    embed_BP = bb.image_embeds(pixels)
+                if projection is not None:
+                    embeds.append(embed_BP.float().cpu())
                 x_BTLD, y_BTLD = cap.x_BTLD(), None
                 for name, col in collectors.items():
                     if models[name].cfg.topology == "sae":
@@ -336,10 +374,12 @@ def build_browser(
 
         # After the streaming pass: text labels, each transcoder's pages, thumbnails and exports, one step each.
         after = tqdm(total=2 + len(models) * (2 if exports else 1), desc="browse: text labels", unit="step", disable=not progress)
-        vocab = None
+        vocab = concept_vocab = None
         if projection is not None:
             try:
-                vocab = build_vocabulary(bb, list(data.classnames), dataset_templates(data), vocab_size)
+                templates_used = template_list or dataset_templates(data)
+                vocab = build_vocabulary(bb, list(data.classnames), templates_used, vocab_size)
+                concept_vocab = _concept_vocabulary(bb, data, templates_used, vocab_size, extra_words, seed)
             except VitcltError as e:
                 print(f"no text labels: {e}", file=sys.stderr)
         sigma = sigma_sum / first if first else 1.0
@@ -365,11 +405,22 @@ def build_browser(
                 check = label_check(top_LF[ok_LF], maj_LF[ok_LF], list(data.classnames), seed=seed)
                 check_layers = [label_check(top_LF[i][ok_LF[i]], maj_LF[i][ok_LF[i]], list(data.classnames), seed=seed)
                                 for i in range(tc.n_layers)]
+            sees = writes_lab = None
+            if concept_vocab is not None:
+                from vitclt.browser.sees import concept_probs, sees_labels
+                from vitclt.browser.writes import jacobian_writes, writes_labels
+
+                top, seen = st.top_max, st.label_sample if st.label_sample is not None else st.sample
+                probs = concept_probs(torch.cat(embeds), concept_vocab.text_VP, groups=concept_vocab.kinds)
+                sees = sees_labels(probs, seen.image_LFK, torch.isfinite(seen.score_LFK), seen.value_LFK, seed=seed)
+                w_LFP = jacobian_writes(bb, tc, data, top, images_per_forward, progress) if writes else None
+                if w_LFP is not None:
+                    writes_lab = writes_labels(w_LFP, concept_vocab.text_VP, alive, seed=seed)
             p = TranscoderPages(
                 id=_safe_id(name, taken), name=name, config=dict(tc.cfg.__dict__), trained_on=_trained_on(paths[name]),
                 stats=st, norms_LFJ=norms, later_LF=later_fraction(norms), neighbours=neighbours, labels=labels,
                 words=vocab.words if vocab else [], classnames=list(data.classnames), majority=majority, check=check,
-                check_layers=check_layers,
+                check_layers=check_layers, concepts=concept_vocab.names if concept_vocab else [], sees=sees, writes=writes_lab,
             )
             used |= write_transcoder(tmp, p)
             pages_all.append(p)
@@ -407,7 +458,10 @@ def build_browser(
             "subset": subset, "pass_seconds": pass_s, "seconds": time.perf_counter() - start,
             "transcoders": {p.name: {"id": p.id, "trained_on": list(p.trained_on), "dead": int(p.stats.dead_LF.sum()),
                                      "label_check": p.check.__dict__ if p.check else None,
-                                     "label_check_by_layer": [c.__dict__ for c in p.check_layers]} for p in pages_all},
+                                     "label_check_by_layer": [c.__dict__ for c in p.check_layers],
+                                     "labels_shown": _shown_summary(p)} for p in pages_all},
+            "concept_vocabulary": {"size": len(concept_vocab.names), "kinds": sorted(set(concept_vocab.kinds)),
+                                   "extra_words": len(extra_words)} if concept_vocab else None,
         }
         (tmp / "browse.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (tmp / MARKER).write_text("written by vitclt browse; `vitclt browse` may replace this directory\n")
@@ -424,8 +478,35 @@ def build_browser(
             for i, cl in enumerate(p.check_layers):
                 print(f"  layer {i}: {cl.agreement:.1%} (shuffled {cl.shuffled:.1%}) of {cl.n_features}; "
                       f"shares a word {cl.word_agreement:.1%} (shuffled {cl.word_shuffled:.1%})")
+    for p in pages_all:
+        shown = _shown_summary(p)
+        if shown:
+            print(f"{p.name}: a sees / writes label beats its shuffled baseline for "
+                  + " / ".join(f"{v:.1%}" for v in shown.values()) + " of live features (" + " / ".join(shown) + ")")
     print(f"browsed {first} images in {time.perf_counter() - start:.1f} s (streaming pass {pass_s:.1f} s)")
     return out
+
+
+def _concept_vocabulary(bb, data, templates: list[str], vocab_size: int, extra: list[str], seed: int):
+    """The sees/writes vocabulary: the demo world's concepts on its images, else class names and common words; plus `extra`."""
+    from vitclt.browser.concepts import common_words, word_vocabulary, world_vocabulary
+
+    if getattr(data, "template_set", None) == "demo":
+        vocab = world_vocabulary(bb, seed=seed)
+    else:
+        vocab = word_vocabulary(bb, common_words(vocab_size), list(data.classnames), templates)
+    return vocab.extend(word_vocabulary(bb, extra)) if extra else vocab
+
+
+def _shown_summary(p: TranscoderPages) -> dict | None:
+    """Share of live features whose top sees / writes label is shown (beats its shuffled baseline's 99th percentile)."""
+    alive = ~p.stats.dead_LF
+    out = {}
+    for kind in ("sees", "writes"):
+        lab = getattr(p, kind)
+        if lab is not None and lab.index_LFK.shape[2]:
+            out[kind] = float(lab.shown_LFK[..., 0][alive].float().mean()) if alive.any() else 0.0
+    return out or None
 
 
 def _transcoder_meta(p: TranscoderPages, dataset: str) -> dict:

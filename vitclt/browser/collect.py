@@ -10,6 +10,9 @@ activation, and three running lists per feature are merged with one ``topk`` ove
   (image, feature) and the K largest keys: reservoir sampling as a top-k), so the site can show
   the feature at moderate strength.
 
+On request a fourth list, ``label_sample``, draws more images the same way, for the sees labels;
+it keeps only the CLS activation, since the pages never draw those images.
+
 Each list carries the per-token activations of its images (for the heatmaps), quantised to
 uint8 relative to the feature's maximum at the end. Counts, sums and a log-binned histogram of
 the nonzero activations are accumulated with ``bincount``. Nothing grows with the dataset
@@ -102,6 +105,8 @@ class FeatureStats:
     """Top images by CLS activation."""
     sample: TopList
     """A uniform sample of the images where the feature fires."""
+    label_sample: TopList | None = None
+    """A larger uniform sample of them for the sees labels, without per-token activations (CLS only); None if not asked."""
 
     @property
     def dead_LF(self) -> Tensor:
@@ -117,7 +122,8 @@ class FeatureStats:
 class FeatureCollector:
     """Accumulates `FeatureStats` for one transcoder, batch by batch, on the transcoder's device."""
 
-    def __init__(self, transcoder: Transcoder, n_tokens: int, top_k: int = 16, n_samples: int = 16, seed: int = 0):
+    def __init__(self, transcoder: Transcoder, n_tokens: int, top_k: int = 16, n_samples: int = 16, seed: int = 0,
+                 label_samples: int = 0):
         self.tc = transcoder
         L, F, dev = transcoder.n_layers, transcoder.n_features, transcoder.b_dec.device
         self.L, self.F, self.T = L, F, n_tokens
@@ -132,6 +138,8 @@ class FeatureCollector:
         self.top_cls = TopList.empty(L, F, top_k, n_tokens, dev)
         self.sample = TopList.empty(L, F, n_samples, n_tokens, dev)
         self.generator = torch.Generator(device=dev).manual_seed(seed)
+        # One token slot only: the pages never draw these images, so their heatmaps are not kept.
+        self.label_sample = TopList.empty(L, F, label_samples, 1, dev) if label_samples > 0 else None
 
     @torch.no_grad()
     def update(self, a_BTLD: Tensor, first_image: int) -> None:
@@ -160,6 +168,9 @@ class FeatureCollector:
             self.top_cls.merge(layer, torch.where(cls_FB > 0, cls_FB, -torch.inf), cls_FB, image_B, act_BTF)
             key_FB = torch.rand(F, B, device=self.device, generator=self.generator)
             self.sample.merge(layer, torch.where(fires_BF.T, key_FB, -torch.inf), max_FB, image_B, act_BTF)
+            if self.label_sample is not None:
+                key_FB = torch.rand(F, B, device=self.device, generator=self.generator)
+                self.label_sample.merge(layer, torch.where(fires_BF.T, key_FB, -torch.inf), max_FB, image_B, act_BTF[:, :1])
         self.n_images += B
 
     def result(self) -> FeatureStats:
@@ -175,4 +186,5 @@ class FeatureCollector:
             top_max=self.top_max.to_cpu(),
             top_cls=self.top_cls.to_cpu(),
             sample=self.sample.to_cpu(),
+            label_sample=self.label_sample.to_cpu() if self.label_sample is not None else None,
         )

@@ -12,6 +12,11 @@
   frac_nonzero, freq_hist_data_bar_values, freq_hist_data_bar_heights, n_prompts_total,
   n_tokens_in_prompt, dataset, decoder_weights_dist, activations[{bin_min, bin_max, bin_contains,
   tokens, values}], ...}]}``.
+
+Both carry the sees and writes labels (`vitclt.browser.sees`, `vitclt.browser.writes`) under keys of
+their own, since neither format has a field for them: ``sees_labels`` / ``writes_labels`` (circuit-tracer)
+and ``sees_str, sees_values, sees_baselines, sees_shown`` / ``writes_str, ...`` (Neuronpedia): the
+concept, its score, its shuffled baseline and whether it beats that baseline's 99th percentile.
 """
 
 from __future__ import annotations
@@ -48,6 +53,25 @@ def _examples(top: TopList, layer: int, feature: int, tokens: list[str]) -> list
     ]
 
 
+def explained(pages, kind: str, layer: int, feature: int) -> list[list]:
+    """[[concept, score, shuffled baseline, shown], ...] of one feature, best first ([] without such labels)."""
+    lab = getattr(pages, kind, None)
+    if lab is None:
+        return []
+    rows = zip(lab.index_LFK[layer, feature].tolist(), lab.score_LFK[layer, feature].tolist(),
+               lab.baseline_LFK[layer, feature].tolist(), lab.shown_LFK[layer, feature].tolist())
+    return [[pages.concepts[i], round(s, 4), round(b, 4), bool(ok)] for i, s, b, ok in rows if s == s]
+
+
+def _neuronpedia_explained(pages, layer: int, feature: int) -> dict:
+    out = {}
+    for kind in ("sees", "writes"):
+        rows = explained(pages, kind, layer, feature)
+        for key, col in zip(("str", "values", "baselines", "shown"), zip(*rows) if rows else ([], [], [], [])):
+            out[f"{kind}_{key}"] = list(col)
+    return out
+
+
 def _hist_centres() -> np.ndarray:
     return 2.0 ** (HIST_LOG2_MIN + (np.arange(HIST_BINS) + 0.5) / HIST_BINS_PER_OCTAVE)
 
@@ -79,6 +103,8 @@ def write_circuit_tracer(out: Path, pages, tokens: list[str]) -> Path:
             "quantile_values": [],
             "histogram": st.hist_LFG[layer, feature].tolist(),
             "activation_frequency": float(freq_LF[layer, feature]),
+            "sees_labels": explained(pages, "sees", layer, feature),
+            "writes_labels": explained(pages, "writes", layer, feature),
         }
         (scan / f"{cantor(layer, feature)}.json").write_text(json.dumps(record, separators=(",", ":")))
     return scan
@@ -120,6 +146,7 @@ def write_neuronpedia(out: Path, pages, tokens: list[str], model_id: str, datase
                     "n_prompts_total": st.n_images, "n_tokens_in_prompt": len(tokens), "dataset": dataset,
                     "decoder_weights_dist": np.round(pages.norms_LFJ[layer, feature].double().numpy(), 4).tolist(),
                     "activations": acts,
+                    **_neuronpedia_explained(pages, layer, feature),
                 })
             batch = {"model_id": model_id, "layer": layer, "sae_set": pages.id, "features": features}
             (root / f"batch-{n}.json").write_text(json.dumps(batch, separators=(",", ":")))

@@ -35,7 +35,17 @@ class BrowseConfig:
     samples: int = 16
     """Images sampled uniformly per feature among those where it fires (the moderate-strength rows)."""
     vocab_size: int = 3000
-    """Words from CLIP's BPE vocabulary to label features with (0: class names only)."""
+    """Words to label features with: CLIP BPE words for the direct-path labels, common English words for the sees/writes
+    labels on a dataset other than the demo world (0: class names only)."""
+    label_samples: int = 128
+    """Images sampled uniformly per feature among those where it fires, for its sees labels (not shown on the pages)."""
+    templates: str | None = None
+    """Prompt templates for the class-name labels: a shipped set (cifar100, imagenet, imagenet7, coco) or a file with one
+    template per line, each with '{}' (default: the dataset's own)."""
+    concepts: Path | None = None
+    """A file of extra concept words or phrases for the sees/writes labels, one per line."""
+    writes: bool = True
+    """Compute the writes-labels (the embedding's Jacobian at every feature's top images: a few backward passes per image)."""
     thumb_size: int = 128
     """Largest side of the stored image thumbnails, in pixels (smaller images keep their size)."""
     exports: bool = True
@@ -55,6 +65,7 @@ def run(cfg: BrowseConfig) -> Path:
     out = build_browser(
         cfg.run_dir, cfg.dataset, cfg.out, backbone=cfg.backbone, transcoders=list(cfg.transcoders) or None,
         split=cfg.split, max_images=cfg.max_images, top_k=cfg.top_k, samples=cfg.samples, vocab_size=cfg.vocab_size,
+        label_samples=cfg.label_samples, templates=cfg.templates, concepts=cfg.concepts, writes=cfg.writes,
         images_per_forward=cfg.runtime.images_per_forward, thumb_size=cfg.thumb_size, exports=cfg.exports, device=device,
         workers=cfg.runtime.workers, fast_decode=cfg.runtime.fast_decode, seed=cfg.runtime.seed, progress=cfg.runtime.progress,
     )

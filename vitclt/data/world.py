@@ -224,6 +224,11 @@ def _mask(shape: str, cx: float, cy: float, diameter: float, angle: float) -> np
     return np.asarray(big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
+def object_mask(scene: Scene) -> np.ndarray:
+    """Coverage of the scene's main object as a (H, W) float array in [0, 1] (what `render` blends with)."""
+    return _mask(scene.shape, *scene.centre_xy, scene.diameter, scene.angle)
+
+
 def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
     """A (H, W, 3) float background texture: muted colours around mid grey, plus pixel noise."""
     n = IMAGE_SIZE

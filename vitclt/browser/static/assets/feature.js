@@ -113,6 +113,16 @@
     return t;
   }
 
+  function explainedTable(title, rows) {
+    const t = V.el("table", { class: "small" }, V.el("tr", {}, V.el("th", { text: title }), V.el("th", { text: "score" }),
+      V.el("th", { text: "shuffled baseline" })));
+    for (const [name, score, baseline, shown] of rows) {
+      t.append(V.el("tr", { class: shown ? "" : "not-shown" }, V.el("td", { text: name }),
+        V.el("td", { class: "score", text: score.toFixed(3) }), V.el("td", { class: "score", text: baseline.toFixed(3) })));
+    }
+    return t;
+  }
+
   function bars(values, labels, { own = -1, width = 320, height = 90, title = "" } = {}) {
     const n = values.length, max = Math.max(...values, 1e-12), bw = (width - 30) / n, top = 16;
     const ns = "http://www.w3.org/2000/svg";
@@ -139,10 +149,16 @@
     return svg;
   }
 
-  // Labels
+  // Sees / writes labels, then the direct-path labels
+  if ((f.sees && f.sees.length) || (f.writes && f.writes.length)) {
+    const explained = V.el("div", { class: "grid2" });
+    explained.append(explainedTable("sees (SoftWPMI of images where it fires)", f.sees || []),
+      explainedTable("writes (its effect on the image embedding)", f.writes || []));
+    section("What it sees and what it writes (greyed: not told apart from its shuffled baseline)", explained);
+  }
   const labels = V.el("div", { class: "grid2" });
   labels.append(labelTable("class name", f.labels.classes), labelTable("word", f.labels.words));
-  section("Text labels (CLIP's text tower vs the feature's write into the image embedding)", labels);
+  section("Text labels from the direct path (CLIP's text tower vs the feature's direct write into the image embedding)", labels);
   if (f.majority) main.append(V.el("p", { class: "summary",
     text: `Majority class of its top images: ${site.classnames[f.majority[0]]} (${f.majority[1]} of ${f.majority[2]}).` }));
 

@@ -47,7 +47,7 @@
         rows.push({
           layer: s.layer, index: i, freq: s.freq[i], mean: s.mean[i], later: s.later[i],
           dead: s.dead[i] === 1, label: s.label[i], word: s.word[i], thumb: s.thumb[i],
-          norms: s.norms.slice(i * L, (i + 1) * L),
+          norms: s.norms.slice(i * L, (i + 1) * L), ...explainedColumns(s, i),
         });
       }
     }
@@ -73,7 +73,9 @@
     const later = $("later").checked;
     shown = rows.filter((r) =>
       (layer === "" || r.layer === Number(layer)) && band(r.freq, r.dead) && (!later || r.later > 0.5) &&
-      (!text || r.label.toLowerCase().includes(text) || r.word.toLowerCase().includes(text)));
+      (!text || r.label.toLowerCase().includes(text) || r.word.toLowerCase().includes(text) ||
+       r.sees.toLowerCase().includes(text) || r.writes.toLowerCase().includes(text)) &&
+      (!$("explained").checked || r.sees !== "" || r.writes !== ""));
     const k = state.sort;
     const sign = state.desc ? -1 : 1;
     shown.sort((a, b) => {
@@ -127,18 +129,38 @@
       V.el("td", {}, V.strip(r.norms, r.layer)),
       V.el("td", { class: "num", text: V.pct(r.later) }),
       V.el("td", { text: r.dead ? "" : r.label }), V.el("td", { text: r.dead ? "" : r.word }));
+    tr.append(...explainedCells(r));
     return tr;
+  }
+
+  // Sees / writes labels: the top label if it beats its shuffled baseline ("" if not), and its margin over that baseline.
+  function explainedColumns(s, i) {
+    const out = {};
+    for (const kind of ["sees", "writes"]) {
+      const m = s[`${kind}_margin`] ? s[`${kind}_margin`][i] : null;
+      out[kind] = s[kind] ? s[kind][i] : "";
+      out[`${kind}_margin`] = m === null || m === undefined ? -Infinity : m;
+    }
+    return out;
+  }
+
+  function explainedCells(r) {
+    return ["sees", "writes"].map((kind) => {
+      const m = r[`${kind}_margin`];
+      const text = r.dead || !r[kind] ? "" : `${r[kind]} (+${V.fmt(m, 2)})`;
+      return V.el("td", { class: "explained", text, title: r[kind] ? `${kind} label; score minus its shuffled baseline ${V.fmt(m, 3)}` : "" });
+    });
   }
 
   for (const th of document.querySelectorAll("th.sortable")) {
     th.addEventListener("click", () => {
       const key = th.dataset.key;
-      state.desc = state.sort === key ? !state.desc : ["freq", "mean", "later"].includes(key);
+      state.desc = state.sort === key ? !state.desc : ["freq", "mean", "later", "sees_margin", "writes_margin"].includes(key);
       state.sort = key;
       render();
     });
   }
-  for (const id of ["layer", "band", "later", "text"]) {
+  for (const id of ["layer", "band", "later", "text", "explained"]) {
     for (const ev of ["input", "change"]) $(id).addEventListener(ev, () => { state.page = 0; render(); });
   }
   // A placeholder option lets the address's layer survive until loadTranscoder lists the real ones.
