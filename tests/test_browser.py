@@ -373,3 +373,15 @@ def test_label_sample_holds_only_images_where_the_feature_fires_and_no_heatmaps(
     assert valid[full].all() and bool(full.any())
     assert all(len(set(row.tolist())) == 4 for row in lab.image_LFK[full])
     assert FeatureCollector(tc, tiny_backbone.n_tokens).result().label_sample is None
+
+
+def test_feature_labels_prefer_a_shown_sees_label_then_the_class_label_then_the_word(tmp_path):
+    from vitclt.browser.site import feature_labels, write_data
+
+    write_data(tmp_path / "data" / "site.js", "site", {"transcoders": [{"id": "tc", "n_layers": 2}]})
+    write_data(tmp_path / "data" / "tc" / "index-L0.js", "tc/index-L0",
+               {"label": ["red car", "", ""], "word": ["w0", "w1", ""], "sees": ["red", "", ""]})
+    # A site built before sees labels existed has no "sees" column.
+    write_data(tmp_path / "data" / "tc" / "index-L1.js", "tc/index-L1", {"label": ["blue car", ""], "word": ["w2", "w3"]})
+    assert feature_labels(tmp_path, "tc") == [["red", "w1", ""], ["blue car", "w3"]]
+    assert feature_labels(tmp_path, "other") == []

@@ -65,8 +65,9 @@ def read_data(path: Path):
 
 
 def feature_labels(site: Path, tc_id: str) -> list[list[str]]:
-    """The label of every feature of transcoder `tc_id` in the browser at `site`, per layer (its top class label, else
-    its top word); [] when the site has no such transcoder.
+    """The label of every feature of transcoder `tc_id` in the browser at `site`, per layer: its *sees* label where one
+    beats its shuffled baseline (the source that names what a feature tracks most often, docs/browser.md), else its
+    top direct-path class label, else its top word; [] when the site has no such transcoder.
 
     Other pages (the circuit viewer) read feature labels through this function alone, so that a new label
     source changes here and nowhere else.
@@ -79,7 +80,8 @@ def feature_labels(site: Path, tc_id: str) -> list[list[str]]:
     labels = []
     for layer in range(tc["n_layers"]):
         index = read_data(site / "data" / tc_id / f"index-L{layer}.js")
-        labels.append([c or w for c, w in zip(index["label"], index["word"])])
+        sees = index.get("sees") or [""] * len(index["label"])
+        labels.append([s or c or w for s, c, w in zip(sees, index["label"], index["word"])])
     return labels
 
 
