@@ -73,10 +73,10 @@ def test_reduced_demo_runs_end_to_end_and_its_report_holds_every_section(tmp_pat
     assert sorted(metrics["transcoders"]) == sorted(f"{m.replace(':', '-')}-k{k}" for m in FRONTIER_MODELS for k in (8, 16, 32))
     assert metrics["backbone"]["name"] == "demo" and metrics["dataset"]["n_images"] == 48
     assert json.loads((out / "train" / "run.json").read_text())["command"] == "demo"
-    # The feature browser of the ReLU-TopK CLT is built, its path printed, and the report links to it.
+    # The feature browser of the ReLU-TopK CLT at the middle k is built, its path printed, and the report links to it.
     site = out / "train" / "browser"
-    assert f"feature browser of clt-relu-topk-k8: {site / 'index.html'}" in printed
-    link = metrics["transcoders"]["clt-relu-topk-k8"]["browser"]
+    assert f"feature browser of clt-relu-topk-k16: {site / 'index.html'}" in printed
+    link = metrics["transcoders"]["clt-relu-topk-k16"]["browser"]
     assert link.startswith("../train/browser/index.html?tc=") and f'href="{link}"' in html
     assert (report.parent / link.split("?")[0]).resolve() == (site / "index.html").resolve()
     assert metrics["transcoders"]["clt-jumprelu-k8"]["browser"] is None

@@ -11,19 +11,27 @@ from vitclt.nn.sharded import Grid, ShardedTranscoder
 from vitclt.training.plan import Shape, rank_plan
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
+from pathlib import Path
 from vitclt.nn import Transcoder, TranscoderConfig
+
+def peak_rss():
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
 L, D, F, B = 4, 128, int(sys.argv[1]), 256
 torch.set_num_threads(1)
 x, y = torch.randn(B, L, D), torch.randn(B, L, D)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# This process's own peak from here: ru_maxrss would start at the forking parent's peak (pytest's, often larger).
+Path("/proc/self/clear_refs").write_text("5")
+before = peak_rss()
 model = Transcoder(TranscoderConfig(n_layers=L, d_model=D, n_features=F, k=16))
 opt = torch.optim.Adam(model.parameters(), fused=True)
 for _ in range(2):
     model(x, y).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(peak_rss() - before)
 """
 
 

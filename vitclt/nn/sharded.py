@@ -27,6 +27,7 @@ communicated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -360,6 +361,15 @@ class ShardedTranscoder(nn.Module):
         model.load_state_dict(state)
         model.sparsity_coefficient = self.sparsity_coefficient
         return model.train(self.training)
+
+    def match_l0(self, x_NLD: Tensor, y_NLD: Tensor) -> list[float]:
+        """`Transcoder.match_l0` of the one-process model (a collective over the feature group; every rank holds the same
+        rows, so every rank finds the same factors), applied to this shard's slice of the thresholds."""
+        factors = self.to_transcoder().match_l0(x_NLD, y_NLD)
+        with torch.no_grad():
+            for layer, factor in enumerate(factors):
+                self.local.sparsifier.log_threshold_LF[layer] += math.log(factor)
+        return factors
 
     def state_dict(self, *args, **kwargs):
         """The slice's state, under the one-process model's names."""

@@ -202,11 +202,6 @@ class TrainConfig:
                                     "--backbone / --tokens instead")
         if self.feature_shards < 1:
             raise TrainingError(f"--feature-shards must be at least 1, got {self.feature_shards}")
-        if (self.feature_shards > 1 and self.optim.sparsity_control == "target-l0"
-                and any(s == "jumprelu" for _, s in self.sweep.pairs())):
-            # The end-of-run L0 match scales a layer's thresholds by one factor found over all its features.
-            raise TrainingError("JumpReLU's end-of-run L0 match (--sparsity-control target-l0) is not sharded yet: with "
-                                "--feature-shards > 1 pass --sparsity-control fixed, or train JumpReLU with --feature-shards 1")
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other: pick one")
 
