@@ -40,6 +40,39 @@ def table(name: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def circuit_section(run_dir, transcoder: str | None = None, n_images: int = 50, top: int = 10,
+                    scores: tuple[str, ...] = ("cosine", "logit-diff", "logit-mean"), variants: bool = True,
+                    threads: int = 2, precision: str = "float32") -> dict:
+    """Measure circuit fidelity of the transcoder in `run_dir` on the first `n_images` demo test images, print a table
+    per target score and return the summaries and every case (JSON-able)."""
+    torch.set_num_threads(threads)
+    from vitclt.backbones import load_backbone
+    from vitclt.circuits.fidelity import run_fidelity, summarise
+    from vitclt.circuits.inputs import find_transcoder
+    from vitclt.data.datasets import load_dataset
+    from vitclt.eval.suite import backbone_spec
+    from vitclt.eval.zeroshot import build_classifier, dataset_templates
+    from vitclt.nn.transcoder import Transcoder
+
+    tc_name, tc_dir = find_transcoder(run_dir, transcoder)
+    backbone = load_backbone(backbone_spec({tc_name: tc_dir}, None), device="cpu")
+    tc = Transcoder.from_pretrained(tc_dir, device=backbone.device)
+    data = load_dataset("demo", "test")
+    images = [data[i][0] for i in range(min(n_images, len(data)))]
+    classifier = build_classifier(backbone, data.classnames, dataset_templates(data))
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    record = {"run": str(tc_dir), "images": len(images), "top": top, "threads": threads, "precision": precision, "scores": {}}
+    for kind in scores:
+        with tqdm(total=len(images), desc=f"fidelity {kind}") as bar:
+            results = run_fidelity(backbone, tc, images, classifier, data.classnames, kind, top=top, dtype=dtype,
+                                   variants=variants, progress=bar)
+        summary = summarise(results)
+        print(table(kind, summary), flush=True)
+        record["scores"][kind] = {"summary": summary, "cases": [c.__dict__ for r in results for c in r.cases],
+                                  "seconds_graph": [r.seconds_graph for r in results]}
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a trained transcoder or run directory (demo backbone)")
@@ -52,32 +85,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["float32", "float64"], default="float32")
     ap.add_argument("--out", type=Path, default=None, help="write the summaries and every case as JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from vitclt.backbones import load_backbone
-    from vitclt.circuits.fidelity import run_fidelity, summarise
-    from vitclt.circuits.inputs import find_transcoder
-    from vitclt.data.datasets import load_dataset
-    from vitclt.eval.suite import backbone_spec
-    from vitclt.eval.zeroshot import build_classifier, dataset_templates
-    from vitclt.nn.transcoder import Transcoder
-
-    tc_name, tc_dir = find_transcoder(args.run_dir, args.transcoder)
-    backbone = load_backbone(backbone_spec({tc_name: tc_dir}, None), device="cpu")
-    tc = Transcoder.from_pretrained(tc_dir, device=backbone.device)
-    data = load_dataset("demo", "test")
-    images = [data[i][0] for i in range(min(args.images, len(data)))]
-    classifier = build_classifier(backbone, data.classnames, dataset_templates(data))
-    dtype = torch.float64 if args.precision == "float64" else torch.float32
-    record = {"run": str(tc_dir), "images": len(images), "top": args.top, "threads": args.threads, "precision": args.precision,
-              "scores": {}}
-    for kind in args.scores:
-        with tqdm(total=len(images), desc=f"fidelity {kind}") as bar:
-            results = run_fidelity(backbone, tc, images, classifier, data.classnames, kind, top=args.top, dtype=dtype,
-                                   variants=not args.no_variants, progress=bar)
-        summary = summarise(results)
-        print(table(kind, summary), flush=True)
-        record["scores"][kind] = {"summary": summary, "cases": [c.__dict__ for r in results for c in r.cases],
-                                  "seconds_graph": [r.seconds_graph for r in results]}
+    record = circuit_section(args.run_dir, args.transcoder, args.images, args.top, tuple(args.scores), not args.no_variants,
+                             args.threads, args.precision)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))

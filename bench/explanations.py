@@ -8,9 +8,12 @@ Sections (each a function returning a JSON-able dict and printing its table):
   path read with the world's concept vocabulary, the "sees" labels (SoftWPMI of the top images) and
   the "writes" labels (embedding Jacobian through every later layer, centred text). Then the
   CoSy-style AUC of the new labels and the demo CLIP's zero-shot ceiling per attribute family.
-* (circuits: the circuit-fidelity section is added beside `label_section`.)
+* circuits: over --circuit-images demo test images, each graph's top features zeroed one at a time, the graph's
+  predicted change of its target against the measured one (original model and CLT replacement), at CLS and at
+  patch tokens, for each target score (bench/circuit_fidelity.py, vitclt/circuits/fidelity.py).
 
-    python bench/explanations.py /work/shared-runs/runs/demo/train --transcoder clt-relu-topk --out /tmp/expl.json
+    python bench/explanations.py runs/demo/train --transcoder clt-relu-topk --out /tmp/expl.json
+    python bench/explanations.py runs/demo/train --transcoder clt-relu-topk --circuit-images 0   # labels only
 """
 
 from __future__ import annotations
@@ -171,6 +174,8 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=200, help="label shuffles for the shuffled control")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    parser.add_argument("--circuit-images", type=int, default=50, help="demo test images for circuit fidelity (0: skip)")
+    parser.add_argument("--scores", nargs="+", default=["logit-diff", "cosine"], help="circuit target scores to measure")
     parser.add_argument("--out", type=Path, default=Path("explanations.json"), help="where the JSON goes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -179,6 +184,12 @@ def main() -> None:
     result = {"labels": label_section(args.run_dir, args.transcoder, args.label_images, args.test_images, args.top_k,
                                       args.label_samples, args.cosy_images, args.permutations, args.seed, not args.no_progress)}
     print_label_table(result["labels"])
+    if args.circuit_images > 0:
+        from circuit_fidelity import circuit_section  # bench/ is this script's directory, first on sys.path
+
+        print()
+        result["circuits"] = circuit_section(args.run_dir, args.transcoder, args.circuit_images, scores=tuple(args.scores),
+                                             variants=False, threads=args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -39,15 +39,16 @@ STEPS = 60
 
 
 def _config(backbone, folder, out, **overrides):
-    # No decay and no λ ramp: the schedule then does not depend on --steps, so a run stopped at step s and resumed
-    # with a larger --steps follows the uninterrupted run exactly.
+    # No decay, no λ ramp and no end-of-run L0 match (--sparsity-control fixed): the schedule then does not depend on
+    # --steps, so a run stopped at step s and resumed with a larger --steps follows the uninterrupted run exactly.
     settings = dict(models=MODELS, steps=STEPS, batch_size=64, warmup_steps=4, decay_fraction=0.0, sparsity_ramp=0.0,
-                    checkpoint_every=5, log_every=5)
+                    sparsity_control="fixed", checkpoint_every=5, log_every=5)
     return config(backbone, folder, out, **{**settings, **overrides})
 
 
 def _argv(cfg, nproc: int, shards: int) -> list[str]:
-    flags = ["--backbone", cfg.backbone, "--dataset", cfg.dataset, "--tokens", "all", "--models", *MODELS, "--k", "8",
+    flags = ["--backbone", cfg.backbone, "--dataset", cfg.dataset, "--tokens", "all", "--models", *cfg.sweep.models, "--k", "8",
+             "--sparsity-control", cfg.optim.sparsity_control,
              "--expansion", "4", "--steps", str(cfg.optim.steps), "--batch-size", "64", "--warmup-steps", "4",
              "--decay-fraction", "0", "--sparsity-ramp", "0", "--buffer-size", str(cfg.stream.buffer_size),
              "--norm-tokens", "400", "--images-per-forward", "24", "--workers", "1", "--checkpoint-every", "5",
@@ -111,6 +112,22 @@ def test_torchrun_runs_equal_one_process_and_resume_at_another_grid_shape(tiny_c
     _assert_same_run(replicas.out, whole.out)
     # The sharded run's output is the ordinary transcoder directory.
     Transcoder.from_pretrained(shards.out / "clt-relu-topk")
+
+
+def test_a_sharded_jumprelu_steered_to_its_l0_ends_as_one_process_does(tiny_clip_dir, folder, tmp_path):
+    """The L0 controller reads the global L0 and the end-of-run L0 match takes its factors from the gathered model, so
+    two feature shards end on the one-process weights, thresholds included."""
+    settings = dict(models=("clt:jumprelu",), steps=20, sparsity_control="target-l0")
+    whole = _config(tiny_clip_dir, folder, tmp_path / "whole", **settings)
+    train(whole)
+    shards = _config(tiny_clip_dir, folder, tmp_path / "shards", **settings)
+    _torchrun(shards, 2, 2)
+    for name in ("jumprelu/model.safetensors", "training_state.safetensors"):
+        got, want = load_file(shards.out / name), load_file(whole.out / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            if not key.startswith("rng."):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
 @pytest.mark.slow

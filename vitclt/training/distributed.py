@@ -196,6 +196,9 @@ class DistributedTrainer(Trainer):
             for key in model.state_dict():
                 axes[f"{name}.model.{key}"] = feature_axis(key)
             axes[f"{name}.since_fired_LF"] = 1
+            # JumpReLU's L0 controller acts on the global L0, so every rank holds the same λ per layer.
+            axes.update({f"{name}.sparsity.{key}": None for key in self.sparsity[name].state_tensors()} if name in self.sparsity
+                        else {})
             for i, (param, _) in enumerate(model.local.named_parameters()):
                 for moment in ("step", "exp_avg", "exp_avg_sq"):
                     axes[f"{name}.optim.{i}.{moment}"] = None if moment == "step" else feature_axis(param)

@@ -52,7 +52,7 @@ class TargetL0:
 
     def __init__(self, model: Transcoder, rate: float):
         self.model = model
-        device = model.b_enc.device
+        device = next(model.parameters()).device  # a Transcoder, or a rank's ShardedTranscoder (vitclt.nn.sharded)
         self.k_L = torch.tensor(model.cfg.k_layers, dtype=torch.float32, device=device)
         # Steps of rate × --sparsity-coefficient: the coefficient sets the scale of λ, the controller its value.
         self.step_size = rate * model.sparsity_coefficient
