@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitclt.browser.collect import HIST_BINS_PER_OCTAVE, HIST_LOG2_MIN, FeatureCollector, FeatureStats
+from vitclt.browser.concepts import ConceptLabels
 from vitclt.browser.export import explained
 from vitclt.browser.geometry import Neighbours, decoder_norms, later_fraction, nearest_features, residual_writes
 from vitclt.browser.labels import (
@@ -32,9 +33,7 @@ from vitclt.browser.labels import (
     label_features,
     write_directions,
 )
-from vitclt.browser.sees import SeesLabels
 from vitclt.browser.site import SHARD_SIZE, ListView, copy_static, thumbnail, write_data
-from vitclt.browser.writes import WritesLabels
 from vitclt.errors import OutputError, VitcltError
 from vitclt.io import record_written
 
@@ -80,9 +79,9 @@ class TranscoderPages:
     """The same check per source layer (empty without labels)."""
     concepts: list[str]
     """The concept vocabulary the sees and writes labels index."""
-    sees: SeesLabels | None
+    sees: ConceptLabels | None
     """What each feature sees: SoftWPMI of its top images (None without a text tower)."""
-    writes: WritesLabels | None
+    writes: ConceptLabels | None
     """What each feature writes: its embedding Jacobian write read by the text tower (None without one)."""
 
 
@@ -180,7 +179,7 @@ def _feature_record(p: TranscoderPages, layer: int, f: int, views: dict[str, Lis
     }
 
 
-def top_explained(p: TranscoderPages, lab: SeesLabels | WritesLabels | None, layer: int) -> tuple[list[str], list]:
+def top_explained(p: TranscoderPages, lab: ConceptLabels | None, layer: int) -> tuple[list[str], list]:
     """Per feature of a layer: its top label if shown ("" if not) and its score above the shuffled baseline (None if none)."""
     F = p.stats.fire_LF.shape[1]
     if lab is None or lab.index_LFK.shape[2] == 0:

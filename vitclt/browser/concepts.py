@@ -103,3 +103,25 @@ def word_vocabulary(backbone: Backbone, words: list[str], classnames: list[str] 
         kinds += ["word"] * len(new)
     text = torch.cat(parts) if parts else torch.zeros(0, 1)
     return ConceptVocabulary(names, kinds, text)
+
+
+@dataclass
+class ConceptLabels:
+    """Each feature's best concepts under one labelling method (sees.py, writes.py), with what each scores by chance."""
+
+    index_LFK: Tensor
+    """Concept indices, best first."""
+    score_LFK: Tensor
+    """Their scores: SoftWPMI of the top images (sees), cosine of the write with the centred text vector (writes)."""
+    baseline_LFK: Tensor
+    """The same concept's mean score by chance: random top sets of the same size (sees), the label shuffled among the
+    layer's features (writes)."""
+    threshold_LFK: Tensor
+    """The chance score's 99th percentile (writes: against random isotropic directions): a label scoring at or below
+    it is not told apart from noise."""
+
+    @property
+    def shown_LFK(self) -> Tensor:
+        """Labels that beat their threshold (the ones the pages show)."""
+        return self.score_LFK > self.threshold_LFK
+

@@ -26,10 +26,10 @@ images are replaced by as many drawn at random from the probe set (`null_baselin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+
+from vitclt.browser.concepts import ConceptLabels
 
 SOFTMAX_SCALE = 10.0
 """a: the inverse temperature of the similarity softmax over concepts."""
@@ -102,27 +102,8 @@ def null_baselines(probs_NV: Tensor, k: int, sizes: list[int], log_prior_V: Tens
     return mean, q99
 
 
-@dataclass
-class SeesLabels:
-    """Each feature's best concepts by SoftWPMI of its top images, with their shuffled baselines."""
-
-    index_LFK: Tensor
-    """Concept indices, best first."""
-    score_LFK: Tensor
-    """Their SoftWPMI."""
-    baseline_LFK: Tensor
-    """Mean SoftWPMI of the same concept for random top sets of the same size."""
-    threshold_LFK: Tensor
-    """Its 99th percentile: a label scoring at or below it is not told apart from noise."""
-
-    @property
-    def shown_LFK(self) -> Tensor:
-        """Labels that beat their shuffled baseline's 99th percentile (the ones the pages show)."""
-        return self.score_LFK > self.threshold_LFK
-
-
 def sees_labels(probs_NV: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK: Tensor, k: int = 5, draws: int = 200,
-                seed: int = 0) -> SeesLabels:
+                seed: int = 0) -> ConceptLabels:
     """Top-k concepts of every feature by SoftWPMI of its top images above the shuffled baseline.
 
     `top_LFK` holds image indices (-1 / invalid where none). Images are ranked by `value_LFK` (the feature's
@@ -149,4 +130,4 @@ def sees_labels(probs_NV: Tensor, top_LFK: Tensor, valid_LFK: Tensor, value_LFK:
         i = (score_FV - base_FV).topk(k, dim=-1).indices
         out[0][layer][alive_F], out[1][layer][alive_F] = i, score_FV.gather(1, i)
         out[2][layer][alive_F], out[3][layer][alive_F] = base_FV.gather(1, i), thr_FV.gather(1, i)
-    return SeesLabels(*out)
+    return ConceptLabels(*out)

@@ -23,7 +23,6 @@ directions with that concept (what noise would score).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vitclt.backbones import Backbone
 from vitclt.browser.collect import TopList
+from vitclt.browser.concepts import ConceptLabels
 from vitclt.nn.transcoder import Transcoder
 
 
@@ -143,27 +143,8 @@ def centred(text_VP: Tensor) -> Tensor:
     return F.normalize(t - t.mean(0, keepdim=True), dim=-1)
 
 
-@dataclass
-class WritesLabels:
-    """Each feature's best concepts by cosine of its write with the centred text vectors, with baselines."""
-
-    index_LFK: Tensor
-    """Concept indices, best first."""
-    score_LFK: Tensor
-    """Their cosines."""
-    baseline_LFK: Tensor
-    """Mean cosine of the same concept over the layer's features (the label shuffled among features)."""
-    threshold_LFK: Tensor
-    """99th percentile of the concept's cosine with random isotropic directions."""
-
-    @property
-    def shown_LFK(self) -> Tensor:
-        """Labels whose cosine beats what noise would score."""
-        return self.score_LFK > self.threshold_LFK
-
-
 def writes_labels(w_LFP: Tensor, text_VP: Tensor, alive_LF: Tensor, k: int = 5, draws: int = 1000,
-                  seed: int = 0) -> WritesLabels:
+                  seed: int = 0) -> ConceptLabels:
     """Top-k concepts of every feature by cosine of its write `w_LFP` with centred text vectors."""
     t_VP = centred(text_VP)
     cos_LFV = F.normalize(w_LFP.float(), dim=-1) @ t_VP.T
@@ -174,4 +155,4 @@ def writes_labels(w_LFP: Tensor, text_VP: Tensor, alive_LF: Tensor, k: int = 5, 
     g = torch.Generator().manual_seed(seed)
     noise_RV = F.normalize(torch.randn(draws, t_VP.shape[1], generator=g), dim=-1) @ t_VP.T
     thr_V = noise_RV.quantile(0.99, dim=0)
-    return WritesLabels(index, score, base_LV.gather(1, index.flatten(1)).view_as(score), thr_V[index])
+    return ConceptLabels(index, score, base_LV.gather(1, index.flatten(1)).view_as(score), thr_V[index])
