@@ -16,23 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests.conftest import random_images
-from tests.test_train import N_IMAGES, changed, config
+from tests.test_train import changed, config, image_folder  # noqa: F401  (image_folder: the session fixture of 24 images)
 from vitclt.nn import Transcoder
 from vitclt.training import train
 from vitclt.training.checkpoint import read_state_meta
 from vitclt.training.distributed import SplitHarvest
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """An ImageFolder of the 24 images `tests.test_train.config` is sized for."""
-    root = tmp_path_factory.mktemp("images")
-    for i, im in enumerate(random_images(N_IMAGES, seed=5)):
-        (root / "train" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
-        im.save(root / "train" / f"class_{i % 2}" / f"{i:03d}.png")
-    return root
-
 
 MODELS = ("clt:relu-topk", "plt:batch-topk", "sae:abs-topk", "clt:jumprelu")
 STEPS = 60
@@ -95,18 +83,18 @@ def _workers(parent: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_torchrun_runs_equal_one_process_and_resume_at_another_grid_shape(tiny_clip_dir, folder, tmp_path):
-    whole = _config(tiny_clip_dir, folder, tmp_path / "whole")
+def test_torchrun_runs_equal_one_process_and_resume_at_another_grid_shape(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
+    whole = _config(tiny_clip_dir, image_folder, tmp_path / "whole")
     train(whole)
     # 2 → 1: two feature shards for the first half, then one process.
-    shards = _config(tiny_clip_dir, folder, tmp_path / "shards", steps=STEPS // 2)
+    shards = _config(tiny_clip_dir, image_folder, tmp_path / "shards", steps=STEPS // 2)
     out = _torchrun(shards, 2, 2)
     assert out.count("layer      FVU") == len(MODELS), "the summary is printed once, by rank 0"
     assert read_state_meta(shards.out)["step"] == STEPS // 2
     train(changed(shards, steps=STEPS, resume=True))
     _assert_same_run(shards.out, whole.out)
     # 1 → 2: one process for the first half, then two data replicas of half the batch each.
-    replicas = _config(tiny_clip_dir, folder, tmp_path / "replicas", steps=STEPS // 2)
+    replicas = _config(tiny_clip_dir, image_folder, tmp_path / "replicas", steps=STEPS // 2)
     train(replicas)
     _torchrun(changed(replicas, steps=STEPS, resume=True), 2, 1)
     _assert_same_run(replicas.out, whole.out)
@@ -114,13 +102,13 @@ def test_torchrun_runs_equal_one_process_and_resume_at_another_grid_shape(tiny_c
     Transcoder.from_pretrained(shards.out / "clt-relu-topk")
 
 
-def test_a_sharded_jumprelu_steered_to_its_l0_ends_as_one_process_does(tiny_clip_dir, folder, tmp_path):
+def test_a_sharded_jumprelu_steered_to_its_l0_ends_as_one_process_does(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
     """The L0 controller reads the global L0 and the end-of-run L0 match takes its factors from the gathered model, so
     two feature shards end on the one-process weights, thresholds included."""
     settings = dict(models=("clt:jumprelu",), steps=20, sparsity_control="target-l0")
-    whole = _config(tiny_clip_dir, folder, tmp_path / "whole", **settings)
+    whole = _config(tiny_clip_dir, image_folder, tmp_path / "whole", **settings)
     train(whole)
-    shards = _config(tiny_clip_dir, folder, tmp_path / "shards", **settings)
+    shards = _config(tiny_clip_dir, image_folder, tmp_path / "shards", **settings)
     _torchrun(shards, 2, 2)
     for name in ("jumprelu/model.safetensors", "training_state.safetensors"):
         got, want = load_file(shards.out / name), load_file(whole.out / name)
@@ -131,8 +119,8 @@ def test_a_sharded_jumprelu_steered_to_its_l0_ends_as_one_process_does(tiny_clip
 
 
 @pytest.mark.slow
-def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, folder, tmp_path):
-    killed = _config(tiny_clip_dir, folder, tmp_path / "killed", steps=100)
+def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
+    killed = _config(tiny_clip_dir, image_folder, tmp_path / "killed", steps=100)
     proc = subprocess.Popen(_argv(killed, 2, 2), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not (killed.out / "training_state.safetensors").exists():
@@ -152,14 +140,14 @@ def test_sigkilled_rank_stops_every_rank_and_the_run_resumes(tiny_clip_dir, fold
     assert not meta["finished"] and 0 < meta["step"] < 100
     train(changed(killed, resume=True))
     assert not list(killed.out.rglob("*.tmp"))
-    whole = _config(tiny_clip_dir, folder, tmp_path / "whole", steps=100)
+    whole = _config(tiny_clip_dir, image_folder, tmp_path / "whole", steps=100)
     train(whole)
     _assert_same_run(killed.out, whole.out)
 
 
 @pytest.mark.slow
-def test_a_refusal_on_rank_0_stops_every_rank_with_its_message(tiny_clip_dir, folder, tmp_path):
-    done = _config(tiny_clip_dir, folder, tmp_path / "done", steps=5)
+def test_a_refusal_on_rank_0_stops_every_rank_with_its_message(tiny_clip_dir, image_folder, tmp_path):  # noqa: F811
+    done = _config(tiny_clip_dir, image_folder, tmp_path / "done", steps=5)
     train(done)
     proc = subprocess.run(_argv(done, 2, 2), env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -6,9 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import random_images
 from tests.test_stream import dataset
-from tests.test_train import config, image_folder  # noqa: F401  (the session fixture of 24 random images)
+from tests.test_train import config, image_folder, train_split_folder  # noqa: F401  (the session fixture of 24 random images)
 from vitclt.data.stream import BackboneSource
 from vitclt.nn import Transcoder
 from vitclt.training import train, transcoder_configs
@@ -48,11 +47,7 @@ def held_out_l0_L(path, backbone) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
     """512 random PNGs: enough rows that a JumpReLU's thresholds do not fit the training images alone."""
-    root = tmp_path_factory.mktemp("many")
-    for i, im in enumerate(random_images(N_MANY, seed=5)):
-        (root / "train" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
-        im.save(root / "train" / f"class_{i % 2}" / f"{i:03d}.png")
-    return root
+    return train_split_folder(tmp_path_factory.mktemp("many"), N_MANY)
 
 
 N_MANY = 512

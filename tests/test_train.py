@@ -28,14 +28,18 @@ from vitclt.training.trainer import lr_factor
 N_IMAGES = 24
 
 
-@pytest.fixture(scope="session")
-def image_folder(tmp_path_factory):
-    """An ImageFolder tree of 24 random PNGs in two classes, all in its train/ split."""
-    root = tmp_path_factory.mktemp("images")
-    for i, im in enumerate(random_images(N_IMAGES, seed=5)):
+def train_split_folder(root, n: int):
+    """`root` as an ImageFolder tree of `n` random PNGs (seed 5) in two classes, all in its train/ split."""
+    for i, im in enumerate(random_images(n, seed=5)):
         (root / "train" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
         im.save(root / "train" / f"class_{i % 2}" / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """An ImageFolder tree of 24 random PNGs in two classes, all in its train/ split."""
+    return train_split_folder(tmp_path_factory.mktemp("images"), N_IMAGES)
 
 
 def config(backbone, folder, out, **overrides) -> TrainConfig:
